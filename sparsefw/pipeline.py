@@ -236,14 +236,18 @@ def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = N
 
     def make_hook(lname):
         def hook(mod, inp, out):
-            x = inp[0].detach()
-            key = (x.data_ptr(), tuple(x.shape))
-            inc = sample_cache.get(key)
-            if inc is None:
-                x2 = x.reshape(-1, x.shape[-1]).float()
+            x = inp[0]
+            # Same tensor object as an earlier layer's input (q/k/v, gate/up)? The cache holds a
+            # reference to x, so its id cannot be reused by a later tensor while cached (keying by
+            # data_ptr() was wrong: a freed input's address is reused by the next one).
+            hit = sample_cache.get(id(x))
+            if hit is not None and hit[0] is x:
+                inc = hit[1]
+            else:
+                x2 = x.detach().reshape(-1, x.shape[-1]).float()
                 _check_finite(x2, f"layer {(names or {}).get(id(mod), lname)}")
                 inc = (x2.t() @ x2).double()
-                sample_cache[key] = inc
+                sample_cache[id(x)] = (x, inc)
             grams[lname] += inc
         return hook
 

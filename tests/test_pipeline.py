@@ -197,3 +197,37 @@ def test_crash_leaves_no_partial_checkpoint(tmp_path, tokenizer, monkeypatch):
         api.prune(str(src), output=str(out), method="magnitude", progress=False, nsamples=2, seqlen=16)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grams_equal_each_layers_own_inputs(tokenizer, arch):
+    """G of every Linear equals X^T X of the inputs that layer really receives (captured
+    independently). Regression: a per-sample cache keyed by data_ptr() handed gate/up the Gram of
+    q/k/v when the allocator reused the freed attention input's address."""
+    from sparsefw.pipeline import accumulate_grams, capture_block_inputs
+
+    torch.manual_seed(0)
+    m = tiny_model(arch, len(tokenizer), hidden=64).eval()
+    windows = torch.randint(0, len(tokenizer), (3, 24))
+    blocks = decoder_blocks(m)
+    inps, extra = capture_block_inputs(m, blocks, windows)
+    layers = prunable_layers(blocks[0])
+    for _ in range(3):  # repeat: address reuse depends on the allocator's state
+        grams = accumulate_grams(blocks[0], inps, extra[0])
+        seen = {n: torch.zeros_like(g) for n, g in grams.items()}
+
+        def make_hook(n):
+            def hook(mod, inp, out):
+                x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+                seen[n] += x.t() @ x
+            return hook
+
+        hs = [l.register_forward_hook(make_hook(n)) for n, l in layers.items()]
+        with torch.no_grad():
+            for h in inps:
+                blocks[0](h, *extra[0][0], **extra[0][1])
+        for hd in hs:
+            hd.remove()
+        for n in grams:
+            # fp32 per-sample products vs fp64 here: ~1e-7 relative; the bug gave O(1)
+            assert float((grams[n] - seen[n]).norm() / seen[n].norm()) < 1e-5, n
