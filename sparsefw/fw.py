@@ -27,7 +27,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -226,33 +225,6 @@ def _bag(W, G, cols, Vc, view) -> torch.Tensor:
     return F.embedding_bag(cols, G, per_sample_weights=torch.gather(W, 1, cols), mode="sum")
 
 
-_POOL = None
-
-
-def _argpartition_rows(s: np.ndarray, k: int, largest: bool) -> np.ndarray:
-    """Indices of the k largest (or smallest) entries of every row, unordered. numpy's
-    argpartition (2-4x faster than torch.topk here, SOLVER_NOTES), split over the torch threads
-    (numpy releases the GIL). s: (r, c) float array, 0 < k < c -> (r, k) int64."""
-    global _POOL
-    r, c = s.shape
-    kth, sl = (c - k, slice(c - k, None)) if largest else (k - 1, slice(0, k))
-    nt = max(1, min(torch.get_num_threads(), r // 128))
-    if nt == 1:
-        return np.argpartition(s, kth, axis=1)[:, sl]
-    if _POOL is None or _POOL._max_workers < nt:  # noqa: SLF001
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(nt)
-    out = np.empty((r, k), dtype=np.int64)
-    bounds = np.linspace(0, r, nt + 1).astype(int)
-
-    def work(a, b):
-        out[a:b] = np.argpartition(s[a:b], kth, axis=1)[:, sl]
-
-    list(_POOL.map(lambda ab: work(*ab), zip(bounds[:-1], bounds[1:])))
-    return out
-
-
 class _CompactView:
     """Coordinates of the free entries. For unstructured (row fixing) and N:M (group fixing)
     every row has the same number c of free entries, so all per-iteration work runs on compact
@@ -296,8 +268,8 @@ class _CompactView:
                 return torch.zeros(r, c, dtype=torch.bool), torch.zeros(r, 0, dtype=torch.int64)
             if k >= c:
                 local = torch.arange(c).expand(r, c).contiguous()
-            else:
-                local = torch.from_numpy(_argpartition_rows(scores.detach().cpu().numpy(), k, largest))
+            else:  # torch.topk (unsorted) measured 1.5x faster than numpy argpartition here
+                local = torch.topk(scores if largest else -scores, k, dim=1, sorted=False).indices
             V = torch.zeros(r, c, dtype=torch.bool).scatter_(1, local, True)
             return V, torch.gather(self.idx, 1, local)
         if self.b_c <= 0:
@@ -306,11 +278,12 @@ class _CompactView:
         local = V.nonzero(as_tuple=True)[1].view(r, -1)
         return V, torch.gather(self.idx, 1, local)
 
-    def lmo(self, gc):
-        """LMO over the free budget (see :func:`lmo`): V_c bool and global column indices."""
+    def lmo(self, sc):
+        """LMO over the free budget (see :func:`lmo`) given sc = W ⊙ Q = -grad/2 (compact):
+        V_c bool and global column indices (None for the identity view)."""
         if self.identity:
-            return lmo(gc, self.pattern, self.free, self.budget), None
-        return self._pick(gc, largest=False)
+            return lmo(-sc, self.pattern, self.free, self.budget), None
+        return self._pick(sc, largest=True)
 
     def round(self, Zc, tiebreak):
         """Rounded free part of the mask, full size (d_out, d_in) bool (see :func:`round_mask`)."""
@@ -447,47 +420,46 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
         best_err = torch.minimum(best_err, e)
 
     t_loop = time.perf_counter()
+    WAFc = Wc * AFc                             # s = W ⊙ Q = W ⊙ (A - P_F) - W ⊙ P_z = -grad / 2
     for it in range(1, iterations + 1):
-        gc = -2.0 * Wc * Qc
-        Vc, cols = view.lmo(gc)
+        sc = torch.addcmul(WAFc, Wc, Pzc, value=-1.0) if incremental else Wc * Qc
+        Vc, cols = view.lmo(sc)
         Vf = Vc.float()
         Dc = Vf - Zc
-        gap = -_dot(gc, Dc)                     # <grad, M - V>
+        num = _dot(sc, Dc)                      # <W ⊙ D, Q>; the FW gap <grad, M - V> = 2 num
+        gap = 2.0 * num
         if tol > 0 and gap <= tol * max(f_warm, 1e-300):
             break
-        Ec = Wc * Dc
         if incremental:                         # (W ⊙ V_z) G: nnz(V_z) * d_in flops
             Sc = view.gather(_bag(W, G, cols, Vc, view))
         if step == "linesearch":
-            num = _dot(Ec, Qc)
-            if incremental:
-                EGc = Sc - Pzc
+            Ec = Wc * Dc
+            if incremental:                     # (W ⊙ D) G = S - P_z
+                den = _dot(Ec, Sc) - _dot(Ec, Pzc)
             else:                               # dense reference: one more GEMM
-                EGc = view.gather(view.scatter(Ec) @ G)
-            den = _dot(Ec, EGc)
+                den = _dot(Ec, view.gather(view.scatter(Ec) @ G))
             eta = min(max(num / den, 0.0), 1.0) if den > 0 else (1.0 if num > 0 else 0.0)
             if eta <= 0.0:
                 break
         else:
             eta = 2.0 / (it - 1 + 2)
         steps = it
-        fw_update(Zc, Vf, eta)
+        Zc.add_(Dc, alpha=eta)                  # M <- (1 - eta) M + eta V (Algorithm 1, line 5)
         if incremental:
             Pzc.mul_(1.0 - eta).add_(Sc, alpha=eta)
-            Qc = AFc - Pzc
         else:
             Qc = full_Q()
         if it in round_at:
             keep_better(fixed | view.round(Zc, warm_scores))
         if it in record_at:
-            f_cur = f_relaxed(Qc)
+            f_cur = f_relaxed(AFc - Pzc if incremental else Qc)
             rr = None
             if record_rounded:
                 Mr = fixed | view.round(Zc, warm_scores)
                 rr = reconstruction_error(W, G, Mr) / denom
             history.append((it, f_cur / denom, rr))
     t_loop = time.perf_counter() - t_loop
-    f_cur = f_relaxed(Qc)
+    f_cur = f_relaxed(AFc - Pzc if incremental else Qc)
     rounded = fixed | view.round(Zc, warm_scores)
     f_round = reconstruction_error(W, G, rounded)
     keep_better(rounded)
