@@ -137,6 +137,19 @@ def main():
                     + f" (reaches T-error at {reach}) |"
             print(line)
         res["curves"] = curves
+
+        print("\n== stopping tolerance (line search, cap T): stop when FW gap <= tol * f(warmstart) ==")
+        res["tolerance"] = {}
+        for tol in (3e-2, 1e-2, 3e-3, 1e-3):
+            row = {}
+            for name, (W, G) in layers.items():
+                sc = wanda_scores(W, G.diagonal().clamp_min(0).sqrt())
+                r = fw_solve(W, G, sc, pattern, alpha=a.alpha, iterations=a.curve_iters, step="linesearch", tol=tol)
+                t_err = curves[name]["harmonic"]["points"][-1][1]
+                row[name] = {"iterations": r.iterations, "error": r.error_final, "vs_T_error": r.error_final / t_err - 1}
+            res["tolerance"][str(tol)] = row
+            print(f"tol {tol:g}: " + " | ".join(f"{n} stops at {v['iterations']} it, error {v['vs_T_error']:+.2%} vs T"
+                                             for n, v in row.items()))
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"\nwrote {a.out}")
 

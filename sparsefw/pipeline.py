@@ -43,7 +43,7 @@ class PruneConfig:
     fix: str = "auto"          # "row" | "group" | "auto" (group for N:M, row otherwise)
     iterations: int = 100
     step: str = "linesearch"
-    tol: float = 3e-3
+    tol: float = 1e-2          # FW gap stop, relative to f(warmstart): scripts/bench_solver.py
     reconstruct: bool = False
     percdamp: float = 0.01
     blocksize: int = 128
