@@ -39,7 +39,7 @@ class PruneConfig:
     sparsity: float = 0.5
     pattern: str = "unstructured"
     warmstart: str = "wanda"
-    alpha: float = 0.75
+    alpha: float = 0.5         # best perplexity of the 60% alpha sweep (README)
     fix: str = "auto"          # "row" | "group" | "auto" (group for N:M, row otherwise)
     iterations: int = 100
     step: str = "linesearch"
