@@ -41,7 +41,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern", default=d.pattern, help="unstructured | per-matrix | N:M (2:4, 4:8)")
     p.add_argument("--warmstart", default=d.warmstart, help="sparsefw warmstart: wanda | ria | magnitude")
     p.add_argument("--alpha", type=float, default=d.alpha, help="fraction of warmstart weights fixed")
-    p.add_argument("--fix", default=d.fix, help="alpha fixing: row | group (N:M) | auto")
+    p.add_argument("--fix", default=d.fix, help="alpha fixing: row (default) | group (N:M only)")
     p.add_argument("--iterations", type=int, default=d.iterations, help="max FW iterations per layer")
     p.add_argument("--step", default=d.step, help="linesearch | harmonic (2/(t+2))")
     p.add_argument("--tol", type=float, default=d.tol, help="stop when FW gap <= tol * f(warmstart)")

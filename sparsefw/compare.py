@@ -149,7 +149,7 @@ def format_table(comp: dict, sparsities: list[str], labels: list[str]) -> str:
         row += [f"{g['ppl']:.2f}" if g else "" for g in got]
         if has_zs:
             row += [f"{g['zeroshot_mean']:.4f}" if g and g.get("zeroshot_mean") is not None else "" for g in got]
-        row += [f"{-100 * g['error_reduction_vs_wanda']:+.1f}%" if g else "" for g in got]
+        row += [f"{-100 * g['error_reduction_vs_wanda'] + 0.0:+.1f}%" if g else "" for g in got]  # no -0.0
         secs = [g["prune_seconds"] for g in got if g]
         row.append(f"{sum(secs) / len(secs):.0f}" if secs else "")
         lines.append("| " + " | ".join(row) + " |")

@@ -40,7 +40,7 @@ class PruneConfig:
     pattern: str = "unstructured"
     warmstart: str = "wanda"
     alpha: float = 0.5         # best perplexity of the 60% alpha sweep (README)
-    fix: str = "auto"          # "row" | "group" | "auto" (group for N:M, row otherwise)
+    fix: str = "row"           # "row" | "group" (N:M only); row measured better at 2:4 (README)
     iterations: int = 100
     step: str = "linesearch"
     tol: float = 1e-2          # FW gap stop, relative to f(warmstart): scripts/bench_solver.py
@@ -60,8 +60,8 @@ class PruneConfig:
             raise SparseFWError(f"unknown warmstart '{self.warmstart}': use one of {', '.join(WARMSTARTS)}")
         if self.step not in STEP_RULES:
             raise SparseFWError(f"unknown step rule '{self.step}': use one of {', '.join(STEP_RULES)}")
-        if self.fix not in FIX_MODES + ("auto",):
-            raise SparseFWError(f"unknown fix mode '{self.fix}': use row, group or auto")
+        if self.fix not in FIX_MODES:
+            raise SparseFWError(f"unknown fix mode '{self.fix}': use row or group")
         try:
             alpha = float(self.alpha)
         except (TypeError, ValueError):
@@ -75,9 +75,8 @@ class PruneConfig:
         return parse_pattern(self.pattern, self.sparsity)
 
     def fix_mode(self, pattern: Pattern) -> str:
-        if self.fix != "auto":
-            return self.fix
-        return "group" if pattern.kind == "nm" else "row"
+        """The alpha fixing mode for ``pattern``: ``group`` applies to N:M only, else ``row``."""
+        return self.fix if pattern.kind == "nm" else "row"
 
 
 @dataclass
