@@ -259,7 +259,7 @@ class _CompactView:
         out = torch.zeros(self.W.shape, dtype=Tc.dtype)
         return out.scatter_(1, self.idx, Tc)
 
-    def _pick(self, scores, largest=True):
+    def _pick(self, scores):
         """Best of ``scores`` (compact) under the free budget -> (V_c bool, global cols)."""
         r, c = scores.shape
         if self.kind == "rows":
@@ -269,12 +269,12 @@ class _CompactView:
             if k >= c:
                 local = torch.arange(c).expand(r, c).contiguous()
             else:  # torch.topk (unsorted) measured 1.5x faster than numpy argpartition here
-                local = torch.topk(scores if largest else -scores, k, dim=1, sorted=False).indices
+                local = torch.topk(scores, k, dim=1, sorted=False).indices
             V = torch.zeros(r, c, dtype=torch.bool).scatter_(1, local, True)
             return V, torch.gather(self.idx, 1, local)
         if self.b_c <= 0:
             return torch.zeros(r, c, dtype=torch.bool), torch.zeros(r, 0, dtype=torch.int64)
-        V = _group_rank(scores if largest else -scores, self.m_c) < self.b_c
+        V = _group_rank(scores, self.m_c) < self.b_c
         local = V.nonzero(as_tuple=True)[1].view(r, -1)
         return V, torch.gather(self.idx, 1, local)
 
@@ -283,7 +283,7 @@ class _CompactView:
         V_c bool and global column indices (None for the identity view)."""
         if self.identity:
             return lmo(-sc, self.pattern, self.free, self.budget), None
-        return self._pick(sc, largest=True)
+        return self._pick(sc)
 
     def round(self, Zc, tiebreak):
         """Rounded free part of the mask, full size (d_out, d_in) bool (see :func:`round_mask`)."""
@@ -396,6 +396,9 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
     def full_Q():  # dense reference: (W ⊙ (1-M)) G recomputed with one GEMM
         return view.gather((W * (1.0 - fixed.float() - view.scatter(Zc))) @ G)
 
+    def current_Q():  # (W ⊙ (1-M)) G on the free entries: A - P_F - P_z, or the dense recompute
+        return AFc - Pzc if incremental else Qc
+
     Qc = AFc - Pzc
     f_warm = f_relaxed(Qc)
     f_cur = f_warm
@@ -446,7 +449,7 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
         else:
             eta = 2.0 / (it - 1 + 2)
         steps = it
-        Zc.add_(Dc, alpha=eta)                  # M <- (1 - eta) M + eta V (Algorithm 1, line 5)
+        fw_update(Zc, Vf, eta)
         if incremental:
             Pzc.mul_(1.0 - eta).add_(Sc, alpha=eta)
         else:
@@ -454,14 +457,14 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
         if it in round_at:
             keep_better(fixed | view.round(Zc, warm_scores))
         if it in record_at:
-            f_cur = f_relaxed(AFc - Pzc if incremental else Qc)
+            f_cur = f_relaxed(current_Q())
             rr = None
             if record_rounded:
                 Mr = fixed | view.round(Zc, warm_scores)
                 rr = reconstruction_error(W, G, Mr) / denom
             history.append((it, f_cur / denom, rr))
     t_loop = time.perf_counter() - t_loop
-    f_cur = f_relaxed(AFc - Pzc if incremental else Qc)
+    f_cur = f_relaxed(current_Q())
     rounded = fixed | view.round(Zc, warm_scores)
     f_round = reconstruction_error(W, G, rounded)
     keep_better(rounded)

@@ -204,7 +204,7 @@ def test_grams_equal_each_layers_own_inputs(tokenizer, arch):
     """G of every Linear equals X^T X of the inputs that layer really receives (captured
     independently). Regression: a per-sample cache keyed by data_ptr() handed gate/up the Gram of
     q/k/v when the allocator reused the freed attention input's address."""
-    from sparsefw.pipeline import accumulate_grams, capture_block_inputs
+    from sparsefw.pipeline import _block_forward, accumulate_grams, capture_block_inputs
 
     torch.manual_seed(0)
     m = tiny_model(arch, len(tokenizer), hidden=64).eval()
@@ -225,7 +225,7 @@ def test_grams_equal_each_layers_own_inputs(tokenizer, arch):
         hs = [l.register_forward_hook(make_hook(n)) for n, l in layers.items()]
         with torch.no_grad():
             for h in inps:
-                blocks[0](h, *extra[0][0], **extra[0][1])
+                _block_forward(blocks[0], h, extra[0])
         for hd in hs:
             hd.remove()
         for n in grams:
