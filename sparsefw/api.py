@@ -132,9 +132,17 @@ def eval_ppl(model: str, source: str = "boolq", seqlen: int = 512, chunks: int |
     return out
 
 
-def eval_zeroshot(model: str, tasks=None, limit: int | None = None, batch_size: int = 8) -> dict:
-    """Zero-shot accuracy with lm-eval (offline task data when the hub is unreachable)."""
+def eval_zeroshot(model: str, tasks=None, limit: int | None = None, batch_size: int = 8,
+                  resume_dir: str | None = None, shard_size: int = 1000) -> dict:
+    """Zero-shot accuracy with lm-eval (offline task data when the hub is unreachable).
+
+    ``model`` is anything :func:`load_model` takes (packaged name, directory, hub id); the other
+    arguments and the returned dict are those of :func:`sparsefw.zeroshot.evaluate_zeroshot`
+    (``resume_dir``: score in shards of ``shard_size`` documents and resume from finished shards).
+    Raises SparseFWError (unknown model or task, bad limit / batch size / shard size).
+    """
     from .zeroshot import STANDARD_TASKS, evaluate_zeroshot
 
     mdl, tok = load_model(model)
-    return evaluate_zeroshot(mdl, tok, tasks=tasks or STANDARD_TASKS, limit=limit, batch_size=batch_size)
+    return evaluate_zeroshot(mdl, tok, tasks=tasks or STANDARD_TASKS, limit=limit,
+                             batch_size=batch_size, resume_dir=resume_dir, shard_size=shard_size)

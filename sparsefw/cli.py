@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--limit", type=int, default=None)
     z.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     z.add_argument("--output", default=None, help="write the results JSON here")
+    z.add_argument("--resume-dir", dest="resume_dir", default=None,
+                   help="score in shards, keep each finished shard here, resume from them")
+    z.add_argument("--shard-size", dest="shard_size", type=int, default=1000,
+                   help="documents per shard with --resume-dir")
     c = sub.add_parser("compare", help="methods x sparsities table (see configs/compare_smollm2.yaml)")
     c.add_argument("--config", required=True)
     c.add_argument("--output", default=None)
@@ -151,7 +155,8 @@ def main(argv=None) -> int:
             from . import api
             from .zeroshot import format_zeroshot_table
 
-            out = api.eval_zeroshot(args.model, [t for t in args.tasks.split(",") if t], args.limit, args.batch_size)
+            out = api.eval_zeroshot(args.model, [t for t in args.tasks.split(",") if t], args.limit,
+                                    args.batch_size, args.resume_dir, args.shard_size)
             print(format_zeroshot_table(out))
             if args.output:
                 Path(args.output).write_text(json.dumps(out, indent=2))

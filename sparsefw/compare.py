@@ -89,14 +89,17 @@ def run_compare(config_path: str, output: str | None = None) -> dict:
             PruneConfig(**kw).validate()  # fail early on a typo
             cells.append((label, str(sp), kw))
     results = {}
+    dense = _dense_cell(c["model"], out, zs)
     bar = tqdm(cells, desc="comparison", unit="cell")
     for label, sp, kw in bar:
         cid = _cell_id(label, sp)
         f = out / "cells" / f"{cid}.json"
         bar.set_postfix(cell=cid)
         if f.exists():
-            results[cid] = json.loads(f.read_text())
-            continue
+            done = json.loads(f.read_text())
+            if _has_zeroshot(done, zs):
+                results[cid] = done
+                continue
         t0 = time.perf_counter()
         res = api.prune(c["model"], output=str(out / "models" / cid) if label in save else None,
                         overwrite=True, eval_ppl=True, ppl_source=ppl["source"], ppl_seqlen=int(ppl["seqlen"]),
@@ -110,13 +113,12 @@ def run_compare(config_path: str, output: str | None = None) -> dict:
                 "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": rep["seconds"],
                 "zeroshot_mean": (rep.get("zeroshot") or {}).get("mean_acc"),
                 "zeroshot": rep.get("zeroshot"), "cell_seconds": time.perf_counter() - t0}
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cell, indent=1))
-        tmp.replace(f)
+        _write_json(f, cell)
         results[cid] = cell
         del res
     comp = {"config": c, "cells": results,
-            "ppl_dense": next((r["ppl_dense"] for r in results.values()), None)}
+            "ppl_dense": next((r["ppl_dense"] for r in results.values()), None),
+            "zeroshot_dense": dense.get("zeroshot")}
     (out / "comparison.json").write_text(json.dumps(comp, indent=1, default=str))
     md = format_table(comp, [str(s) for s in c["sparsities"]], list(c["methods"]))
     (out / "comparison.md").write_text(md)
@@ -127,6 +129,35 @@ def run_compare(config_path: str, output: str | None = None) -> dict:
     print("\n" + md)
     print(f"wrote {out / 'comparison.md'}, comparison.json, comparison.png")
     return comp
+
+
+def _write_json(f: Path, obj: dict) -> None:
+    """Write ``obj`` to ``f`` atomically (temporary file, then rename)."""
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(f)
+
+
+def _has_zeroshot(cell: dict, zs: dict | None) -> bool:
+    """True if ``cell`` holds the zero-shot result the config asks for (or none is asked for)."""
+    if not zs:
+        return True
+    got = cell.get("zeroshot") or {}
+    return (got.get("limit") == zs.get("limit")
+            and set(got.get("tasks") or {}) >= set(zs.get("tasks") or []))
+
+
+def _dense_cell(model: str, out: Path, zs: dict | None) -> dict:
+    """The dense model's zero-shot result (``cells/dense.json``), computed once when asked for."""
+    f = out / "cells" / "dense.json"
+    cell = json.loads(f.read_text()) if f.exists() else {"label": "dense"}
+    if zs and not _has_zeroshot(cell, zs):
+        from . import api
+
+        cell["zeroshot"] = api.eval_zeroshot(model, zs.get("tasks"), zs.get("limit"))
+        cell["zeroshot_mean"] = cell["zeroshot"].get("mean_acc")
+        _write_json(f, cell)
+    return cell
 
 
 def format_table(comp: dict, sparsities: list[str], labels: list[str]) -> str:
@@ -140,8 +171,10 @@ def format_table(comp: dict, sparsities: list[str], labels: list[str]) -> str:
     ncol = head.count("|") - 1
     lines = [head, "|" + "---|" * ncol]
     if comp.get("ppl_dense"):
+        zd = (comp.get("zeroshot_dense") or {}).get("mean_acc")
         lines.append(f"| dense | " + " | ".join(f"{comp['ppl_dense']:.2f}" for _ in sparsities)
-                     + (" | " + " | ".join("" for _ in sparsities) if has_zs else "")
+                     + (" | " + " | ".join(f"{zd:.4f}" if zd is not None else ""
+                                           for _ in sparsities) if has_zs else "")
                      + " | " + " | ".join("" for _ in sparsities) + " | |")
     for lab in labels:
         row = [lab]

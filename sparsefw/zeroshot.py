@@ -329,7 +329,8 @@ def _num(x: Any) -> float | None:
 
 def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] = STANDARD_TASKS,
                       limit: int | None = None, batch_size: int = 8, offline: bool | None = None,
-                      log_samples: bool = False) -> dict:
+                      log_samples: bool = False, resume_dir: str | Path | None = None,
+                      shard_size: int = 1000) -> dict:
     """Zero-shot accuracies of a causal LM with ``lm_eval.simple_evaluate`` (0-shot, log-likelihood).
 
     Tasks run one after another (so each gets its own wall time); documents are scored by lm-eval's
@@ -348,6 +349,15 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] = STANDARD_TASKS,
             built-in tasks (download from the hub); ``None`` = offline iff :func:`hub_reachable`
             is false.
         log_samples: also return lm-eval's per-document records under ``"samples"``.
+        resume_dir: if given, each task is scored in shards of ``shard_size`` consecutive
+            documents (lm-eval's ``samples=`` argument), every finished shard's per-document
+            ``acc`` / ``acc_norm`` is written to ``resume_dir/<task>/<first>-<end>.json``
+            (atomically), and shards already there are read instead of re-scored. So a full run
+            (HellaSwag alone is ~40k requests, hours on 2 CPU cores) can be interrupted and
+            resumed. The per-task numbers are then aggregated from the documents with lm-eval's
+            own ``mean`` / ``mean_stderr`` (what lm-eval reports for acc); ``seconds`` is the sum
+            of the shards' scoring times. The folder belongs to one model: keep one per model.
+        shard_size: documents per shard with ``resume_dir`` (positive integer).
 
     Returns:
         JSON-able dict ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
@@ -378,6 +388,11 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] = STANDARD_TASKS,
         raise SparseFWError(f"limit must be a positive integer or None (all documents), got {limit!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SparseFWError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise SparseFWError(f"shard_size must be a positive integer, got {shard_size!r}")
+    if resume_dir is not None and log_samples:
+        raise SparseFWError("log_samples is not kept with resume_dir (shards store only the "
+                            "per-document metrics); drop one of the two")
     if offline is None:
         offline = not hub_reachable()
     if offline:
@@ -404,6 +419,10 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] = STANDARD_TASKS,
     samples: dict[str, Any] = {}
     for name in tqdm(tasks, desc="zero-shot tasks", unit="task"):
         t0 = time.perf_counter()
+        if resume_dir is not None:
+            out["tasks"][name] = _evaluate_sharded(lm, name, tm, offline, limit, batch_size,
+                                                   Path(resume_dir), shard_size)
+            continue
         res = lm_eval.simple_evaluate(model=lm, tasks=[name], num_fewshot=0, limit=limit,
                                       task_manager=tm, log_samples=log_samples,
                                       bootstrap_iters=1000, batch_size=batch_size)
@@ -432,6 +451,60 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] = STANDARD_TASKS,
     if log_samples:
         out["samples"] = samples
     return out
+
+
+def _evaluate_sharded(lm, name: str, tm, offline: bool, limit: int | None, batch_size: int,
+                      folder: Path, shard_size: int) -> dict:
+    """One task scored shard by shard with resume (see ``resume_dir`` of evaluate_zeroshot)."""
+    import lm_eval
+    from lm_eval.api.metrics import mean, mean_stderr
+
+    if offline:
+        n_docs = TASK_DOCS[name]
+    else:
+        from lm_eval.tasks import get_task_dict
+
+        n_docs = len(list(get_task_dict([name], tm)[name].eval_docs))
+    n = n_docs if limit is None else min(limit, n_docs)
+    folder = folder / name
+    folder.mkdir(parents=True, exist_ok=True)
+    per_doc: dict[str, list[float]] = {}
+    seconds = 0.0
+    for a in range(0, n, shard_size):
+        b = min(a + shard_size, n)
+        f = folder / f"{a:06d}-{b:06d}.json"
+        if f.is_file():
+            shard = json.loads(f.read_text())
+        else:
+            t0 = time.perf_counter()
+            res = lm_eval.simple_evaluate(model=lm, tasks=[name], num_fewshot=0,
+                                          samples={name: list(range(a, b))}, task_manager=tm,
+                                          log_samples=True, bootstrap_iters=0,
+                                          batch_size=batch_size)
+            docs = sorted(res["samples"][name], key=lambda d: d["doc_id"])
+            if [d["doc_id"] for d in docs] != list(range(a, b)):
+                raise SparseFWError(f"{name}: lm-eval scored documents "
+                                    f"{[d['doc_id'] for d in docs][:5]}..., expected {a}..{b - 1}")
+            shard = {"task": name, "first": a, "end": b, "n_docs": n_docs,
+                     "seconds": round(time.perf_counter() - t0, 2),
+                     "metrics": {m: [float(d[m]) for d in docs]
+                                 for m in ("acc", "acc_norm") if m in docs[0]}}
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(json.dumps(shard))
+            tmp.replace(f)
+        seconds += float(shard["seconds"])
+        for m, vals in shard["metrics"].items():
+            per_doc.setdefault(m, []).extend(vals)
+
+    def agg(m: str) -> tuple[float | None, float | None]:
+        vals = per_doc.get(m)
+        if not vals:
+            return None, None
+        return mean(vals), (mean_stderr(vals) if len(vals) > 1 else None)
+
+    (acc, acc_se), (norm, norm_se) = agg("acc"), agg("acc_norm")
+    return {"acc": acc, "acc_stderr": acc_se, "acc_norm": norm, "acc_norm_stderr": norm_se,
+            "n": len(per_doc.get("acc", [])), "n_docs": n_docs, "seconds": round(seconds, 2)}
 
 
 def _pm(x: float | None, s: float | None) -> str:

