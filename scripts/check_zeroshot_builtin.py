@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
             name = f"{a.task}_{v}"
             t0 = time.perf_counter()
             res = lm_eval.simple_evaluate(model=lm, tasks=[name], num_fewshot=0, task_manager=tm,
-                                          log_samples=True, bootstrap_iters=0,
+                                          log_samples=True, bootstrap_iters=1000,
                                           batch_size=a.batch_size)
             r = res["results"][name]
             out["scores"][v] = {"acc": r["acc,none"], "acc_stderr": r["acc_stderr,none"],
