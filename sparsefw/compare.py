@@ -32,6 +32,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import SparseFWError
+from .paths import claim
 
 
 def _cell_id(label: str, sp: str) -> str:
@@ -100,7 +101,7 @@ def run_compare(config_path: str, output: str | None = None) -> dict:
             if _has_zeroshot(done, zs):
                 results[cid] = done
                 continue
-        lock = _claim(f)
+        lock = claim(f)
         if lock is None:  # another `sparsefw compare` process on this config runs this cell
             continue
         if f.exists() and _has_zeroshot(json.loads(f.read_text()), zs):  # finished meanwhile
@@ -148,35 +149,6 @@ def _write_json(f: Path, obj: dict) -> None:
     tmp = f.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(f)
-
-
-def _claim(cell_file: Path) -> Path | None:
-    """Claim a cell for this process with an exclusive lock file (``<cell>.lock`` holding the PID).
-
-    Returns the lock path, or ``None`` if a live process holds it; a lock left by a dead process
-    (a crash) is taken over. Lets several ``sparsefw compare`` processes share one config, e.g.
-    two single-thread workers on a 2-core machine.
-    """
-    import os
-
-    lock = cell_file.with_suffix(".lock")
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-                os.kill(pid, 0)
-                return None          # held by a live process
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)   # stale: its process is gone
-                continue
-            except PermissionError:
-                return None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        return lock
-    return None
 
 
 def _has_zeroshot(cell: dict, zs: dict | None) -> bool:

@@ -56,6 +56,7 @@ from typing import Any
 
 from .errors import SparseFWError
 from .paths import cache_dir as _cache_root
+from .paths import claim
 
 STANDARD_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
                   "openbookqa")
@@ -91,6 +92,9 @@ _SPECS: dict[str, _Spec] = {
     "piqa": _Spec("piqa/piqa.yaml", "validation", 1838, arrow="piqa/plain_text/validation"),
     "lambada_openai": _Spec("lambada/lambada_openai.yaml", "test", 5153, convert="lambada"),
 }
+
+#: How often a process waiting for another process's zero-shot shard looks for it (seconds).
+_POLL_SECONDS = 10.0
 
 #: Number of documents in the evaluated split of each task (what a full run scores).
 TASK_DOCS: dict[str, int] = {name: spec.n_docs for name, spec in _SPECS.items()}
@@ -455,8 +459,10 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] = STANDARD_TASKS,
 
 def _evaluate_sharded(lm, name: str, tm, offline: bool, limit: int | None, batch_size: int,
                       folder: Path, shard_size: int) -> dict:
-    """One task scored shard by shard with resume (see ``resume_dir`` of evaluate_zeroshot)."""
-    import lm_eval
+    """One task scored shard by shard with resume (see ``resume_dir`` of evaluate_zeroshot).
+
+    Shards another live process has claimed (lock file) are left to it and read once written.
+    """
     from lm_eval.api.metrics import mean, mean_stderr
 
     if offline:
@@ -468,30 +474,26 @@ def _evaluate_sharded(lm, name: str, tm, offline: bool, limit: int | None, batch
     n = n_docs if limit is None else min(limit, n_docs)
     folder = folder / name
     folder.mkdir(parents=True, exist_ok=True)
+    shards: dict[int, dict] = {}
+    pending = [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
+    while pending:
+        waiting = []
+        for a, b in pending:
+            f = folder / f"{a:06d}-{b:06d}.json"
+            lock = None if f.is_file() else claim(f)
+            if not f.is_file() and lock is None:   # another process scores this shard
+                waiting.append((a, b))
+                continue
+            shards[a] = _score_shard(lm, name, tm, a, b, n_docs, batch_size, f)
+            if lock is not None:
+                lock.unlink(missing_ok=True)
+        pending = waiting
+        if pending:
+            time.sleep(_POLL_SECONDS)
     per_doc: dict[str, list[float]] = {}
     seconds = 0.0
-    for a in range(0, n, shard_size):
-        b = min(a + shard_size, n)
-        f = folder / f"{a:06d}-{b:06d}.json"
-        if f.is_file():
-            shard = json.loads(f.read_text())
-        else:
-            t0 = time.perf_counter()
-            res = lm_eval.simple_evaluate(model=lm, tasks=[name], num_fewshot=0,
-                                          samples={name: list(range(a, b))}, task_manager=tm,
-                                          log_samples=True, bootstrap_iters=0,
-                                          batch_size=batch_size)
-            docs = sorted(res["samples"][name], key=lambda d: d["doc_id"])
-            if [d["doc_id"] for d in docs] != list(range(a, b)):
-                raise SparseFWError(f"{name}: lm-eval scored documents "
-                                    f"{[d['doc_id'] for d in docs][:5]}..., expected {a}..{b - 1}")
-            shard = {"task": name, "first": a, "end": b, "n_docs": n_docs,
-                     "seconds": round(time.perf_counter() - t0, 2),
-                     "metrics": {m: [float(d[m]) for d in docs]
-                                 for m in ("acc", "acc_norm") if m in docs[0]}}
-            tmp = f.with_suffix(".tmp")
-            tmp.write_text(json.dumps(shard))
-            tmp.replace(f)
+    for a in sorted(shards):
+        shard = shards[a]
         seconds += float(shard["seconds"])
         for m, vals in shard["metrics"].items():
             per_doc.setdefault(m, []).extend(vals)
@@ -505,6 +507,32 @@ def _evaluate_sharded(lm, name: str, tm, offline: bool, limit: int | None, batch
     (acc, acc_se), (norm, norm_se) = agg("acc"), agg("acc_norm")
     return {"acc": acc, "acc_stderr": acc_se, "acc_norm": norm, "acc_norm_stderr": norm_se,
             "n": len(per_doc.get("acc", [])), "n_docs": n_docs, "seconds": round(seconds, 2)}
+
+
+def _score_shard(lm, name: str, tm, a: int, b: int, n_docs: int, batch_size: int,
+                 f: Path) -> dict:
+    """Documents a..b-1 of one task: read ``f`` if it exists, else score them and write ``f``."""
+    import lm_eval
+
+    if f.is_file():
+        return json.loads(f.read_text())
+    t0 = time.perf_counter()
+    res = lm_eval.simple_evaluate(model=lm, tasks=[name], num_fewshot=0,
+                                  samples={name: list(range(a, b))}, task_manager=tm,
+                                  log_samples=True, bootstrap_iters=0,
+                                  batch_size=batch_size)
+    docs = sorted(res["samples"][name], key=lambda d: d["doc_id"])
+    if [d["doc_id"] for d in docs] != list(range(a, b)):
+        raise SparseFWError(f"{name}: lm-eval scored documents "
+                            f"{[d['doc_id'] for d in docs][:5]}..., expected {a}..{b - 1}")
+    shard = {"task": name, "first": a, "end": b, "n_docs": n_docs,
+             "seconds": round(time.perf_counter() - t0, 2),
+             "metrics": {m: [float(d[m]) for d in docs]
+                         for m in ("acc", "acc_norm") if m in docs[0]}}
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(shard))
+    tmp.replace(f)
+    return shard
 
 
 def _pm(x: float | None, s: float | None) -> str:

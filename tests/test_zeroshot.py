@@ -198,6 +198,37 @@ def test_sharded_resume_equals_one_run(tiny_lm, tmp_path):
                                    offline=True)
 
 
+def test_shard_claimed_by_another_process_is_awaited(tiny_lm, tmp_path, monkeypatch):
+    """A shard locked by a live process is not scored again: its result is read once written."""
+    import json
+    import os
+    import threading
+
+    model, tok = tiny_lm
+    monkeypatch.setattr(zeroshot, "_POLL_SECONDS", 0.1)
+    (tmp_path / "rte").mkdir()
+    lock = tmp_path / "rte" / "000002-000004.lock"
+    lock.write_text(str(os.getppid()))                  # a live process "holds" docs 2..3
+    other = {"task": "rte", "first": 2, "end": 4, "n_docs": 277, "seconds": 1.0,
+             "metrics": {"acc": [1.0, 1.0]}}
+
+    def finish():
+        import time
+        time.sleep(1.0)
+        (tmp_path / "rte" / "000002-000004.json").write_text(json.dumps(other))
+        lock.unlink()
+
+    th = threading.Thread(target=finish)
+    th.start()
+    res = zeroshot.evaluate_zeroshot(model, tok, tasks=["rte"], limit=4, batch_size=4,
+                                     offline=True, resume_dir=tmp_path, shard_size=2)
+    th.join()
+    mine = json.loads((tmp_path / "rte" / "000000-000002.json").read_text())["metrics"]["acc"]
+    assert res["tasks"]["rte"]["n"] == 4
+    assert res["tasks"]["rte"]["acc"] == pytest.approx((sum(mine) + 2.0) / 4)
+    assert not list((tmp_path / "rte").glob("*.lock"))
+
+
 def test_bad_input_raises():
     with pytest.raises(SparseFWError, match="available: boolq, rte"):
         zeroshot.evaluate_zeroshot("unused", None, tasks=["boolq", "mmlu"], offline=True)
