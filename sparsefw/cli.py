@@ -159,7 +159,11 @@ def main(argv=None) -> int:
                                     args.batch_size, args.resume_dir, args.shard_size)
             print(format_zeroshot_table(out))
             if args.output:
-                Path(args.output).write_text(json.dumps(out, indent=2))
+                dst = Path(args.output)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_suffix(dst.suffix + ".tmp")
+                tmp.write_text(json.dumps(out, indent=2))
+                tmp.replace(dst)  # atomic: never a half-written report
         elif args.cmd == "compare":
             from .compare import run_compare
 

@@ -132,9 +132,11 @@ def run_compare(config_path: str, output: str | None = None) -> dict:
     comp = {"config": c, "cells": results,
             "ppl_dense": next((r["ppl_dense"] for r in results.values()), None),
             "zeroshot_dense": dense.get("zeroshot")}
-    (out / "comparison.json").write_text(json.dumps(comp, indent=1, default=str))
+    _write_json(out / "comparison.json", json.loads(json.dumps(comp, default=str)))
     md = format_table(comp, [str(s) for s in c["sparsities"]], list(c["methods"]))
-    (out / "comparison.md").write_text(md)
+    tmp = out / "comparison.md.tmp"
+    tmp.write_text(md)
+    tmp.replace(out / "comparison.md")
     try:
         plot(comp, [str(s) for s in c["sparsities"]], list(c["methods"]), out / "comparison.png")
     except Exception as e:  # noqa: BLE001 - a missing display backend must not lose the results
