@@ -3,6 +3,10 @@
 Reuses the single pipeline (:func:`sparsefw.api.prune`) for every cell, resumes from finished
 cells (one JSON per cell under ``<output>/cells``), and writes ``comparison.json``,
 ``comparison.md`` (a Markdown table) and ``comparison.png`` (perplexity vs sparsity per method).
+A cell counts as finished only if it holds the zero-shot result the config asks for (same tasks
+and limit); the dense model's zero-shot result is ``cells/dense.json``. Several processes may run
+the same config at once (e.g. two single-thread workers on 2 cores): each claims a cell with a
+lock file (:func:`sparsefw.paths.claim`) and skips cells another live process holds.
 
 Config (YAML)::
 
