@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import SparseFWError
 from .evaluate import eval_ppl as _eval_ppl
 from .models import PACKAGED, load_model, resolve_model
-from .paths import cache_dir
+from .paths import cache_dir, write_atomic
 from .pipeline import PruneConfig, check_prunable, prune_model
 from .saving import check_output_dir, save_pruned
 
@@ -51,9 +51,7 @@ def dense_ppl(model_name: str, model, tokenizer, source: str, seqlen: int, chunk
     if key:
         table = json.loads(store.read_text()) if store.exists() else {}
         table[key] = res
-        tmp = store.with_suffix(".tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        tmp.replace(store)
+        write_atomic(store, json.dumps(table, indent=1))
     return res
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import SparseFWError
+from .paths import write_atomic
 
 
 def _load_yaml(path: str) -> dict:
@@ -159,11 +160,7 @@ def main(argv=None) -> int:
                                     args.batch_size, args.resume_dir, args.shard_size)
             print(format_zeroshot_table(out))
             if args.output:
-                dst = Path(args.output)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dst.with_suffix(dst.suffix + ".tmp")
-                tmp.write_text(json.dumps(out, indent=2))
-                tmp.replace(dst)  # atomic: never a half-written report
+                write_atomic(Path(args.output), json.dumps(out, indent=2))
         elif args.cmd == "compare":
             from .compare import run_compare
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import SparseFWError
-from .paths import claim
+from .paths import claim, write_atomic
 
 
 def _cell_id(label: str, sp: str) -> str:
@@ -100,17 +100,15 @@ def run_compare(config_path: str, output: str | None = None) -> dict:
         cid = _cell_id(label, sp)
         f = out / "cells" / f"{cid}.json"
         bar.set_postfix(cell=cid)
-        if f.exists():
-            done = json.loads(f.read_text())
-            if _has_zeroshot(done, zs):
-                results[cid] = done
-                continue
-        lock = claim(f)
-        if lock is None:  # another `sparsefw compare` process on this config runs this cell
+        done = _finished(f, zs)
+        lock = None if done else claim(f)
+        if not done and lock is None:  # another `sparsefw compare` process runs this cell
             continue
-        if f.exists() and _has_zeroshot(json.loads(f.read_text()), zs):  # finished meanwhile
-            lock.unlink(missing_ok=True)
-            results[cid] = json.loads(f.read_text())
+        done = done or _finished(f, zs)  # it may have finished between the two looks
+        if done:
+            if lock is not None:
+                lock.unlink(missing_ok=True)
+            results[cid] = done
             continue
         t0 = time.perf_counter()
         res = api.prune(c["model"], output=str(out / "models" / cid) if label in save else None,
@@ -138,9 +136,7 @@ def run_compare(config_path: str, output: str | None = None) -> dict:
             "zeroshot_dense": dense.get("zeroshot")}
     _write_json(out / "comparison.json", json.loads(json.dumps(comp, default=str)))
     md = format_table(comp, [str(s) for s in c["sparsities"]], list(c["methods"]))
-    tmp = out / "comparison.md.tmp"
-    tmp.write_text(md)
-    tmp.replace(out / "comparison.md")
+    write_atomic(out / "comparison.md", md)
     try:
         plot(comp, [str(s) for s in c["sparsities"]], list(c["methods"]), out / "comparison.png")
     except Exception as e:  # noqa: BLE001 - a missing display backend must not lose the results
@@ -151,10 +147,16 @@ def run_compare(config_path: str, output: str | None = None) -> dict:
 
 
 def _write_json(f: Path, obj: dict) -> None:
-    """Write ``obj`` to ``f`` atomically (temporary file, then rename)."""
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(f)
+    """Write ``obj`` to ``f`` as indented JSON, atomically (:func:`sparsefw.paths.write_atomic`)."""
+    write_atomic(f, json.dumps(obj, indent=1))
+
+
+def _finished(f: Path, zs: dict | None) -> dict | None:
+    """The finished cell stored in ``f``, or ``None`` if absent or lacking the asked zero-shot."""
+    if not f.exists():
+        return None
+    cell = json.loads(f.read_text())
+    return cell if _has_zeroshot(cell, zs) else None
 
 
 def _has_zeroshot(cell: dict, zs: dict | None) -> bool:

@@ -17,6 +17,17 @@ def assets_dir() -> Path:
     return cache_dir() / "assets"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a temporary file beside it (named with this PID, so
+    concurrent writers never share one), then a rename. Readers see the old or the new file,
+    never half of one; the parent folder is created if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def claim(result_file: Path) -> Path | None:
     """Claim the job that writes ``result_file`` with an exclusive lock file ``<stem>.lock``.
 

@@ -56,7 +56,7 @@ from typing import Any
 
 from .errors import SparseFWError
 from .paths import cache_dir as _cache_root
-from .paths import claim
+from .paths import claim, write_atomic
 
 STANDARD_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
                   "openbookqa")
@@ -189,9 +189,7 @@ def _arrow_file(root: Path, folder: str) -> Path:
 def _write_if_changed(path: Path, text: str) -> None:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, text)
 
 
 def _task_yaml(name: str, spec: _Spec, builtin: Path, data_path: Path, fmt: str) -> str:
@@ -529,9 +527,7 @@ def _score_shard(lm, name: str, tm, a: int, b: int, n_docs: int, batch_size: int
              "seconds": round(time.perf_counter() - t0, 2),
              "metrics": {m: [float(d[m]) for d in docs]
                          for m in ("acc", "acc_norm") if m in docs[0]}}
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(shard))
-    tmp.replace(f)
+    write_atomic(f, json.dumps(shard))
     return shard
 
 
