@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="methods x sparsities table (see configs/compare_smollm2.yaml)")
     c.add_argument("--config", required=True)
     c.add_argument("--output", default=None)
+    c.add_argument("--report-only", dest="report_only", action="store_true",
+                   help="write the table from the finished cells without pruning any (progress check)")
     return ap
 
 
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
         elif args.cmd == "compare":
             from .compare import run_compare
 
-            run_compare(args.config, args.output)
+            run_compare(args.config, args.output, report_only=args.report_only)
     except SparseFWError as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2

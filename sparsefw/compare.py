@@ -66,10 +66,12 @@ def load_config(path: str) -> dict:
     return c
 
 
-def run_compare(config_path: str, output: str | None = None) -> dict:
+def run_compare(config_path: str, output: str | None = None, report_only: bool = False) -> dict:
     """Run (or resume) every cell of a comparison config and write the table, JSON and plot.
 
     Args: config_path: YAML file (see module docstring). output: overrides the config's folder.
+        report_only: prune nothing (not even the dense zero-shot cell); write the table, JSON and
+            plot from the cells finished so far (to look at a long run while workers continue).
     Returns: the comparison dict written to ``comparison.json``.
     Raises: SparseFWError for a bad config or bad cell options (before any cell runs).
     """
@@ -94,13 +96,15 @@ def run_compare(config_path: str, output: str | None = None) -> dict:
             PruneConfig(**kw).validate()  # fail early on a typo
             cells.append((label, str(sp), kw))
     results = {}
-    dense = _dense_cell(c["model"], out, zs)
+    dense = _dense_cell(c["model"], out, None if report_only else zs)
     bar = tqdm(cells, desc="comparison", unit="cell")
     for label, sp, kw in bar:
         cid = _cell_id(label, sp)
         f = out / "cells" / f"{cid}.json"
         bar.set_postfix(cell=cid)
         done = _finished(f, zs)
+        if report_only and not done:
+            continue
         lock = None if done else claim(f)
         if not done and lock is None:  # another `sparsefw compare` process runs this cell
             continue
@@ -128,7 +132,9 @@ def run_compare(config_path: str, output: str | None = None) -> dict:
         results[cid] = cell
         del res
     missing = [_cell_id(lab, sp) for lab, sp, _ in cells if _cell_id(lab, sp) not in results]
-    if missing:
+    if missing and report_only:
+        print(f"{len(missing)} of {len(cells)} cell(s) not finished yet: {', '.join(missing)}")
+    elif missing:
         print(f"{len(missing)} cell(s) still running in another process: {', '.join(missing)}; "
               "run the command again when they finish to write the complete table")
     comp = {"config": c, "cells": results,
@@ -181,20 +187,27 @@ def _dense_cell(model: str, out: Path, zs: dict | None) -> dict:
     return cell
 
 
+def _sp_label(sp: str) -> str:
+    """Column name of a sparsity: '0.5' -> '50%', N:M unchanged."""
+    return sp if ":" in sp else f"{100 * float(sp):g}%"
+
+
 def format_table(comp: dict, sparsities: list[str], labels: list[str]) -> str:
-    """Markdown table: rows = methods, columns = perplexity per sparsity (+ zero-shot, seconds)."""
+    """Markdown table: rows = methods, columns = perplexity per sparsity (+ zero-shot mean accuracy
+    in %, layer error vs Wanda, mean pruning seconds); a cell not finished yet is left blank."""
     cells = comp["cells"]
     has_zs = any(v.get("zeroshot_mean") is not None for v in cells.values())
-    head = "| method | " + " | ".join(f"ppl {s}" for s in sparsities)
+    names = [_sp_label(s) for s in sparsities]
+    head = "| method | " + " | ".join(f"ppl {s}" for s in names)
     if has_zs:
-        head += " | " + " | ".join(f"0-shot {s}" for s in sparsities)
-    head += " | " + " | ".join(f"err vs Wanda {s}" for s in sparsities) + " | prune s (mean) |"
+        head += " | " + " | ".join(f"0-shot {s}" for s in names)
+    head += " | " + " | ".join(f"err vs Wanda {s}" for s in names) + " | prune s (mean) |"
     ncol = head.count("|") - 1
     lines = [head, "|" + "---|" * ncol]
     if comp.get("ppl_dense"):
         zd = (comp.get("zeroshot_dense") or {}).get("mean_acc")
         lines.append(f"| dense | " + " | ".join(f"{comp['ppl_dense']:.2f}" for _ in sparsities)
-                     + (" | " + " | ".join(f"{zd:.4f}" if zd is not None else ""
+                     + (" | " + " | ".join(f"{100 * zd:.2f}" if zd is not None else ""
                                            for _ in sparsities) if has_zs else "")
                      + " | " + " | ".join("" for _ in sparsities) + " | |")
     for lab in labels:
@@ -202,7 +215,7 @@ def format_table(comp: dict, sparsities: list[str], labels: list[str]) -> str:
         got = [cells.get(_cell_id(lab, s)) for s in sparsities]
         row += [f"{g['ppl']:.2f}" if g else "" for g in got]
         if has_zs:
-            row += [f"{g['zeroshot_mean']:.4f}" if g and g.get("zeroshot_mean") is not None else "" for g in got]
+            row += [f"{100 * g['zeroshot_mean']:.2f}" if g and g.get("zeroshot_mean") is not None else "" for g in got]
         row += [f"{-100 * g['error_reduction_vs_wanda'] + 0.0:+.1f}%" if g else "" for g in got]  # no -0.0
         secs = [g["prune_seconds"] for g in got if g]
         row.append(f"{sum(secs) / len(secs):.0f}" if secs else "")

@@ -44,7 +44,7 @@ def test_table_cells_and_resume(tmp_path, tiny_dir, monkeypatch):
         assert abs(cell["achieved_sparsity"] - 0.5) < 0.01 and cell["ppl"] > 1.0
     md = (out / "comparison.md").read_text()
     lines = md.splitlines()
-    assert lines[0].startswith("| method | ppl 0.5 | ppl 2:4 |") and "0-shot" not in lines[0]
+    assert lines[0].startswith("| method | ppl 50% | ppl 2:4 |") and "0-shot" not in lines[0]
     assert lines[2].startswith("| dense |") and lines[3].startswith("| magnitude |")
     assert lines[4].split("|")[2].strip() == ""            # wanda has no 0.5 cell
     assert f"{comp['cells']['wanda__2of4']['ppl']:.2f}" in lines[4]
@@ -58,6 +58,26 @@ def test_table_cells_and_resume(tmp_path, tiny_dir, monkeypatch):
     monkeypatch.setattr(api, "prune", boom)
     again = compare.run_compare(str(_config(tmp_path, tiny_dir)))
     assert again["cells"] == comp["cells"]
+
+
+def test_report_only_prunes_nothing(tmp_path, tiny_dir, monkeypatch, capsys):
+    """--report-only writes the table from the finished cells and leaves the others blank."""
+    cfg = str(_config(tmp_path, tiny_dir))
+    cells = tmp_path / "out" / "cells"
+    comp = compare.run_compare(cfg)
+    (cells / "wanda__2of4.json").unlink()
+
+    def boom(*a, **k):
+        raise AssertionError("report_only pruned a cell")
+
+    monkeypatch.setattr(api, "prune", boom)
+    part = compare.run_compare(cfg, report_only=True)
+    assert set(part["cells"]) == {"magnitude__0.5", "magnitude__2of4"}
+    assert part["cells"]["magnitude__0.5"] == comp["cells"]["magnitude__0.5"]
+    assert "1 of 3 cell(s) not finished yet: wanda__2of4" in capsys.readouterr().out
+    row = (tmp_path / "out" / "comparison.md").read_text().splitlines()[4]
+    assert row.startswith("| wanda |") and [c.strip() for c in row.split("|")[2:4]] == ["", ""]
+    assert not (cells / "wanda__2of4.lock").exists()
 
 
 def test_two_processes_share_cells_by_lock(tmp_path, tiny_dir, capsys):
@@ -90,5 +110,5 @@ def test_zeroshot_is_added_to_finished_cells_and_dense(tmp_path, tiny_dir, monke
         assert cell["zeroshot_mean"] in (0.0, 0.5, 1.0)
     assert comp["zeroshot_dense"]["tasks"]["rte"]["n"] == 2
     head = (tmp_path / "out" / "comparison.md").read_text().splitlines()
-    assert "0-shot 0.5" in head[0]
-    assert f"{comp['zeroshot_dense']['mean_acc']:.4f}" in head[2]
+    assert "| 0-shot 50% | 0-shot 2:4 |" in head[0]
+    assert f"| {100 * comp['zeroshot_dense']['mean_acc']:.2f} |" in head[2]
