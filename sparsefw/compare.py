@@ -102,17 +102,15 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
         cid = _cell_id(label, sp)
         f = out / "cells" / f"{cid}.json"
         bar.set_postfix(cell=cid)
-        done = _finished(f, zs)
-        if report_only and not done:
-            continue
-        lock = None if done else claim(f)
-        if not done and lock is None:  # another `sparsefw compare` process runs this cell
-            continue
-        done = done or _finished(f, zs)  # it may have finished between the two looks
-        if done:
-            if lock is not None:
+        done, lock = _finished(f, zs), None
+        if not done and not report_only:
+            lock = claim(f)  # None: another `sparsefw compare` process runs this cell
+            done = lock and _finished(f, zs)  # it may have finished between the two looks
+            if done:
                 lock.unlink(missing_ok=True)
+        if done:
             results[cid] = done
+        if done or lock is None:
             continue
         t0 = time.perf_counter()
         res = api.prune(c["model"], output=str(out / "models" / cid) if label in save else None,
