@@ -129,6 +129,10 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
         lock.unlink(missing_ok=True)
         results[cid] = cell
         del res
+    for lab, sp, _ in cells:  # cells another process finished while this one ran
+        cid = _cell_id(lab, sp)
+        if cid not in results and (done := _finished(out / "cells" / f"{cid}.json", zs)):
+            results[cid] = done
     missing = [_cell_id(lab, sp) for lab, sp, _ in cells if _cell_id(lab, sp) not in results]
     if missing and report_only:
         print(f"{len(missing)} of {len(cells)} cell(s) not finished yet: {', '.join(missing)}")

