@@ -226,7 +226,7 @@ def format_table(comp: dict, sparsities: list[str], labels: list[str]) -> str:
 
 
 def plot(comp: dict, sparsities: list[str], labels: list[str], path: Path) -> None:
-    """Perplexity vs sparsity, one line per method (log scale), saved as PNG."""
+    """Perplexity vs sparsity, one line per method (log scale; ``+rec`` variants dashed), saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,9 +234,11 @@ def plot(comp: dict, sparsities: list[str], labels: list[str], path: Path) -> No
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     xs = list(range(len(sparsities)))
-    for lab in labels:
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours; the default cycle repeats after 10
+    for i, lab in enumerate(labels):
         ys = [comp["cells"].get(_cell_id(lab, s), {}).get("ppl", math.nan) for s in sparsities]
-        ax.plot(xs, ys, marker="o", label=lab)
+        ax.plot(xs, ys, marker="o", color=colors[i % len(colors)], label=lab,
+                ls="--" if lab.endswith("+rec") else "-")  # reconstructed variants dashed
     if comp.get("ppl_dense"):
         ax.axhline(comp["ppl_dense"], color="k", ls="--", lw=1, label="dense")
     ax.set_xticks(xs, sparsities)
