@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .calibration import bos_token_id
 from .errors import SparseFWError
 from .evaluate import eval_ppl as _eval_ppl
 from .models import PACKAGED, load_model, resolve_model
@@ -30,24 +31,26 @@ class PruneResult:
     report: dict
 
 
-def _ppl_cache_key(model_name: str, source: str, seqlen: int, chunks) -> str | None:
+def _ppl_cache_key(model_name: str, source: str, seqlen: int, chunks, bos: str) -> str | None:
     src = Path(resolve_model(model_name)) if model_name in PACKAGED else Path(model_name)
     cfg = src / "config.json"
     if not cfg.exists():
         return None
-    stamp = f"{src.resolve()}|{cfg.stat().st_mtime_ns}|{source}|{seqlen}|{chunks}"
+    stamp = f"{src.resolve()}|{cfg.stat().st_mtime_ns}|{source}|{seqlen}|{chunks}|bos={bos}"
     return hashlib.sha1(stamp.encode()).hexdigest()
 
 
-def dense_ppl(model_name: str, model, tokenizer, source: str, seqlen: int, chunks, progress=True) -> dict:
-    """Perplexity of the unpruned model, cached on disk per (model folder, text, seqlen, chunks)
-    so sweeps evaluate the dense model once. Same return value as :func:`sparsefw.evaluate.eval_ppl`."""
-    key = _ppl_cache_key(model_name, source, seqlen, chunks)
+def dense_ppl(model_name: str, model, tokenizer, source: str, seqlen: int, chunks, progress=True,
+              bos: str = "auto") -> dict:
+    """Perplexity of the unpruned model, cached on disk per (model folder, text, seqlen, chunks,
+    BOS mode) so sweeps evaluate the dense model once. Same return value as
+    :func:`sparsefw.evaluate.eval_ppl`."""
+    key = _ppl_cache_key(model_name, source, seqlen, chunks, bos)
     store = cache_dir() / "dense_ppl.json"
     table = json.loads(store.read_text()) if store.exists() else {}
     if key and key in table:
         return table[key]
-    res = _eval_ppl(model, tokenizer, source, seqlen, chunks, progress=progress)
+    res = _eval_ppl(model, tokenizer, source, seqlen, chunks, progress=progress, bos=bos)
     if key:
         table = json.loads(store.read_text()) if store.exists() else {}
         table[key] = res
@@ -70,7 +73,9 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
             chunks of ``ppl_seqlen`` tokens (default: the calibration seqlen).
         zeroshot: lm-eval task names to evaluate the pruned model on (optional).
         **config: fields of :class:`sparsefw.pipeline.PruneConfig` (method, sparsity, pattern,
-            warmstart, alpha, fix, iterations, step, tol, reconstruct, calib, nsamples, seqlen, seed).
+            warmstart, alpha, fix, iterations, step, tol, reconstruct, calib, nsamples, seqlen, seed,
+            bos). ``bos`` (``auto`` default, ``always``, ``never``) applies to the calibration
+            windows and the perplexity chunks alike.
     Returns: :class:`PruneResult`.
     Raises: SparseFWError for any bad input, before anything is written.
     """
@@ -86,19 +91,22 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     mdl, tok = load_model(model)
     names = check_prunable(mdl, pattern)
     report = {"model": model, **{k: v for k, v in asdict(cfg).items()}}
+    bos_id = bos_token_id(tok, cfg.bos)
+    report["bos_token"] = None if bos_id is None else tok.convert_ids_to_tokens(bos_id)
     if cfg.method != "sparsefw":
         for k in ("warmstart", "alpha", "fix", "iterations", "step", "tol"):
             report[k] = None
     pseq = int(ppl_seqlen or cfg.seqlen)
     if eval_ppl:
-        d = dense_ppl(model, mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress)
+        d = dense_ppl(model, mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos)
     res = prune_model(mdl, tok, cfg, progress=progress)
     report["seconds"] = res.pop("seconds")
     report.update(res)
     if eval_ppl:
-        p = _eval_ppl(mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress)
+        p = _eval_ppl(mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos)
         report["ppl"] = {"dense": d["ppl"], "pruned": p["ppl"], "source": ppl_source, "seqlen": pseq,
-                         "chunks": p["chunks"], "tokens": p["tokens"]}
+                         "chunks": p["chunks"], "tokens": p["tokens"], "targets": p["targets"],
+                         "bos": cfg.bos}
     if zeroshot:
         from .zeroshot import evaluate_zeroshot
 
@@ -121,11 +129,12 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
 
 
 def eval_ppl(model: str, source: str = "boolq", seqlen: int = 512, chunks: int | None = 64,
-             progress: bool = True) -> dict:
+             progress: bool = True, bos: str = "auto") -> dict:
     """Perplexity of a saved (or packaged / hub) model on held-out text; see
-    :func:`sparsefw.evaluate.eval_ppl`. Raises SparseFWError for unknown models or texts."""
+    :func:`sparsefw.evaluate.eval_ppl` (``bos``: auto | always | never). Raises SparseFWError for
+    unknown models, texts or BOS modes."""
     mdl, tok = load_model(model)
-    out = _eval_ppl(mdl, tok, source, seqlen, chunks, progress=progress)
+    out = _eval_ppl(mdl, tok, source, seqlen, chunks, progress=progress, bos=bos)
     out["model"] = model
     return out
 

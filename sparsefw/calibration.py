@@ -140,45 +140,107 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+BOS_MODES = ("auto", "always", "never")
+
+
+def bos_token_id(tokenizer, mode: str = "auto") -> int | None:
+    """The BOS token to put at the start of every calibration window and perplexity chunk.
+
+    Llama and Gemma models are trained with BOS at the start of every sequence (position 0 holds
+    the attention sink); without it their activations and perplexities are off-distribution
+    (gemma-3-270m: perplexity 198 instead of 28 on BoolQ passages). SmolLM2's and GPT-2's
+    tokenizers add none.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        mode: ``"auto"``: the tokenizer's BOS if it adds one by default (encoding a text with
+            special tokens gives ``[bos] + `` the encoding without them), else none; ``"always"``:
+            the tokenizer's BOS; ``"never"``: none (the WikiText protocol of Wanda and SparseGPT:
+            one BOS for the whole stream at most, none per chunk).
+    Returns: the BOS token id (int), or ``None`` for no BOS.
+    Raises: SparseFWError for an unknown mode, or ``"always"`` with a tokenizer without a BOS token.
+    """
+    if mode not in BOS_MODES:
+        raise SparseFWError(f"unknown BOS mode '{mode}': use one of {', '.join(BOS_MODES)}")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "never":
+        return None
+    if mode == "always":
+        if bos is None:
+            raise SparseFWError("--bos always needs a tokenizer with a BOS token, and this one has "
+                                "none; use --bos auto or never")
+        return int(bos)
+    if bos is None:
+        return None
+    probe = "The quick brown fox"
+    with_special = list(tokenizer(probe)["input_ids"])
+    without = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    return int(bos) if with_special[:1] == [bos] and with_special[1:1 + len(without)] == without else None
+
+
+def _with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """Prepend a column of ``bos`` to (n, L) token ids (unchanged if ``bos`` is None)."""
+    if bos is None:
+        return rows
+    return torch.cat([torch.full((rows.shape[0], 1), int(bos), dtype=rows.dtype), rows], dim=1)
+
+
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0,
+                        bos: str = "auto") -> torch.Tensor:
     """Random token windows for calibration (Wanda / SparseGPT style: uniform random starts).
 
     Args:
         tokenizer: a Hugging Face tokenizer. source: see :func:`load_text`.
-        nsamples: number of windows (calibration samples). seqlen: tokens per window.
+        nsamples: number of windows (calibration samples). seqlen: tokens per window, BOS included.
         seed: RNG seed (torch.Generator), so the same arguments give the same windows.
+        bos: ``auto`` | ``always`` | ``never`` (:func:`bos_token_id`). With a BOS, every window is
+            BOS followed by ``seqlen - 1`` text tokens; without, ``seqlen`` text tokens (the windows
+            of earlier releases, same seed, same windows).
     Returns: (nsamples, seqlen) int64 token ids.
-    Raises: SparseFWError if nsamples/seqlen < 1 or the text holds fewer than nsamples × seqlen
-        tokens (the windows would mostly repeat the same text).
+    Raises: SparseFWError if nsamples < 1, seqlen < 1 (< 2 with a BOS), an unknown BOS mode, or the
+        text holds fewer than nsamples × seqlen tokens (the windows would mostly repeat the same text).
     """
-    if int(nsamples) < 1 or int(seqlen) < 1:
-        raise SparseFWError(f"nsamples and seqlen must be >= 1, got {nsamples} and {seqlen}")
+    bos_id = bos_token_id(tokenizer, bos)
+    body = int(seqlen) - (bos_id is not None)
+    if int(nsamples) < 1 or body < 1:
+        raise SparseFWError(f"nsamples must be >= 1 and seqlen >= {2 if bos_id is not None else 1} "
+                            f"(BOS included), got {nsamples} and {seqlen}")
     ids = tokenize_text(tokenizer, load_text(source, "calibration"))
     need = nsamples * seqlen
-    if ids.numel() < need or ids.numel() <= seqlen:
+    if ids.numel() < need or ids.numel() <= body:
         raise SparseFWError(
             f"calibration text '{source}' has {ids.numel():,} tokens, fewer than nsamples × seqlen = "
             f"{nsamples} × {seqlen} = {need:,}; lower --nsamples or --seqlen, or use a longer text "
             "(austen: ~1M tokens; c4 online)")
     g = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
-    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - body, (nsamples,), generator=g)
+    return _with_bos(torch.stack([ids[s:s + body] for s in starts.tolist()]), bos_id)
 
 
-def eval_chunks(tokenizer, source: str, seqlen: int, max_chunks: int | None = None) -> torch.Tensor:
-    """Non-overlapping ``seqlen`` chunks of a held-out text for perplexity (as in Wanda/SparseGPT).
+def eval_chunks(tokenizer, source: str, seqlen: int, max_chunks: int | None = None,
+                bos: str = "auto") -> torch.Tensor:
+    """Non-overlapping chunks of a held-out text for perplexity (as in Wanda/SparseGPT).
 
     Args:
-        tokenizer; source: see :func:`load_text` (eval splits); seqlen: tokens per chunk;
-        max_chunks: keep only the first this many chunks (``None`` = all).
+        tokenizer; source: see :func:`load_text` (eval splits); seqlen: tokens per chunk, BOS
+        included; max_chunks: keep only the first this many chunks (``None`` = all);
+        bos: ``auto`` | ``always`` | ``never`` (:func:`bos_token_id`). With a BOS, chunk i is BOS
+            followed by text tokens [i·(seqlen−1), (i+1)·(seqlen−1)), so every text token is
+            predicted, the first one from BOS alone; without, chunk i is text tokens
+            [i·seqlen, (i+1)·seqlen) and the first token of each chunk is not predicted. Either way
+            a chunk has seqlen − 1 targets.
     Returns: (n_chunks, seqlen) int64.
-    Raises: SparseFWError if the text is shorter than one chunk.
+    Raises: SparseFWError if the text is shorter than one chunk, or for a bad BOS mode.
     """
+    bos_id = bos_token_id(tokenizer, bos)
+    body = int(seqlen) - (bos_id is not None)
+    if body < 1:
+        raise SparseFWError(f"seqlen must be >= 2 with a BOS token, got {seqlen}")
     ids = tokenize_text(tokenizer, load_text(source, "eval"))
-    n = ids.numel() // seqlen
+    n = ids.numel() // body
     if n < 1:
         raise SparseFWError(f"evaluation text '{source}' has {ids.numel()} tokens, fewer than one "
                             f"chunk of seqlen = {seqlen}; use a longer text or a smaller --seqlen")
     if max_chunks is not None:
         n = min(n, int(max_chunks))
-    return ids[: n * seqlen].view(n, seqlen)
+    return _with_bos(ids[: n * body].view(n, body), bos_id)

@@ -54,6 +54,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--bos", default=d.bos, help="BOS at the start of every calibration window and perplexity "
+                   "chunk: auto (if the tokenizer adds one: Llama, Gemma) | always | never (WikiText protocol)")
     p.add_argument("--output", help="folder for the pruned checkpoint, report.json and README.md")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--eval-ppl", dest="eval_ppl", action=argparse.BooleanOptionalAction, default=False)
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--source", default="boolq")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--chunks", type=int, default=64, help="0 = all")
+    e.add_argument("--bos", default="auto", help="auto | always | never (see prune --bos)")
     z = sub.add_parser("eval-zeroshot", help="lm-eval zero-shot accuracy (offline tasks when no hub)")
     z.add_argument("--model", required=True)
     z.add_argument("--tasks", default="boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
@@ -120,7 +123,7 @@ def _print_summary(rep: dict) -> None:
           f"{rep['mean_error_wanda']:.4f}; {100 * rep['error_reduction_vs_wanda']:+.1f}% reduction)")
     if "ppl" in rep:
         p = rep["ppl"]
-        print(f"perplexity ({p['source']}, {p['chunks']}x{p['seqlen']} tokens): dense {p['dense']:.3f} -> "
+        print(f"perplexity ({p['source']}, {p['chunks']}x{p['seqlen']} tokens, bos {p.get('bos', 'never')}): dense {p['dense']:.3f} -> "
               f"pruned {p['pruned']:.3f}")
     if rep.get("zeroshot"):
         print(f"zero-shot mean accuracy: {rep['zeroshot'].get('mean_acc')}")
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
         elif args.cmd == "eval-ppl":
             from . import api
 
-            out = api.eval_ppl(args.model, args.source, args.seqlen, args.chunks or None)
+            out = api.eval_ppl(args.model, args.source, args.seqlen, args.chunks or None, bos=args.bos)
             print(json.dumps(out, indent=2))
         elif args.cmd == "eval-zeroshot":
             from . import api

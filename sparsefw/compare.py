@@ -16,6 +16,7 @@ Config (YAML)::
     nsamples: 64
     seqlen: 512
     seed: 0
+    bos: auto              # optional: BOS per calibration window and perplexity chunk
     ppl: {source: boolq, seqlen: 512, chunks: 64}
     zeroshot: {tasks: [boolq, rte], limit: 100}      # optional
     sparsities: ["0.5", "0.6", "2:4"]
@@ -81,7 +82,7 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
     c = load_config(config_path)
     out = Path(output or c.get("output") or "runs/compare")
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    shared = {k: c[k] for k in ("calib", "nsamples", "seqlen", "seed") if k in c}
+    shared = {k: c[k] for k in ("calib", "nsamples", "seqlen", "seed", "bos") if k in c}
     ppl = {"source": "boolq", "seqlen": int(c.get("seqlen", 512)), "chunks": 64, **(c.get("ppl") or {})}
     zs = c.get("zeroshot") or None
     save = set(c.get("save") or [])

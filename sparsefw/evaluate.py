@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibration import eval_chunks
+from .calibration import bos_token_id, eval_chunks
 from .errors import SparseFWError
 
 
@@ -37,14 +37,21 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, progress: bool 
 
 
 def eval_ppl(model, tokenizer, source: str = "boolq", seqlen: int = 512, max_chunks: int | None = 64,
-             batch_size: int = 4, progress: bool = True) -> dict:
+             batch_size: int = 4, progress: bool = True, bos: str = "auto") -> dict:
     """Perplexity on a named held-out text (default: the BoolQ Wikipedia passages, offline).
 
-    Returns: {"ppl", "source", "seqlen", "chunks", "tokens", "seconds"}. Raises SparseFWError as
-    :func:`sparsefw.calibration.eval_chunks` and :func:`perplexity`.
+    ``bos`` (``auto`` | ``always`` | ``never``) decides whether every chunk starts with the
+    tokenizer's BOS token (:func:`sparsefw.calibration.eval_chunks`); ``auto`` does so exactly
+    when the tokenizer adds BOS by default (Llama, Gemma), which lm-eval's rolling
+    log-likelihood also does.
+
+    Returns: {"ppl", "source", "seqlen", "chunks", "tokens", "targets", "bos", "bos_token_id",
+    "seconds"}: tokens = chunks × seqlen (BOS included), targets = predicted tokens.
+    Raises SparseFWError as :func:`sparsefw.calibration.eval_chunks` and :func:`perplexity`.
     """
     t0 = time.perf_counter()
-    chunks = eval_chunks(tokenizer, source, seqlen, max_chunks)
+    chunks = eval_chunks(tokenizer, source, seqlen, max_chunks, bos=bos)
     ppl = perplexity(model, chunks, batch_size=batch_size, progress=progress)
     return {"ppl": ppl, "source": source, "seqlen": seqlen, "chunks": int(chunks.shape[0]),
-            "tokens": int(chunks.numel()), "seconds": time.perf_counter() - t0}
+            "tokens": int(chunks.numel()), "targets": int(chunks[:, 1:].numel()), "bos": bos,
+            "bos_token_id": bos_token_id(tokenizer, bos), "seconds": time.perf_counter() - t0}

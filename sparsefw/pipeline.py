@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import calibration_windows
+from .calibration import BOS_MODES, calibration_windows
 from .errors import SparseFWError
 from .fw import FIX_MODES, STEP_RULES, dense_output_norm, fw_solve, reconstruction_error, weight_error
 from .masks import Pattern, magnitude_scores, parse_pattern, ria_scores, select, wanda_scores
@@ -51,6 +51,7 @@ class PruneConfig:
     nsamples: int = 128
     seqlen: int = 1024
     seed: int = 0
+    bos: str = "auto"          # BOS at the start of every calibration window / ppl chunk (calibration.bos_token_id)
 
     def validate(self) -> Pattern:
         """Check every field; return the parsed pattern. Raises SparseFWError with what to do."""
@@ -70,6 +71,8 @@ class PruneConfig:
             raise SparseFWError(f"alpha must be in [0, 1] (fraction of warmstart weights fixed), got {self.alpha!r}")
         if int(self.iterations) < 0:
             raise SparseFWError(f"iterations must be >= 0, got {self.iterations}")
+        if self.bos not in BOS_MODES:
+            raise SparseFWError(f"unknown BOS mode '{self.bos}': use one of {', '.join(BOS_MODES)}")
         if int(self.nsamples) < 1 or int(self.seqlen) < 2:
             raise SparseFWError(f"nsamples must be >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
         return parse_pattern(self.pattern, self.sparsity)
@@ -292,7 +295,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
         model: a Hugging Face causal LM (float32, CPU). tokenizer: its tokenizer.
         cfg: the run configuration (validated here).
         windows: optional (nsamples, seqlen) int64 calibration tokens (default: drawn from
-            ``cfg.calib`` with ``cfg.seed``).
+            ``cfg.calib`` with ``cfg.seed``, starting with BOS as ``cfg.bos`` says).
         progress: show a tqdm bar over blocks.
     Returns:
         dict with ``layers`` (list of LayerReport dicts), ``seconds``, summary means
@@ -306,7 +309,8 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     pattern = cfg.validate()
     check_prunable(model, pattern)
     if windows is None:
-        windows = calibration_windows(tokenizer, cfg.calib, int(cfg.nsamples), int(cfg.seqlen), int(cfg.seed))
+        windows = calibration_windows(tokenizer, cfg.calib, int(cfg.nsamples), int(cfg.seqlen), int(cfg.seed),
+                                      bos=cfg.bos)
     model.eval()
     blocks = decoder_blocks(model)
     names = _full_names(model)
