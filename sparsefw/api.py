@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import torch
+
 from .calibration import bos_token_id
 from .errors import SparseFWError
 from .evaluate import eval_ppl as _eval_ppl
@@ -31,12 +33,16 @@ class PruneResult:
     report: dict
 
 
-def _ppl_cache_key(model_name: str, source: str, seqlen: int, chunks, bos: str) -> str | None:
+def _ppl_cache_key(model_name: str, source: str, seqlen: int, chunks, bos: str, model=None) -> str | None:
     src = Path(resolve_model(model_name)) if model_name in PACKAGED else Path(model_name)
     cfg = src / "config.json"
     if not cfg.exists():
         return None
     stamp = f"{src.resolve()}|{cfg.stat().st_mtime_ns}|{source}|{seqlen}|{chunks}|bos={bos}"
+    if model is not None:
+        w = model.get_input_embeddings().weight
+        if w.dtype != torch.float32 or w.device.type != "cpu":   # float32 CPU keys stay as they were
+            stamp += f"|{w.dtype}|{w.device.type}"
     return hashlib.sha1(stamp.encode()).hexdigest()
 
 
@@ -45,7 +51,7 @@ def dense_ppl(model_name: str, model, tokenizer, source: str, seqlen: int, chunk
     """Perplexity of the unpruned model, cached on disk per (model folder, text, seqlen, chunks,
     BOS mode) so sweeps evaluate the dense model once. Same return value as
     :func:`sparsefw.evaluate.eval_ppl`."""
-    key = _ppl_cache_key(model_name, source, seqlen, chunks, bos)
+    key = _ppl_cache_key(model_name, source, seqlen, chunks, bos, model)
     store = cache_dir() / "dense_ppl.json"
     table = json.loads(store.read_text()) if store.exists() else {}
     if key and key in table:
@@ -74,8 +80,10 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
         zeroshot: lm-eval task names to evaluate the pruned model on (optional).
         **config: fields of :class:`sparsefw.pipeline.PruneConfig` (method, sparsity, pattern,
             warmstart, alpha, fix, iterations, step, tol, reconstruct, calib, nsamples, seqlen, seed,
-            bos). ``bos`` (``auto`` default, ``always``, ``never``) applies to the calibration
-            windows and the perplexity chunks alike.
+            bos, device, dtype). ``bos`` (``auto`` default, ``always``, ``never``) applies to the
+            calibration windows and the perplexity chunks alike; ``device`` (``auto`` = CUDA when
+            present) and ``dtype`` (``auto`` = the checkpoint's) to pruning and evaluation. The
+            checkpoint is saved in the dtype it was loaded with.
     Returns: :class:`PruneResult`.
     Raises: SparseFWError for any bad input, before anything is written.
     """
@@ -88,9 +96,11 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     if output is not None:
         check_output_dir(output, overwrite)
     t0 = time.perf_counter()
-    mdl, tok = load_model(model)
+    mdl, tok = load_model(model, dtype=cfg.dtype, device=cfg.device)
     names = check_prunable(mdl, pattern)
     report = {"model": model, **{k: v for k, v in asdict(cfg).items()}}
+    w = mdl.get_input_embeddings().weight
+    report["device"], report["dtype"] = str(w.device), str(w.dtype).replace("torch.", "")
     bos_id = bos_token_id(tok, cfg.bos)
     report["bos_token"] = None if bos_id is None else tok.convert_ids_to_tokens(bos_id)
     if cfg.method != "sparsefw":
@@ -129,11 +139,12 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
 
 
 def eval_ppl(model: str, source: str = "boolq", seqlen: int = 512, chunks: int | None = 64,
-             progress: bool = True, bos: str = "auto") -> dict:
+             progress: bool = True, bos: str = "auto", device: str = "auto", dtype: str = "auto") -> dict:
     """Perplexity of a saved (or packaged / hub) model on held-out text; see
-    :func:`sparsefw.evaluate.eval_ppl` (``bos``: auto | always | never). Raises SparseFWError for
-    unknown models, texts or BOS modes."""
-    mdl, tok = load_model(model)
+    :func:`sparsefw.evaluate.eval_ppl` (``bos``: auto | always | never; ``device``, ``dtype`` as in
+    :func:`sparsefw.models.load_model`). Raises SparseFWError for unknown models, texts, BOS modes,
+    dtypes, or an unavailable device."""
+    mdl, tok = load_model(model, dtype=dtype, device=device)
     out = _eval_ppl(mdl, tok, source, seqlen, chunks, progress=progress, bos=bos)
     out["model"] = model
     return out

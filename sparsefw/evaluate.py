@@ -21,7 +21,8 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, progress: bool 
     every chunk is scored independently; the first token of each chunk has no prediction).
 
     Args:
-        model: a causal LM. chunks: (n_chunks, seqlen) int64 token ids.
+        model: a causal LM (any dtype and device; the loss is computed in float32).
+        chunks: (n_chunks, seqlen) int64 token ids (moved to the model's device).
         batch_size: chunks per forward pass, at most; lowered so that one forward's logits hold at
             most :data:`MAX_LOGITS` floats (gemma-3's 262k vocabulary: 1 chunk of 512, where 4
             chunks took 38 s instead of 4 × 5.4 s on one CPU thread, in the cross-entropy
@@ -30,11 +31,12 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, progress: bool 
     Raises: SparseFWError if the loss is NaN/Inf (a broken model).
     """
     model.eval()
+    dev = model.get_input_embeddings().weight.device
     vocab = model.get_output_embeddings().weight.shape[0]
     batch_size = max(1, min(int(batch_size), MAX_LOGITS // (chunks.shape[1] * vocab)))
     nll, count = 0.0, 0
     for i in tqdm(range(0, chunks.shape[0], batch_size), desc="perplexity", unit="batch", disable=not progress):
-        x = chunks[i:i + batch_size]
+        x = chunks[i:i + batch_size].to(dev)
         logits = model(x, use_cache=False).logits[:, :-1].float()
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
         count += x[:, 1:].numel()

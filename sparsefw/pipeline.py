@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -20,7 +20,8 @@ from .calibration import BOS_MODES, calibration_windows
 from .errors import SparseFWError
 from .fw import FIX_MODES, STEP_RULES, dense_output_norm, fw_solve, reconstruction_error, weight_error
 from .masks import Pattern, magnitude_scores, parse_pattern, ria_scores, select, wanda_scores
-from .models import decoder_blocks, get_weight, prunable_layers, set_weight
+from .models import (decoder_blocks, get_weight, model_device, prunable_layers, resolve_device, resolve_dtype,
+                     set_weight)
 
 METHODS = ("magnitude", "wanda", "ria", "sparsefw", "sparsegpt")
 WARMSTARTS = ("wanda", "ria", "magnitude")
@@ -52,6 +53,8 @@ class PruneConfig:
     seqlen: int = 1024
     seed: int = 0
     bos: str = "auto"          # BOS at the start of every calibration window / ppl chunk (calibration.bos_token_id)
+    device: str = "auto"       # where blocks run and layers are solved: auto (CUDA if present) | cpu | cuda[:N]
+    dtype: str = "auto"        # model dtype: auto (the checkpoint's) | float32 | bfloat16 | float16
 
     def validate(self) -> Pattern:
         """Check every field; return the parsed pattern. Raises SparseFWError with what to do."""
@@ -71,6 +74,8 @@ class PruneConfig:
             raise SparseFWError(f"alpha must be in [0, 1] (fraction of warmstart weights fixed), got {self.alpha!r}")
         if int(self.iterations) < 0:
             raise SparseFWError(f"iterations must be >= 0, got {self.iterations}")
+        resolve_device(self.device)
+        resolve_dtype(self.dtype)
         if self.bos not in BOS_MODES:
             raise SparseFWError(f"unknown BOS mode '{self.bos}': use one of {', '.join(BOS_MODES)}")
         if int(self.nsamples) < 1 or int(self.seqlen) < 2:
@@ -116,9 +121,10 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch
     different ones to different blocks (Gemma3's sliding-window layers).
 
     Args:
-        windows: (nsamples, seqlen) int64 token ids.
+        windows: (nsamples, seqlen) int64 token ids (any device; moved to the model's).
     Returns:
-        (inps, extra): inps = list of nsamples (1, seqlen, hidden) float tensors; extra = per block
+        (inps, extra): inps = list of nsamples (1, seqlen, hidden) tensors in the model's dtype, on
+        its device; extra = per block
         a tuple (positional args after the hidden states, keyword args).
     """
     extra: list = [None] * len(blocks)
@@ -141,11 +147,12 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch
 
     for i, b in enumerate(blocks):
         handles.append(b.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+    dev = model_device(model)
     try:
         for j in range(windows.shape[0]):
             state["full"] = j == 0
             try:
-                model(windows[j:j + 1], use_cache=False)
+                model(windows[j:j + 1].to(dev), use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -171,7 +178,9 @@ def solve_layer(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, cfg: PruneCo
     """Choose the mask (and weights) of one layer with the configured method.
 
     Args:
-        W: (d_out, d_in) float32 weights. G: (d_in, d_in) float64 Gram matrix of its inputs.
+        W: (d_out, d_in) float32 weights. G: (d_in, d_in) float64 Gram matrix of its inputs, on
+        W's device (every solver computes there: float32 for masks and FW, float64 for SparseGPT
+        and the least-squares reconstruction).
         pattern: parsed sparsity pattern. cfg: the run configuration.
     Returns:
         (W_new (d_out, d_in) float32 with pruned entries exactly 0, mask (d_out, d_in) bool,
@@ -228,12 +237,12 @@ def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = N
     Args:
         block: a decoder block. inps: list of (1, seqlen, hidden) float inputs. extra: the block's
             (args, kwargs) from :func:`capture_block_inputs`. names: module id -> full name (errors).
-    Returns: {layer name within the block: (d_in, d_in) float64 G}.
+    Returns: {layer name within the block: (d_in, d_in) float64 G, on the layer's device}.
     Raises: SparseFWError on NaN/Inf activations.
     """
     layers = prunable_layers(block)
-    grams = {n: torch.zeros(get_weight(l).shape[1], get_weight(l).shape[1], dtype=torch.float64)
-             for n, l in layers.items()}
+    grams = {n: torch.zeros(get_weight(l).shape[1], get_weight(l).shape[1], dtype=torch.float64,
+                            device=get_weight(l).device) for n, l in layers.items()}
     sample_cache: dict = {}
 
     def make_hook(lname):
@@ -292,7 +301,9 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     """Prune a causal LM in place, block by block (Wanda/SparseGPT sequential scheme).
 
     Args:
-        model: a Hugging Face causal LM (float32, CPU). tokenizer: its tokenizer.
+        model: a Hugging Face causal LM, any dtype, on the device it is pruned on (the weights
+            keep their dtype; each layer is solved in float32/float64 on the weights' device).
+            tokenizer: its tokenizer.
         cfg: the run configuration (validated here).
         windows: optional (nsamples, seqlen) int64 calibration tokens (default: drawn from
             ``cfg.calib`` with ``cfg.seed``, starting with BOS as ``cfg.bos`` says).
