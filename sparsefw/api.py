@@ -18,7 +18,8 @@ import torch
 from .calibration import bos_token_id
 from .errors import SparseFWError
 from .evaluate import eval_ppl as _eval_ppl
-from .models import PACKAGED, load_model, resolve_model
+from .models import PACKAGED, decoder_blocks, load_model, resolve_device, resolve_model
+from .onload import placed_for_eval
 from .paths import cache_dir, write_atomic
 from .pipeline import PruneConfig, check_prunable, prune_model
 from .saving import check_output_dir, save_pruned
@@ -96,11 +97,13 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     if output is not None:
         check_output_dir(output, overwrite)
     t0 = time.perf_counter()
-    mdl, tok = load_model(model, dtype=cfg.dtype, device=cfg.device)
+    device = resolve_device(cfg.device)
+    mdl, tok = load_model(model, dtype=cfg.dtype, device="cpu")   # blocks are onloaded one at a time
     names = check_prunable(mdl, pattern)
     report = {"model": model, **{k: v for k, v in asdict(cfg).items()}}
-    w = mdl.get_input_embeddings().weight
-    report["device"], report["dtype"] = str(w.device), str(w.dtype).replace("torch.", "")
+    report["device"] = str(device)
+    report["dtype"] = str(mdl.get_input_embeddings().weight.dtype).replace("torch.", "")
+    block_class = type(decoder_blocks(mdl)[0]).__name__
     bos_id = bos_token_id(tok, cfg.bos)
     report["bos_token"] = None if bos_id is None else tok.convert_ids_to_tokens(bos_id)
     if cfg.method != "sparsefw":
@@ -108,19 +111,23 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
             report[k] = None
     pseq = int(ppl_seqlen or cfg.seqlen)
     if eval_ppl:
-        d = dense_ppl(model, mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos)
+        with placed_for_eval(mdl, device, block_class):
+            d = dense_ppl(model, mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos)
     res = prune_model(mdl, tok, cfg, progress=progress)
+    mdl.to("cpu")
     report["seconds"] = res.pop("seconds")
     report.update(res)
     if eval_ppl:
-        p = _eval_ppl(mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos)
+        with placed_for_eval(mdl, device, block_class):
+            p = _eval_ppl(mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos)
         report["ppl"] = {"dense": d["ppl"], "pruned": p["ppl"], "source": ppl_source, "seqlen": pseq,
                          "chunks": p["chunks"], "tokens": p["tokens"], "targets": p["targets"],
                          "bos": cfg.bos}
     if zeroshot:
         from .zeroshot import evaluate_zeroshot
 
-        report["zeroshot"] = evaluate_zeroshot(mdl, tok, tasks=zeroshot, limit=zeroshot_limit)
+        with placed_for_eval(mdl, device, block_class):
+            report["zeroshot"] = evaluate_zeroshot(mdl, tok, tasks=zeroshot, limit=zeroshot_limit)
     report["total_seconds"] = time.perf_counter() - t0
     # reorder so the summary comes first and the per-layer list last
     layers = report.pop("layers")
@@ -144,8 +151,9 @@ def eval_ppl(model: str, source: str = "boolq", seqlen: int = 512, chunks: int |
     :func:`sparsefw.evaluate.eval_ppl` (``bos``: auto | always | never; ``device``, ``dtype`` as in
     :func:`sparsefw.models.load_model`). Raises SparseFWError for unknown models, texts, BOS modes,
     dtypes, or an unavailable device."""
-    mdl, tok = load_model(model, dtype=dtype, device=device)
-    out = _eval_ppl(mdl, tok, source, seqlen, chunks, progress=progress, bos=bos)
+    mdl, tok = load_model(model, dtype=dtype, device="cpu")
+    with placed_for_eval(mdl, resolve_device(device), type(decoder_blocks(mdl)[0]).__name__):
+        out = _eval_ppl(mdl, tok, source, seqlen, chunks, progress=progress, bos=bos)
     out["model"] = model
     return out
 

@@ -44,6 +44,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    "chunk: auto (if the tokenizer adds one: Llama, Gemma) | always | never (WikiText protocol)")
     p.add_argument("--device", default=d.device, help="auto (CUDA if present, else CPU) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=d.dtype, help="model dtype: auto (the checkpoint's) | float32 | bfloat16 | float16")
+    p.add_argument("--offload-activations", dest="offload_activations", action=argparse.BooleanOptionalAction,
+                   default=d.offload_activations, help="keep calibration activations on the CPU between blocks")
     p.add_argument("--output", help="folder for the pruned checkpoint, report.json and README.md")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--eval-ppl", dest="eval_ppl", action=argparse.BooleanOptionalAction, default=False)

@@ -139,11 +139,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's input embeddings (where token ids must go)."""
-    return model.get_input_embeddings().weight.device
-
-
 def load_model(name_or_path: str, dtype="auto", device: str | torch.device | None = "cpu"):
     """Load a causal LM and its tokenizer.
 

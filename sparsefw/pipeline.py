@@ -20,8 +20,8 @@ from .calibration import BOS_MODES, calibration_windows
 from .errors import SparseFWError
 from .fw import FIX_MODES, STEP_RULES, dense_output_norm, fw_solve, reconstruction_error, weight_error
 from .masks import Pattern, magnitude_scores, parse_pattern, ria_scores, select, wanda_scores
-from .models import (decoder_blocks, get_weight, model_device, prunable_layers, resolve_device, resolve_dtype,
-                     set_weight)
+from .models import decoder_blocks, get_weight, prunable_layers, resolve_device, resolve_dtype, set_weight
+from .onload import capture_block_inputs, module_device, on_device, place_embeddings
 
 METHODS = ("magnitude", "wanda", "ria", "sparsefw", "sparsegpt")
 WARMSTARTS = ("wanda", "ria", "magnitude")
@@ -55,6 +55,7 @@ class PruneConfig:
     bos: str = "auto"          # BOS at the start of every calibration window / ppl chunk (calibration.bos_token_id)
     device: str = "auto"       # where blocks run and layers are solved: auto (CUDA if present) | cpu | cuda[:N]
     dtype: str = "auto"        # model dtype: auto (the checkpoint's) | float32 | bfloat16 | float16
+    offload_activations: bool = False  # keep calibration activations on the CPU between blocks
 
     def validate(self) -> Pattern:
         """Check every field; return the parsed pattern. Raises SparseFWError with what to do."""
@@ -102,63 +103,6 @@ class LayerReport:
     chosen: str = ""
     error_before_reconstruct: float | None = None
     seconds: float = 0.0
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _hidden_from(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor):
-    """Run the calibration windows up to the first block and record its inputs.
-
-    Every block's non-hidden-state arguments (attention mask, position ids / embeddings, ...) are
-    recorded once, from a full forward of the first window, because some architectures pass
-    different ones to different blocks (Gemma3's sliding-window layers).
-
-    Args:
-        windows: (nsamples, seqlen) int64 token ids (any device; moved to the model's).
-    Returns:
-        (inps, extra): inps = list of nsamples (1, seqlen, hidden) tensors in the model's dtype, on
-        its device; extra = per block
-        a tuple (positional args after the hidden states, keyword args).
-    """
-    extra: list = [None] * len(blocks)
-    inps: list = []
-    state = {"full": True}
-    handles = []
-
-    def make_hook(i):
-        def hook(mod, args, kwargs):
-            if extra[i] is None:
-                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                if kw.get("past_key_values") is None:
-                    kw.pop("past_key_values", None)
-                extra[i] = (tuple(args[1:]), kw)
-            if i == 0:
-                inps.append(_hidden_from(args, kwargs).detach())
-                if not state["full"]:
-                    raise _StopForward
-        return hook
-
-    for i, b in enumerate(blocks):
-        handles.append(b.register_forward_pre_hook(make_hook(i), with_kwargs=True))
-    dev = model_device(model)
-    try:
-        for j in range(windows.shape[0]):
-            state["full"] = j == 0
-            try:
-                model(windows[j:j + 1].to(dev), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return inps, extra
 
 
 def _block_forward(block, h, extra):
@@ -235,7 +179,8 @@ def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = N
     the same input tensor (q/k/v, gate/up) share one product per sample.
 
     Args:
-        block: a decoder block. inps: list of (1, seqlen, hidden) float inputs. extra: the block's
+        block: a decoder block (on the compute device). inps: list of (1, seqlen, hidden) inputs
+            (any device; each is moved to the block's for its forward). extra: the block's
             (args, kwargs) from :func:`capture_block_inputs`. names: module id -> full name (errors).
     Returns: {layer name within the block: (d_in, d_in) float64 G, on the layer's device}.
     Raises: SparseFWError on NaN/Inf activations.
@@ -263,10 +208,11 @@ def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = N
         return hook
 
     handles = [l.register_forward_hook(make_hook(n)) for n, l in layers.items()]
+    dev = module_device(block)
     try:
         for h in inps:
             sample_cache.clear()
-            _block_forward(block, h, extra)
+            _block_forward(block, h.to(dev), extra)
     finally:
         for hd in handles:
             hd.remove()
@@ -323,27 +269,31 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
         windows = calibration_windows(tokenizer, cfg.calib, int(cfg.nsamples), int(cfg.seqlen), int(cfg.seed),
                                       bos=cfg.bos)
     model.eval()
+    device = resolve_device(cfg.device)
+    store = torch.device("cpu") if cfg.offload_activations else device
     blocks = decoder_blocks(model)
     names = _full_names(model)
-    inps, extra = capture_block_inputs(model, blocks, windows)
+    place_embeddings(model, blocks, device)
+    inps, extra = capture_block_inputs(model, blocks, windows, store)
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(blocks)), desc=f"{cfg.method} {pattern if pattern.kind == 'nm' else cfg.sparsity}",
                unit="block", disable=not progress)
     for bi, block in bar:
         layers = prunable_layers(block)
-        grams = accumulate_grams(block, inps, extra[bi], names)
-        for lname, layer in layers.items():
-            W = get_weight(layer).float().clone()
-            W_new, mask, info = solve_layer(W, grams[lname], pattern, cfg)
-            set_weight(layer, W_new)
-            reports.append(LayerReport(name=names[id(layer)], shape=list(W.shape), **info))
-        del grams
-        new_inps = []
-        for h in inps:
-            o = _block_forward(block, h, extra[bi])
-            _check_finite(o, f"block {bi + 1} (output of block {bi})")
-            new_inps.append(o)
-        inps = new_inps
+        with on_device(block, device):        # sequential onloading: one block on the device
+            grams = accumulate_grams(block, inps, extra[bi], names)
+            for lname, layer in layers.items():
+                W = get_weight(layer).float().clone()
+                W_new, mask, info = solve_layer(W, grams[lname], pattern, cfg)
+                set_weight(layer, W_new)
+                reports.append(LayerReport(name=names[id(layer)], shape=list(W.shape), **info))
+            del grams
+            new_inps = []
+            for h in inps:
+                o = _block_forward(block, h.to(device), extra[bi])
+                _check_finite(o, f"block {bi + 1} (output of block {bi})")
+                new_inps.append(o.to(store))
+            inps = new_inps
         done = reports[-len(layers):]
         bar.set_postfix(err=f"{sum(r.error_final for r in done) / len(done):.4f}",
                         wanda=f"{sum(r.error_wanda for r in done) / len(done):.4f}")

@@ -98,3 +98,47 @@ def test_layer_solvers_on_cuda_match_cpu():
     Wc, Mc = sparsegpt_prune(W, G, pat)
     Wg, Mg = sparsegpt_prune(W.cuda(), G.cuda(), pat)
     assert torch.allclose(Wg.cpu(), Wc, atol=1e-4) and torch.equal(Mg.cpu(), Mc)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "opt", "gpt2"])
+def test_capture_runs_no_block(tokenizer, arch):
+    """Sequential onloading: the first block's inputs and every block's extra arguments (Gemma3:
+    different masks for sliding-window and full-attention layers) are captured with the blocks
+    left on the meta device, i.e. never run nor materialized; they equal a real forward's."""
+    from sparsefw.models import decoder_blocks
+    from sparsefw.onload import capture_block_inputs
+
+    m = tiny_model(arch, len(tokenizer), layers=6 if arch == "gemma3" else 3)   # gemma3: every 6th layer is full
+    blocks = decoder_blocks(m)
+    windows = torch.randint(0, len(tokenizer), (3, 40), generator=torch.Generator().manual_seed(0))
+    seen = {}   # the real arguments of every block, from a full forward of window 0
+
+    def record(i):
+        def hook(mod, a, kw):
+            seen.setdefault(i, (a[0].clone(), a[1:], {k: v for k, v in kw.items() if k != "past_key_values"}))
+        return hook
+
+    hooks = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        m(windows[:1], use_cache=False)
+    for h in hooks:
+        h.remove()
+    for b in blocks:
+        b.to("meta")
+    inps, extra = capture_block_inputs(m, blocks, windows)
+    assert len(inps) == 3 and torch.equal(inps[0], seen[0][0])
+    for i in range(len(blocks)):
+        assert _same(extra[i][0], seen[i][1]) and _same(extra[i][1], seen[i][2]), i
+    if arch == "gemma3":   # sliding-window (sliding_window=16 < 40) and full layers differ
+        masks = [extra[i][1].get("attention_mask") for i in range(len(blocks))]
+        assert any(not _same(masks[0], x) for x in masks[1:])
