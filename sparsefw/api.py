@@ -19,6 +19,7 @@ from .calibration import bos_token_id
 from .errors import SparseFWError
 from .evaluate import eval_ppl as _eval_ppl
 from .models import PACKAGED, decoder_blocks, load_model, resolve_device, resolve_model
+from .distributed import Ranks, barrier, broadcast_object, init_ranks
 from .onload import placed_for_eval
 from .paths import cache_dir, write_atomic
 from .pipeline import PruneConfig, check_prunable, prune_model
@@ -48,17 +49,20 @@ def _ppl_cache_key(model_name: str, source: str, seqlen: int, chunks, bos: str, 
 
 
 def dense_ppl(model_name: str, model, tokenizer, source: str, seqlen: int, chunks, progress=True,
-              bos: str = "auto") -> dict:
+              bos: str = "auto", ranks: Ranks | None = None) -> dict:
     """Perplexity of the unpruned model, cached on disk per (model folder, text, seqlen, chunks,
-    BOS mode) so sweeps evaluate the dense model once. Same return value as
-    :func:`sparsefw.evaluate.eval_ppl`."""
+    BOS mode, dtype and device type) so sweeps evaluate the dense model once. Same return value as
+    :func:`sparsefw.evaluate.eval_ppl`. With several processes the main one reads and writes the
+    cache and the others follow its decision."""
+    ranks = ranks or Ranks()
     key = _ppl_cache_key(model_name, source, seqlen, chunks, bos, model)
     store = cache_dir() / "dense_ppl.json"
-    table = json.loads(store.read_text()) if store.exists() else {}
-    if key and key in table:
-        return table[key]
-    res = _eval_ppl(model, tokenizer, source, seqlen, chunks, progress=progress, bos=bos)
-    if key:
+    table = json.loads(store.read_text()) if store.exists() and ranks.is_main else {}
+    hit = broadcast_object(table.get(key) if key else None, 0, ranks)
+    if hit is not None:
+        return hit
+    res = _eval_ppl(model, tokenizer, source, seqlen, chunks, progress=progress, bos=bos, ranks=ranks)
+    if key and ranks.is_main:
         table = json.loads(store.read_text()) if store.exists() else {}
         table[key] = res
         write_atomic(store, json.dumps(table, indent=1))
@@ -97,7 +101,9 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     if output is not None:
         check_output_dir(output, overwrite)
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
+    ranks = init_ranks(cfg.device)
+    device = ranks.device
+    progress = progress and ranks.is_main
     mdl, tok = load_model(model, dtype=cfg.dtype, device="cpu")   # blocks are onloaded one at a time
     names = check_prunable(mdl, pattern)
     report = {"model": model, **{k: v for k, v in asdict(cfg).items()}}
@@ -112,29 +118,32 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     pseq = int(ppl_seqlen or cfg.seqlen)
     if eval_ppl:
         with placed_for_eval(mdl, device, block_class):
-            d = dense_ppl(model, mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos)
-    res = prune_model(mdl, tok, cfg, progress=progress)
+            d = dense_ppl(model, mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos,
+                          ranks=ranks)
+    res = prune_model(mdl, tok, cfg, progress=progress, ranks=ranks)
     mdl.to("cpu")
     report["seconds"] = res.pop("seconds")
     report.update(res)
     if eval_ppl:
         with placed_for_eval(mdl, device, block_class):
-            p = _eval_ppl(mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos)
+            p = _eval_ppl(mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos, ranks=ranks)
         report["ppl"] = {"dense": d["ppl"], "pruned": p["ppl"], "source": ppl_source, "seqlen": pseq,
                          "chunks": p["chunks"], "tokens": p["tokens"], "targets": p["targets"],
                          "bos": cfg.bos}
-    if zeroshot:
+    if zeroshot:   # the main process scores, the others wait
         from .zeroshot import evaluate_zeroshot
 
-        with placed_for_eval(mdl, device, block_class):
-            report["zeroshot"] = evaluate_zeroshot(mdl, tok, tasks=zeroshot, limit=zeroshot_limit)
+        if ranks.is_main:
+            with placed_for_eval(mdl, device, block_class):
+                report["zeroshot"] = evaluate_zeroshot(mdl, tok, tasks=zeroshot, limit=zeroshot_limit)
+        report["zeroshot"] = broadcast_object(report.get("zeroshot"), 0, ranks)
     report["total_seconds"] = time.perf_counter() - t0
     # reorder so the summary comes first and the per-layer list last
     layers = report.pop("layers")
     report["layers"] = layers
-    if output is not None:
+    if output is not None and ranks.is_main:
         save_pruned(mdl, tok, output, report, [f"{n}.weight" for n in names], overwrite=overwrite)
-    else:  # not saved: count on the in-memory tensors
+    else:  # not saved (or not by this process): count on the in-memory tensors
         zeros = total = 0
         sd = mdl.state_dict()
         for n in names:
@@ -142,6 +151,7 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
             zeros += int((t == 0).sum())
             total += t.numel()
         report.update({"zeros": zeros, "total": total, "achieved_sparsity": zeros / max(total, 1)})
+    barrier(ranks)   # every process returns after the checkpoint is written
     return PruneResult(mdl, tok, report)
 
 

@@ -141,6 +141,8 @@ def main(argv=None) -> int:
                             ppl_source=args.ppl_source, ppl_seqlen=args.ppl_seqlen,
                             ppl_chunks=args.ppl_chunks or None, zeroshot=tasks or None,
                             zeroshot_limit=args.zeroshot_limit, **conf)
+            if int(os.environ.get("RANK", "0")) != 0:
+                return 0
             _print_summary(res.report)
             if args.output:
                 print(f"saved to {Path(args.output).resolve()} (report.json, README.md)")
@@ -164,7 +166,8 @@ def main(argv=None) -> int:
 
             run_compare(args.config, args.output, report_only=args.report_only)
     except SparseFWError as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:   # several processes: one error line, from the main one
+            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     return 0
 

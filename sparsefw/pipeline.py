@@ -21,6 +21,8 @@ from .errors import SparseFWError
 from .fw import FIX_MODES, STEP_RULES, dense_output_norm, fw_solve, reconstruction_error, weight_error
 from .masks import Pattern, magnitude_scores, parse_pattern, ria_scores, select, wanda_scores
 from .models import decoder_blocks, get_weight, prunable_layers, resolve_device, resolve_dtype, set_weight
+from .distributed import (Ranks, assign_layers, broadcast_object, broadcast_tensor_, raise_if_any, reduce_gram,
+                          two_sum_, window_range)
 from .onload import capture_block_inputs, module_device, on_device, place_embeddings
 
 METHODS = ("magnitude", "wanda", "ria", "sparsefw", "sparsegpt")
@@ -171,23 +173,29 @@ def solve_layer(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, cfg: PruneCo
 
 
 @torch.no_grad()
-def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = None) -> dict:
+def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | None = None) -> dict:
     """Run a block on its calibration inputs and accumulate every Linear layer's Gram matrix.
 
-    G = sum over calibration tokens of x x^T, computed per sample in float32 and summed in
-    float64 (SOLVER_NOTES: float32 alone differs from float64 by ~1e-7 relative). Layers that read
+    G = sum over calibration tokens of x x^T, computed per sample in float32 and summed in float64
+    (SOLVER_NOTES: float32 alone differs from float64 by ~1e-7 relative) as an unevaluated pair
+    hi + lo with error-free additions (:func:`sparsefw.distributed.two_sum_`), so that sums over
+    different groupings of the windows (several processes) round to the same G. Layers that read
     the same input tensor (q/k/v, gate/up) share one product per sample.
 
     Args:
         block: a decoder block (on the compute device). inps: list of (1, seqlen, hidden) inputs
             (any device; each is moved to the block's for its forward). extra: the block's
             (args, kwargs) from :func:`capture_block_inputs`. names: module id -> full name (errors).
-    Returns: {layer name within the block: (d_in, d_in) float64 G, on the layer's device}.
+    Returns: {layer name within the block: (hi, lo)}, two (d_in, d_in) float64 tensors on the
+        layer's device.
     Raises: SparseFWError on NaN/Inf activations.
     """
     layers = prunable_layers(block)
-    grams = {n: torch.zeros(get_weight(l).shape[1], get_weight(l).shape[1], dtype=torch.float64,
-                            device=get_weight(l).device) for n, l in layers.items()}
+    pairs = {}
+    for n, l in layers.items():
+        W = get_weight(l)
+        pairs[n] = tuple(torch.zeros(W.shape[1], W.shape[1], dtype=torch.float64, device=W.device)
+                         for _ in range(2))
     sample_cache: dict = {}
 
     def make_hook(lname):
@@ -204,7 +212,7 @@ def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = N
                 _check_finite(x2, f"layer {(names or {}).get(id(mod), lname)}")
                 inc = (x2.t() @ x2).double()
                 sample_cache[id(x)] = (x, inc)
-            grams[lname] += inc
+            two_sum_(*pairs[lname], inc)
         return hook
 
     handles = [l.register_forward_hook(make_hook(n)) for n, l in layers.items()]
@@ -216,7 +224,13 @@ def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = N
     finally:
         for hd in handles:
             hd.remove()
-    return grams
+    return pairs
+
+
+def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = None) -> dict:
+    """{layer name within the block: (d_in, d_in) float64 G on the layer's device}: the Gram
+    matrices of :func:`accumulate_gram_pairs`, evaluated (hi + lo). Raises as it does."""
+    return {n: hi + lo for n, (hi, lo) in accumulate_gram_pairs(block, inps, extra, names).items()}
 
 
 def _full_names(model: nn.Module) -> dict[int, str]:
@@ -243,56 +257,85 @@ def check_prunable(model: nn.Module, pattern: Pattern) -> list[str]:
 
 @torch.no_grad()
 def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Tensor | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, ranks: Ranks | None = None) -> dict:
     """Prune a causal LM in place, block by block (Wanda/SparseGPT sequential scheme).
 
+    One block at a time is moved to ``cfg.device`` (sequential onloading, :mod:`sparsefw.onload`);
+    with several processes (``ranks``) the work is shared as :mod:`sparsefw.distributed` describes,
+    with the same masks and weights as one process.
+
     Args:
-        model: a Hugging Face causal LM, any dtype, on the device it is pruned on (the weights
-            keep their dtype; each layer is solved in float32/float64 on the weights' device).
+        model: a Hugging Face causal LM, any dtype, on the CPU or the compute device (the weights
+            keep their dtype; each layer is solved in float32/float64 on the compute device).
             tokenizer: its tokenizer.
         cfg: the run configuration (validated here).
         windows: optional (nsamples, seqlen) int64 calibration tokens (default: drawn from
             ``cfg.calib`` with ``cfg.seed``, starting with BOS as ``cfg.bos`` says).
-        progress: show a tqdm bar over blocks.
+        progress: show a tqdm bar over blocks (main process only).
+        ranks: this process's :class:`sparsefw.distributed.Ranks` (default: one process on
+            ``cfg.device``).
     Returns:
         dict with ``layers`` (list of LayerReport dicts), ``seconds``, summary means
         (``mean_error_final``, ``mean_error_wanda``, ``mean_error_warmstart``,
-        ``error_reduction_vs_wanda`` = 1 - mean(final)/mean(wanda)).
+        ``error_reduction_vs_wanda`` = 1 - mean(final)/mean(wanda)); the same on every rank.
     Raises:
         SparseFWError: bad configuration, N:M not dividing some d_in, short calibration text,
-        NaN/Inf activations.
+        NaN/Inf activations (on every rank, whichever rank found it).
     """
     t0 = time.perf_counter()
     pattern = cfg.validate()
     check_prunable(model, pattern)
+    ranks = ranks or Ranks(0, 1, resolve_device(cfg.device))
     if windows is None:
         windows = calibration_windows(tokenizer, cfg.calib, int(cfg.nsamples), int(cfg.seqlen), int(cfg.seed),
                                       bos=cfg.bos)
     model.eval()
-    device = resolve_device(cfg.device)
+    device = ranks.device
     store = torch.device("cpu") if cfg.offload_activations else device
     blocks = decoder_blocks(model)
     names = _full_names(model)
     place_embeddings(model, blocks, device)
-    inps, extra = capture_block_inputs(model, blocks, windows, store)
+    inps, extra = capture_block_inputs(model, blocks, windows[list(window_range(windows.shape[0], ranks))], store)
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(blocks)), desc=f"{cfg.method} {pattern if pattern.kind == 'nm' else cfg.sparsity}",
-               unit="block", disable=not progress)
+               unit="block", disable=not (progress and ranks.is_main))
     for bi, block in bar:
         layers = prunable_layers(block)
         with on_device(block, device):        # sequential onloading: one block on the device
-            grams = accumulate_grams(block, inps, extra[bi], names)
+            error = None
+            try:
+                pairs = accumulate_gram_pairs(block, inps, extra[bi], names)
+            except SparseFWError as e:
+                pairs, error = None, e
+            raise_if_any(error, ranks)
+            owner = assign_layers({n: tuple(get_weight(l).shape) for n, l in layers.items()}, ranks.world)
+            grams = {n: reduce_gram(*pairs.pop(n), owner[n], ranks) for n in layers}
+            infos, error = {}, None
             for lname, layer in layers.items():
-                W = get_weight(layer).float().clone()
-                W_new, mask, info = solve_layer(W, grams[lname], pattern, cfg)
-                set_weight(layer, W_new)
-                reports.append(LayerReport(name=names[id(layer)], shape=list(W.shape), **info))
+                if owner[lname] != ranks.rank:
+                    continue
+                try:
+                    W_new, mask, infos[lname] = solve_layer(get_weight(layer).float().clone(), grams.pop(lname),
+                                                            pattern, cfg)
+                    set_weight(layer, W_new)
+                except SparseFWError as e:
+                    error = e
+                    break
+            raise_if_any(error, ranks)
             del grams
-            new_inps = []
-            for h in inps:
-                o = _block_forward(block, h.to(device), extra[bi])
-                _check_finite(o, f"block {bi + 1} (output of block {bi})")
-                new_inps.append(o.to(store))
+            for lname, layer in layers.items():
+                broadcast_tensor_(layer.weight.data, owner[lname], ranks)
+                info = broadcast_object(infos.get(lname), owner[lname], ranks)
+                reports.append(LayerReport(name=names[id(layer)], shape=list(get_weight(layer).shape), **info))
+            new_inps, error = [], None
+            try:
+                for h in inps:
+                    o = _block_forward(block, h.to(device), extra[bi])
+                    _check_finite(o, f"block {bi + 1} (output of block {bi})")
+                    new_inps.append(o.to(store))
+            except SparseFWError as e:
+                error = e
+            raise_if_any(error, ranks)
             inps = new_inps
         done = reports[-len(layers):]
         bar.set_postfix(err=f"{sum(r.error_final for r in done) / len(done):.4f}",
@@ -307,4 +350,4 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
             "error_reduction_vs_wanda": 1.0 - mf / mw if mw > 0 else 0.0,
             "geomean_ratio_vs_wanda": geo,
             "layers_fw_kept": sum(1 for r in reports if r.chosen == "fw"),
-            "calibration_tokens": int(windows.numel())}
+            "calibration_tokens": int(windows.numel()), "processes": ranks.world}
