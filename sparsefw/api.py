@@ -72,7 +72,7 @@ def dense_ppl(model_name: str, model, tokenizer, source: str, seqlen: int, chunk
 def prune(model: str, output: str | None = None, overwrite: bool = False, eval_ppl: bool = False,
           ppl_source: str = "boolq", ppl_seqlen: int | None = None, ppl_chunks: int | None = 64,
           zeroshot: list[str] | None = None, zeroshot_limit: int | None = None, progress: bool = True,
-          **config) -> PruneResult:
+          stream: bool = False, **config) -> PruneResult:
     """Load, prune (sequential layerwise), optionally evaluate and save a causal LM.
 
     Args:
@@ -83,6 +83,9 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
             Wikipedia passages, never the calibration text) in ``ppl_chunks`` non-overlapping
             chunks of ``ppl_seqlen`` tokens (default: the calibration seqlen).
         zeroshot: lm-eval task names to evaluate the pruned model on (optional).
+        stream: never hold the whole checkpoint in memory: read each block from the safetensors
+            when it is reached and write it to ``output`` (:mod:`sparsefw.streaming`); needs
+            ``output``; evaluate the saved checkpoint afterwards. ``model`` of the result is None.
         **config: fields of :class:`sparsefw.pipeline.PruneConfig` (method, sparsity, pattern,
             warmstart, alpha, fix, iterations, step, tol, reconstruct, calib, nsamples, seqlen, seed,
             bos, device, dtype). ``bos`` (``auto`` default, ``always``, ``never``) applies to the
@@ -100,6 +103,16 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     pattern = cfg.validate()
     if output is not None:
         check_output_dir(output, overwrite)
+    if stream:
+        if output is None:
+            raise SparseFWError("--stream writes each pruned block as it goes: give --output")
+        if eval_ppl or zeroshot:
+            raise SparseFWError("--stream does not evaluate (the model is never whole in memory); "
+                                "evaluate the saved checkpoint afterwards with sparsefw eval-ppl")
+        from .streaming import stream_prune
+
+        report = stream_prune(model, output, cfg, overwrite=overwrite, progress=progress)
+        return PruneResult(None, None, report)
     t0 = time.perf_counter()
     ranks = init_ranks(cfg.device)
     device = ranks.device

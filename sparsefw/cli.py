@@ -46,6 +46,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, help="model dtype: auto (the checkpoint's) | float32 | bfloat16 | float16")
     p.add_argument("--offload-activations", dest="offload_activations", action=argparse.BooleanOptionalAction,
                    default=d.offload_activations, help="keep calibration activations on the CPU between blocks")
+    p.add_argument("--stream", action="store_true", help="checkpoints larger than memory: read each block "
+                   "from the safetensors when reached, write it to --output, never hold the whole model")
     p.add_argument("--output", help="folder for the pruned checkpoint, report.json and README.md")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--eval-ppl", dest="eval_ppl", action=argparse.BooleanOptionalAction, default=False)
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
             res = api.prune(args.model, output=args.output, overwrite=args.overwrite, eval_ppl=args.eval_ppl,
                             ppl_source=args.ppl_source, ppl_seqlen=args.ppl_seqlen,
                             ppl_chunks=args.ppl_chunks or None, zeroshot=tasks or None,
-                            zeroshot_limit=args.zeroshot_limit, **conf)
+                            zeroshot_limit=args.zeroshot_limit, stream=args.stream, **conf)
             if int(os.environ.get("RANK", "0")) != 0:
                 return 0
             _print_summary(res.report)

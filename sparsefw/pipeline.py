@@ -257,7 +257,7 @@ def check_prunable(model: nn.Module, pattern: Pattern) -> list[str]:
 
 @torch.no_grad()
 def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Tensor | None = None,
-                progress: bool = True, ranks: Ranks | None = None) -> dict:
+                progress: bool = True, ranks: Ranks | None = None, block_context=None) -> dict:
     """Prune a causal LM in place, block by block (Wanda/SparseGPT sequential scheme).
 
     One block at a time is moved to ``cfg.device`` (sequential onloading, :mod:`sparsefw.onload`);
@@ -274,6 +274,9 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
         progress: show a tqdm bar over blocks (main process only).
         ranks: this process's :class:`sparsefw.distributed.Ranks` (default: one process on
             ``cfg.device``).
+        block_context: ``f(index, block)`` -> a context manager around the work on one block
+            (default :func:`sparsefw.onload.on_device`: onto the device and back; streaming
+            reads the block from the checkpoint and writes it out, :mod:`sparsefw.streaming`).
     Returns:
         dict with ``layers`` (list of LayerReport dicts), ``seconds``, summary means
         (``mean_error_final``, ``mean_error_wanda``, ``mean_error_warmstart``,
@@ -301,7 +304,8 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
                unit="block", disable=not (progress and ranks.is_main))
     for bi, block in bar:
         layers = prunable_layers(block)
-        with on_device(block, device):        # sequential onloading: one block on the device
+        ctx = block_context(bi, block) if block_context else on_device(block, device)
+        with ctx:                             # sequential onloading: one block on the device
             error = None
             try:
                 pairs = accumulate_gram_pairs(block, inps, extra[bi], names)
