@@ -7,11 +7,15 @@ accumulates partial Gram matrices; each layer's partial Grams are summed onto th
 the layer; owners solve their layers and broadcast the new weights; every rank then propagates its
 own windows through the pruned block. Only the main process writes files, logs and progress bars.
 
-So that the mask does not depend on the number of processes, every Gram matrix is accumulated as
-an unevaluated float64 pair (hi, lo) with error-free additions (Knuth's TwoSum; "double-double"
-summation, Dekker 1971), and the ranks' pairs are combined the same way: hi + lo is then the
-exactly rounded float64 sum of the per-window products in any grouping, except in the
-astronomically rare case of a sum within ~n·2^-106 of a float64 rounding boundary.
+So that the mask does not depend on the number of processes, the windows are cut into fixed
+chunks of :data:`GRAM_CHUNK` consecutive windows (by global index; ranks get whole chunks); a
+chunk's products are summed plainly in float64, in window order, so every chunk sum is the same
+whichever rank computes it; the chunk sums are accumulated as an unevaluated float64 pair
+(hi, lo) with error-free additions (Knuth's TwoSum; "double-double" summation, Dekker 1971), and
+the ranks' pairs are combined the same way. hi + lo is then the exactly rounded float64 sum of the
+chunk sums in any grouping, except in the astronomically rare case of a sum within ~2^-100 of a
+float64 rounding boundary. Chunking keeps the TwoSum cost (six passes over G) at 1/8 of a pass
+per window.
 """
 from __future__ import annotations
 
@@ -55,9 +59,16 @@ def init_ranks(device: str | torch.device | None = "auto") -> Ranks:
     return Ranks(state.process_index, state.num_processes, dev)
 
 
-def window_range(n: int, ranks: Ranks) -> range:
-    """The calibration windows of this rank: contiguous, sizes differing by at most one."""
-    return range(ranks.rank * n // ranks.world, (ranks.rank + 1) * n // ranks.world)
+GRAM_CHUNK = 8   # calibration windows summed plainly before one error-free addition (TwoSum)
+
+
+def window_range(n: int, ranks: Ranks, chunk: int = 1) -> range:
+    """This rank's windows (or chunks, or other items) out of ``n``: a contiguous range made of
+    whole chunks of ``chunk`` consecutive items, the ranks' shares differing by at most one chunk
+    (a rank may get none when there are fewer chunks than ranks)."""
+    nc = -(-n // chunk)
+    return range(min(n, ranks.rank * nc // ranks.world * chunk),
+                 min(n, (ranks.rank + 1) * nc // ranks.world * chunk))
 
 
 def layer_cost(shape) -> float:

@@ -21,8 +21,8 @@ from .errors import SparseFWError
 from .fw import FIX_MODES, STEP_RULES, dense_output_norm, fw_solve, reconstruction_error, weight_error
 from .masks import Pattern, magnitude_scores, parse_pattern, ria_scores, select, wanda_scores
 from .models import decoder_blocks, get_weight, prunable_layers, resolve_device, resolve_dtype, set_weight
-from .distributed import (Ranks, assign_layers, broadcast_object, broadcast_tensor_, raise_if_any, reduce_gram,
-                          two_sum_, window_range)
+from .distributed import (GRAM_CHUNK, Ranks, assign_layers, broadcast_object, broadcast_tensor_, raise_if_any,
+                          reduce_gram, two_sum_, window_range)
 from .onload import capture_block_inputs, module_device, on_device, place_embeddings
 
 METHODS = ("magnitude", "wanda", "ria", "sparsefw", "sparsegpt")
@@ -173,30 +173,31 @@ def solve_layer(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, cfg: PruneCo
 
 
 @torch.no_grad()
-def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | None = None) -> dict:
+def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | None = None,
+                          first: int = 0, chunk: int = GRAM_CHUNK) -> dict:
     """Run a block on its calibration inputs and accumulate every Linear layer's Gram matrix.
 
     G = sum over calibration tokens of x x^T, computed per sample in float32 and summed in float64
-    (SOLVER_NOTES: float32 alone differs from float64 by ~1e-7 relative) as an unevaluated pair
-    hi + lo with error-free additions (:func:`sparsefw.distributed.two_sum_`), so that sums over
-    different groupings of the windows (several processes) round to the same G. Layers that read
-    the same input tensor (q/k/v, gate/up) share one product per sample.
+    (SOLVER_NOTES: float32 alone differs from float64 by ~1e-7 relative): plainly within chunks of
+    ``chunk`` consecutive windows, then the chunk sums as an unevaluated pair hi + lo with
+    error-free additions (:mod:`sparsefw.distributed`), so that several processes holding
+    different chunks round to the same G. Layers that read the same input tensor (q/k/v,
+    gate/up) share one product per sample and one accumulator.
 
     Args:
         block: a decoder block (on the compute device). inps: list of (1, seqlen, hidden) inputs
             (any device; each is moved to the block's for its forward). extra: the block's
             (args, kwargs) from :func:`capture_block_inputs`. names: module id -> full name (errors).
+        first: global index of ``inps[0]`` among all calibration windows (chunks are global).
+        chunk: windows per plain float64 chunk (:data:`sparsefw.distributed.GRAM_CHUNK`).
     Returns: {layer name within the block: (hi, lo)}, two (d_in, d_in) float64 tensors on the
-        layer's device.
+        layer's device (the same tensor objects for layers that share an input).
     Raises: SparseFWError on NaN/Inf activations.
     """
     layers = prunable_layers(block)
-    pairs = {}
-    for n, l in layers.items():
-        W = get_weight(l)
-        pairs[n] = tuple(torch.zeros(W.shape[1], W.shape[1], dtype=torch.float64, device=W.device)
-                         for _ in range(2))
-    sample_cache: dict = {}
+    group: dict[str, str] = {}        # layer -> first layer reading the same input (window 0)
+    acc: dict[str, list] = {}         # group -> [chunk sum, hi, lo]
+    seen: dict = {}                   # this window: id(x) -> (x, group)
 
     def make_hook(lname):
         def hook(mod, inp, out):
@@ -204,27 +205,41 @@ def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | Non
             # Same tensor object as an earlier layer's input (q/k/v, gate/up)? The cache holds a
             # reference to x, so its id cannot be reused by a later tensor while cached (keying by
             # data_ptr() was wrong: a freed input's address is reused by the next one).
-            hit = sample_cache.get(id(x))
+            hit = seen.get(id(x))
             if hit is not None and hit[0] is x:
-                inc = hit[1]
+                group.setdefault(lname, hit[1])
+                return
+            g = group.setdefault(lname, lname)
+            seen[id(x)] = (x, g)
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            _check_finite(x2, f"layer {(names or {}).get(id(mod), lname)}")
+            inc = (x2.t() @ x2).double()
+            if g not in acc:
+                acc[g] = [inc, torch.zeros_like(inc), torch.zeros_like(inc)]
             else:
-                x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                _check_finite(x2, f"layer {(names or {}).get(id(mod), lname)}")
-                inc = (x2.t() @ x2).double()
-                sample_cache[id(x)] = (x, inc)
-            two_sum_(*pairs[lname], inc)
+                acc[g][0] += inc
         return hook
 
     handles = [l.register_forward_hook(make_hook(n)) for n, l in layers.items()]
     dev = module_device(block)
     try:
-        for h in inps:
-            sample_cache.clear()
+        for j, h in enumerate(inps):
+            seen.clear()
             _block_forward(block, h.to(dev), extra)
+            if (first + j + 1) % chunk == 0 or j == len(inps) - 1:   # end of a (global) chunk
+                for c, hi, lo in acc.values():
+                    two_sum_(hi, lo, c)
+                    c.zero_()
     finally:
         for hd in handles:
             hd.remove()
-    return pairs
+    for n, l in layers.items():
+        if n not in group:   # a layer that never ran (no windows on this rank)
+            d = get_weight(l).shape[1]
+            z = torch.zeros(d, d, dtype=torch.float64, device=get_weight(l).device)
+            acc[n] = [z, z, z.clone()]
+            group[n] = n
+    return {n: (acc[group[n]][1], acc[group[n]][2]) for n in layers}
 
 
 def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = None) -> dict:
@@ -298,7 +313,8 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     blocks = decoder_blocks(model)
     names = _full_names(model)
     place_embeddings(model, blocks, device)
-    inps, extra = capture_block_inputs(model, blocks, windows[list(window_range(windows.shape[0], ranks))], store)
+    mine = window_range(windows.shape[0], ranks, GRAM_CHUNK)
+    inps, extra = capture_block_inputs(model, blocks, windows[list(mine)], store)
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(blocks)), desc=f"{cfg.method} {pattern if pattern.kind == 'nm' else cfg.sparsity}",
                unit="block", disable=not (progress and ranks.is_main))
@@ -308,12 +324,19 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
         with ctx:                             # sequential onloading: one block on the device
             error = None
             try:
-                pairs = accumulate_gram_pairs(block, inps, extra[bi], names)
+                pairs = accumulate_gram_pairs(block, inps, extra[bi], names, first=mine.start)
             except SparseFWError as e:
                 pairs, error = None, e
             raise_if_any(error, ranks)
             owner = assign_layers({n: tuple(get_weight(l).shape) for n, l in layers.items()}, ranks.world)
-            grams = {n: reduce_gram(*pairs.pop(n), owner[n], ranks) for n in layers}
+            grams, shared = {}, {}
+            for n in layers:                 # layers sharing an input and an owner share one G
+                hi, lo = pairs.pop(n)
+                key = (id(hi), owner[n])
+                if key not in shared:
+                    shared[key] = reduce_gram(hi, lo, owner[n], ranks)
+                grams[n] = shared[key]
+            del shared, hi, lo
             infos, error = {}, None
             for lname, layer in layers.items():
                 if owner[lname] != ranks.rank:
