@@ -329,14 +329,9 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
                 pairs, error = None, e
             raise_if_any(error, ranks)
             owner = assign_layers({n: tuple(get_weight(l).shape) for n, l in layers.items()}, ranks.world)
-            grams, shared = {}, {}
-            for n in layers:                 # layers sharing an input and an owner share one G
-                hi, lo = pairs.pop(n)
-                key = (id(hi), owner[n])
-                if key not in shared:
-                    shared[key] = reduce_gram(hi, lo, owner[n], ranks)
-                grams[n] = shared[key]
-            del shared, hi, lo
+            # one reduction per layer, in the same order on every rank (a rank without windows
+            # does not know which layers share an input, so no sharing here)
+            grams = {n: reduce_gram(*pairs.pop(n), owner[n], ranks) for n in layers}
             infos, error = {}, None
             for lname, layer in layers.items():
                 if owner[lname] != ranks.rank:

@@ -15,5 +15,5 @@ VARIANTS = {f"{m}{'+rec' if rec else ''}__{pat.replace(':', 'of')}": dict(method
 if __name__ == "__main__":
     model, text, out = sys.argv[1:4]
     for name, kw in VARIANTS.items():
-        api.prune(model, output=f"{out}/{name}", sparsity=0.5, calib=text, nsamples=5, seqlen=24,
+        api.prune(model, output=f"{out}/{name}", sparsity=0.5, calib=text, nsamples=20, seqlen=24,
                   iterations=30, device="cpu", progress=False, **kw)

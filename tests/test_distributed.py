@@ -37,6 +37,7 @@ def setup(tmp_path_factory, tokenizer):
 
 
 def test_two_processes_equal_one(setup):
+    """20 windows = chunks of 8, 8, 4: rank 0 takes windows 0-7, rank 1 windows 8-19."""
     d, text = setup
     for n in (1, 2):
         r = torchrun(n, HERE / "dist_driver.py", d / "model", text, d / f"out{n}")
@@ -54,11 +55,11 @@ def test_two_processes_equal_one(setup):
 
 
 def test_failing_rank_fails_the_run(setup, tokenizer):
-    """Rank 1's windows (the last of 4) hold a token whose embedding is NaN: both processes stop
-    with rank 1's message, printed once, and nothing is written."""
+    """Rank 1's windows (the second chunk of 8 of 16) hold a token whose embedding is NaN: both
+    processes stop with rank 1's message, printed once, and nothing is written."""
     d, text = setup
-    windows = calibration_windows(tokenizer, str(text), 4, 24, seed=0)
-    only_rank1 = set(windows[2:].flatten().tolist()) - set(windows[:2].flatten().tolist())
+    windows = calibration_windows(tokenizer, str(text), 16, 24, seed=0)
+    only_rank1 = set(windows[8:].flatten().tolist()) - set(windows[:8].flatten().tolist())
     assert only_rank1
     m = tiny_model("llama", len(tokenizer), hidden=64, layers=2)
     with torch.no_grad():
@@ -68,8 +69,17 @@ def test_failing_rank_fails_the_run(setup, tokenizer):
     tokenizer.save_pretrained(bad)
     out = d / "bad_out"
     r = torchrun(2, "-m", "sparsefw", "prune", "--model", bad, "--method", "wanda", "--calib", text,
-                 "--nsamples", 4, "--seqlen", 24, "--device", "cpu", "--output", out)
+                 "--nsamples", 16, "--seqlen", 24, "--device", "cpu", "--output", out)
     assert r.returncode != 0
     errors = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "NaN/Inf" in errors[0], r.stderr[-3000:]
     assert not out.exists()
+
+
+def test_window_ranges_whole_chunks():
+    from sparsefw.distributed import Ranks, window_range
+
+    assert [window_range(20, Ranks(r, 2), 8) for r in range(2)] == [range(0, 8), range(8, 20)]
+    assert [window_range(5, Ranks(r, 2), 8) for r in range(2)] == [range(0, 0), range(0, 5)]   # rank 0 idle
+    assert [window_range(64, Ranks(r, 3), 8) for r in range(3)] == [range(0, 16), range(16, 40), range(40, 64)]
+    assert [window_range(7, Ranks(r, 2)) for r in range(2)] == [range(0, 3), range(3, 7)]
