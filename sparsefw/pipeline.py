@@ -312,6 +312,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     store = torch.device("cpu") if cfg.offload_activations else device
     blocks = decoder_blocks(model)
     names = _full_names(model)
+    home = model.get_input_embeddings().weight.device
     place_embeddings(model, blocks, device)
     mine = window_range(windows.shape[0], ranks, GRAM_CHUNK)
     inps, extra = capture_block_inputs(model, blocks, windows[list(mine)], store)
@@ -362,6 +363,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
         done = reports[-len(layers):]
         bar.set_postfix(err=f"{sum(r.error_final for r in done) / len(done):.4f}",
                         wanda=f"{sum(r.error_wanda for r in done) / len(done):.4f}")
+    place_embeddings(model, blocks, home)   # the model ends where it started
     layers_out = [asdict(r) for r in reports]
     mf = sum(r.error_final for r in reports) / len(reports)
     mw = sum(r.error_wanda for r in reports) / len(reports)

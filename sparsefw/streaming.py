@@ -99,6 +99,21 @@ def _materialize(model, names: list[str], reader: _Reader, device, dtype) -> Non
         set_module_tensor_to_device(model, n, device, value=t, dtype=dtype if t.is_floating_point() else None)
 
 
+def _return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the OS. Its mmap threshold grows with every
+    large free (up to 32 MiB), after which a block's freed tensors stay in the heap: measured with
+    scripts/bench_memory.py, the streaming peak was 1168 MiB above the imports with the default
+    and 484 MiB with the threshold fixed at 64 KiB (M_MMAP_THRESHOLD, as the environment variable
+    MALLOC_MMAP_THRESHOLD_=65536 does). No-op where libc has no mallopt."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 1 << 16)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, progress: bool = True) -> dict:
     """Prune a checkpoint block by block without ever holding it in memory; write the result.
 
@@ -122,6 +137,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
 
     t0 = time.perf_counter()
     pattern = cfg.validate()
+    _return_freed_memory()
     ranks = init_ranks(cfg.device)
     folder = checkpoint_folder(model_name)
     config = AutoConfig.from_pretrained(folder)
@@ -175,8 +191,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
             block_names = set(out_map)
             rest = [n for n in wmap if n not in block_names]
             tensors = reader.read(rest)
-            if dtype is not None:
-                tensors = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in tensors.items()}
+            tensors = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in tensors.items()}
             save_file(tensors, str(stage / shard(len(blocks))), metadata={"format": "pt"})
             out_map.update({n: shard(len(blocks)) for n in tensors})
             total = sum((stage / f).stat().st_size for f in set(out_map.values()))
@@ -185,11 +200,10 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
             for f in _CHECKPOINT_FILES:
                 if (folder / f).exists():
                     shutil.copy2(folder / f, stage / f)
-            if dtype is not None:   # the config says the dtype the tensors were written in
-                c = json.loads((stage / "config.json").read_text())
-                c["dtype"] = str(dtype).replace("torch.", "")
-                c.pop("torch_dtype", None)
-                (stage / "config.json").write_text(json.dumps(c, indent=2))
+            c = json.loads((stage / "config.json").read_text())   # the dtype the tensors were written in
+            c["dtype"] = str(dtype).replace("torch.", "")
+            c.pop("torch_dtype", None)
+            (stage / "config.json").write_text(json.dumps(c, indent=2))
             report = {"model": model_name, **_cfg_dict(cfg), "stream": True, "device": str(device),
                       "dtype": str(dtype).replace("torch.", "")}
             report["seconds"] = res.pop("seconds")
