@@ -76,7 +76,9 @@ def formula(cfg: dict, nsamples: int, seqlen: int) -> dict:
         "block_weights": block,
         "embeddings": V * d * 4,
         "activations": 2 * nsamples * seqlen * d * 4 + 3 * seqlen * f * 4,   # in + out, one window's MLP
-        "grams": sum(2 * b * b * 8 for _, b in shapes),       # (hi, lo) float64 per layer
+        # float64 chunk sum + hi + lo per distinct input (attention in, o in, MLP in, down in),
+        # and the evaluated G of every layer
+        "grams": 24 * (3 * d * d + f * f) + sum(8 * b * b for _, b in shapes),
         "solver_state": 10 * big[0] * big[1] * 4 + 2 * big[1] ** 2 * 4,   # FW: ~10 (d_out, d_in) float32 + G float32
     }
 
