@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
+from sparsefw.config import load_yaml
 from sparsefw.errors import SparseFWError
 from sparsefw.paths import cache_dir
 
@@ -50,17 +50,7 @@ METRICS = ("accuracy", "loss", "nonzero_prunable", "nonzero_all", "latency_ratio
 # ----------------------------------------------------------------------------------------------
 def load_config(path: str | Path) -> dict:
     """Read a YAML config (see configs/cnn_mnist.yaml). Raises SparseFWError if missing/invalid."""
-    p = Path(path)
-    if not p.exists():
-        raise SparseFWError(f"config '{path}' not found; use configs/cnn_mnist.yaml or "
-                            "configs/cnn_mnist_quick.yaml")
-    cfg = yaml.safe_load(p.read_text())
-    if not isinstance(cfg, dict):
-        raise SparseFWError(f"config '{path}' is not a YAML mapping")
-    for key in ("dense", "finetune", "prune"):
-        if key not in cfg:
-            raise SparseFWError(f"config '{path}' lacks the '{key}' section (see configs/cnn_mnist.yaml)")
-    return cfg
+    return load_yaml(path, required=("dense", "finetune", "prune"), example="configs/cnn_mnist.yaml")
 
 
 def plan_runs(cfg: dict) -> list[dict]:

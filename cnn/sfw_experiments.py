@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
 from cnn.data import load_split
 from cnn.models import MLP, PaperCNN, prunable_parameters
+from sparsefw.config import load_yaml
 from sparsefw.errors import SparseFWError
 from sparsefw.masks import Pattern, select
 from sparsefw.sfw import SFW, SFWSchedule, ksparse_param_groups, sfw_init
@@ -431,12 +431,9 @@ def main(argv=None):
                     help="start no new run after this many minutes (partial results are kept)")
     a = ap.parse_args(argv)
     try:
-        cfg = yaml.safe_load(Path(a.config).read_text())
-    except FileNotFoundError:
-        raise SystemExit(f"config file not found: {a.config}")
-    if a.out_dir:
-        cfg["out_dir"] = a.out_dir
-    try:
+        cfg = load_yaml(a.config, example="configs/cnn_sfw.yaml")
+        if a.out_dir:
+            cfg["out_dir"] = a.out_dir
         run(cfg, a.max_minutes)
     except SparseFWError as e:
         raise SystemExit(f"error: {e}")

@@ -24,7 +24,8 @@ from sparsefw.fw import fw_solve
 from sparsefw.masks import parse_pattern, wanda_scores
 from sparsefw.models import decoder_blocks, load_model
 from sparsefw.paths import cache_dir
-from sparsefw.pipeline import _block_forward, accumulate_grams, capture_block_inputs
+from sparsefw.onload import capture_block_inputs
+from sparsefw.pipeline import _block_forward, accumulate_grams
 
 
 def real_layers(model_name: str, blocks: list[int], nsamples: int, seqlen: int, seed: int = 0) -> dict:

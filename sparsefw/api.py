@@ -13,10 +13,14 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import torch
+
 from .calibration import bos_token_id
 from .errors import SparseFWError
 from .evaluate import eval_ppl as _eval_ppl
-from .models import PACKAGED, load_model, resolve_model
+from .models import PACKAGED, decoder_blocks, load_model, resolve_device, resolve_model
+from .distributed import Ranks, barrier, broadcast_object, init_ranks
+from .onload import placed_for_eval
 from .paths import cache_dir, write_atomic
 from .pipeline import PruneConfig, check_prunable, prune_model
 from .saving import check_output_dir, save_pruned
@@ -31,27 +35,34 @@ class PruneResult:
     report: dict
 
 
-def _ppl_cache_key(model_name: str, source: str, seqlen: int, chunks, bos: str) -> str | None:
+def _ppl_cache_key(model_name: str, source: str, seqlen: int, chunks, bos: str, model=None) -> str | None:
     src = Path(resolve_model(model_name)) if model_name in PACKAGED else Path(model_name)
     cfg = src / "config.json"
     if not cfg.exists():
         return None
     stamp = f"{src.resolve()}|{cfg.stat().st_mtime_ns}|{source}|{seqlen}|{chunks}|bos={bos}"
+    if model is not None:
+        w = model.get_input_embeddings().weight
+        if w.dtype != torch.float32 or w.device.type != "cpu":   # float32 CPU keys stay as they were
+            stamp += f"|{w.dtype}|{w.device.type}"
     return hashlib.sha1(stamp.encode()).hexdigest()
 
 
 def dense_ppl(model_name: str, model, tokenizer, source: str, seqlen: int, chunks, progress=True,
-              bos: str = "auto") -> dict:
+              bos: str = "auto", ranks: Ranks | None = None) -> dict:
     """Perplexity of the unpruned model, cached on disk per (model folder, text, seqlen, chunks,
-    BOS mode) so sweeps evaluate the dense model once. Same return value as
-    :func:`sparsefw.evaluate.eval_ppl`."""
-    key = _ppl_cache_key(model_name, source, seqlen, chunks, bos)
+    BOS mode, dtype and device type) so sweeps evaluate the dense model once. Same return value as
+    :func:`sparsefw.evaluate.eval_ppl`. With several processes the main one reads and writes the
+    cache and the others follow its decision."""
+    ranks = ranks or Ranks()
+    key = _ppl_cache_key(model_name, source, seqlen, chunks, bos, model)
     store = cache_dir() / "dense_ppl.json"
-    table = json.loads(store.read_text()) if store.exists() else {}
-    if key and key in table:
-        return table[key]
-    res = _eval_ppl(model, tokenizer, source, seqlen, chunks, progress=progress, bos=bos)
-    if key:
+    table = json.loads(store.read_text()) if store.exists() and ranks.is_main else {}
+    hit = broadcast_object(table.get(key) if key else None, 0, ranks)
+    if hit is not None:
+        return hit
+    res = _eval_ppl(model, tokenizer, source, seqlen, chunks, progress=progress, bos=bos, ranks=ranks)
+    if key and ranks.is_main:
         table = json.loads(store.read_text()) if store.exists() else {}
         table[key] = res
         write_atomic(store, json.dumps(table, indent=1))
@@ -61,7 +72,7 @@ def dense_ppl(model_name: str, model, tokenizer, source: str, seqlen: int, chunk
 def prune(model: str, output: str | None = None, overwrite: bool = False, eval_ppl: bool = False,
           ppl_source: str = "boolq", ppl_seqlen: int | None = None, ppl_chunks: int | None = 64,
           zeroshot: list[str] | None = None, zeroshot_limit: int | None = None, progress: bool = True,
-          **config) -> PruneResult:
+          stream: bool = False, **config) -> PruneResult:
     """Load, prune (sequential layerwise), optionally evaluate and save a causal LM.
 
     Args:
@@ -72,10 +83,15 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
             Wikipedia passages, never the calibration text) in ``ppl_chunks`` non-overlapping
             chunks of ``ppl_seqlen`` tokens (default: the calibration seqlen).
         zeroshot: lm-eval task names to evaluate the pruned model on (optional).
+        stream: never hold the whole checkpoint in memory: read each block from the safetensors
+            when it is reached and write it to ``output`` (:mod:`sparsefw.streaming`); needs
+            ``output``; evaluate the saved checkpoint afterwards. ``model`` of the result is None.
         **config: fields of :class:`sparsefw.pipeline.PruneConfig` (method, sparsity, pattern,
             warmstart, alpha, fix, iterations, step, tol, reconstruct, calib, nsamples, seqlen, seed,
-            bos). ``bos`` (``auto`` default, ``always``, ``never``) applies to the calibration
-            windows and the perplexity chunks alike.
+            bos, device, dtype). ``bos`` (``auto`` default, ``always``, ``never``) applies to the
+            calibration windows and the perplexity chunks alike; ``device`` (``auto`` = CUDA when
+            present) and ``dtype`` (``auto`` = the checkpoint's) to pruning and evaluation. The
+            checkpoint is saved in the dtype it was loaded with.
     Returns: :class:`PruneResult`.
     Raises: SparseFWError for any bad input, before anything is written.
     """
@@ -87,10 +103,26 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     pattern = cfg.validate()
     if output is not None:
         check_output_dir(output, overwrite)
+    if stream:
+        if output is None:
+            raise SparseFWError("--stream writes each pruned block as it goes: give --output")
+        if eval_ppl or zeroshot:
+            raise SparseFWError("--stream does not evaluate (the model is never whole in memory); "
+                                "evaluate the saved checkpoint afterwards with sparsefw eval-ppl")
+        from .streaming import stream_prune
+
+        report = stream_prune(model, output, cfg, overwrite=overwrite, progress=progress)
+        return PruneResult(None, None, report)
     t0 = time.perf_counter()
-    mdl, tok = load_model(model)
+    ranks = init_ranks(cfg.device)
+    device = ranks.device
+    progress = progress and ranks.is_main
+    mdl, tok = load_model(model, dtype=cfg.dtype, device="cpu")   # blocks are onloaded one at a time
     names = check_prunable(mdl, pattern)
     report = {"model": model, **{k: v for k, v in asdict(cfg).items()}}
+    report["device"] = str(device)
+    report["dtype"] = str(mdl.get_input_embeddings().weight.dtype).replace("torch.", "")
+    block_class = type(decoder_blocks(mdl)[0]).__name__
     bos_id = bos_token_id(tok, cfg.bos)
     report["bos_token"] = None if bos_id is None else tok.convert_ids_to_tokens(bos_id)
     if cfg.method != "sparsefw":
@@ -98,26 +130,33 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
             report[k] = None
     pseq = int(ppl_seqlen or cfg.seqlen)
     if eval_ppl:
-        d = dense_ppl(model, mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos)
-    res = prune_model(mdl, tok, cfg, progress=progress)
+        with placed_for_eval(mdl, device, block_class):
+            d = dense_ppl(model, mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos,
+                          ranks=ranks)
+    res = prune_model(mdl, tok, cfg, progress=progress, ranks=ranks)
+    mdl.to("cpu")
     report["seconds"] = res.pop("seconds")
     report.update(res)
     if eval_ppl:
-        p = _eval_ppl(mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos)
+        with placed_for_eval(mdl, device, block_class):
+            p = _eval_ppl(mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos, ranks=ranks)
         report["ppl"] = {"dense": d["ppl"], "pruned": p["ppl"], "source": ppl_source, "seqlen": pseq,
                          "chunks": p["chunks"], "tokens": p["tokens"], "targets": p["targets"],
                          "bos": cfg.bos}
-    if zeroshot:
+    if zeroshot:   # the main process scores, the others wait
         from .zeroshot import evaluate_zeroshot
 
-        report["zeroshot"] = evaluate_zeroshot(mdl, tok, tasks=zeroshot, limit=zeroshot_limit)
+        if ranks.is_main:
+            with placed_for_eval(mdl, device, block_class):
+                report["zeroshot"] = evaluate_zeroshot(mdl, tok, tasks=zeroshot, limit=zeroshot_limit)
+        report["zeroshot"] = broadcast_object(report.get("zeroshot"), 0, ranks)
     report["total_seconds"] = time.perf_counter() - t0
     # reorder so the summary comes first and the per-layer list last
     layers = report.pop("layers")
     report["layers"] = layers
-    if output is not None:
+    if output is not None and ranks.is_main:
         save_pruned(mdl, tok, output, report, [f"{n}.weight" for n in names], overwrite=overwrite)
-    else:  # not saved: count on the in-memory tensors
+    else:  # not saved (or not by this process): count on the in-memory tensors
         zeros = total = 0
         sd = mdl.state_dict()
         for n in names:
@@ -125,16 +164,19 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
             zeros += int((t == 0).sum())
             total += t.numel()
         report.update({"zeros": zeros, "total": total, "achieved_sparsity": zeros / max(total, 1)})
+    barrier(ranks)   # every process returns after the checkpoint is written
     return PruneResult(mdl, tok, report)
 
 
 def eval_ppl(model: str, source: str = "boolq", seqlen: int = 512, chunks: int | None = 64,
-             progress: bool = True, bos: str = "auto") -> dict:
+             progress: bool = True, bos: str = "auto", device: str = "auto", dtype: str = "auto") -> dict:
     """Perplexity of a saved (or packaged / hub) model on held-out text; see
-    :func:`sparsefw.evaluate.eval_ppl` (``bos``: auto | always | never). Raises SparseFWError for
-    unknown models, texts or BOS modes."""
-    mdl, tok = load_model(model)
-    out = _eval_ppl(mdl, tok, source, seqlen, chunks, progress=progress, bos=bos)
+    :func:`sparsefw.evaluate.eval_ppl` (``bos``: auto | always | never; ``device``, ``dtype`` as in
+    :func:`sparsefw.models.load_model`). Raises SparseFWError for unknown models, texts, BOS modes,
+    dtypes, or an unavailable device."""
+    mdl, tok = load_model(model, dtype=dtype, device="cpu")
+    with placed_for_eval(mdl, resolve_device(device), type(decoder_blocks(mdl)[0]).__name__):
+        out = _eval_ppl(mdl, tok, source, seqlen, chunks, progress=progress, bos=bos)
     out["model"] = model
     return out
 

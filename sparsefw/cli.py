@@ -13,23 +13,9 @@ import os
 import sys
 from pathlib import Path
 
+from .config import load_yaml
 from .errors import SparseFWError
 from .paths import write_atomic
-
-
-def _load_yaml(path: str) -> dict:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise SparseFWError(f"config file '{path}' not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SparseFWError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise SparseFWError(f"config file '{path}' must hold a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +42,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--bos", default=d.bos, help="BOS at the start of every calibration window and perplexity "
                    "chunk: auto (if the tokenizer adds one: Llama, Gemma) | always | never (WikiText protocol)")
+    p.add_argument("--device", default=d.device, help="auto (CUDA if present, else CPU) | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=d.dtype, help="model dtype: auto (the checkpoint's) | float32 | bfloat16 | float16")
+    p.add_argument("--offload-activations", dest="offload_activations", action=argparse.BooleanOptionalAction,
+                   default=d.offload_activations, help="keep calibration activations on the CPU between blocks")
+    p.add_argument("--stream", action="store_true", help="checkpoints larger than memory: read each block "
+                   "from the safetensors when reached, write it to --output, never hold the whole model")
     p.add_argument("--output", help="folder for the pruned checkpoint, report.json and README.md")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--eval-ppl", dest="eval_ppl", action=argparse.BooleanOptionalAction, default=False)
@@ -79,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--chunks", type=int, default=64, help="0 = all")
     e.add_argument("--bos", default="auto", help="auto | always | never (see prune --bos)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | float32 | bfloat16 | float16")
     z = sub.add_parser("eval-zeroshot", help="lm-eval zero-shot accuracy (offline tasks when no hub)")
     z.add_argument("--model", required=True)
     z.add_argument("--tasks", default="boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
@@ -101,7 +95,7 @@ def _parse(argv):
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.cmd == "prune" and args.config:
-        conf = _load_yaml(args.config)
+        conf = load_yaml(args.config)
         sub = ap._subparsers._group_actions[0].choices["prune"]  # noqa: SLF001
         valid = {a.dest for a in sub._actions}  # noqa: SLF001
         bad = set(conf) - valid
@@ -148,14 +142,17 @@ def main(argv=None) -> int:
             res = api.prune(args.model, output=args.output, overwrite=args.overwrite, eval_ppl=args.eval_ppl,
                             ppl_source=args.ppl_source, ppl_seqlen=args.ppl_seqlen,
                             ppl_chunks=args.ppl_chunks or None, zeroshot=tasks or None,
-                            zeroshot_limit=args.zeroshot_limit, **conf)
+                            zeroshot_limit=args.zeroshot_limit, stream=args.stream, **conf)
+            if int(os.environ.get("RANK", "0")) != 0:
+                return 0
             _print_summary(res.report)
             if args.output:
                 print(f"saved to {Path(args.output).resolve()} (report.json, README.md)")
         elif args.cmd == "eval-ppl":
             from . import api
 
-            out = api.eval_ppl(args.model, args.source, args.seqlen, args.chunks or None, bos=args.bos)
+            out = api.eval_ppl(args.model, args.source, args.seqlen, args.chunks or None, bos=args.bos,
+                               device=args.device, dtype=args.dtype)
             print(json.dumps(out, indent=2))
         elif args.cmd == "eval-zeroshot":
             from . import api
@@ -171,7 +168,8 @@ def main(argv=None) -> int:
 
             run_compare(args.config, args.output, report_only=args.report_only)
     except SparseFWError as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:   # several processes: one error line, from the main one
+            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     return 0
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .config import load_yaml
 from .errors import SparseFWError
 from .paths import claim, write_atomic
 
@@ -56,12 +57,7 @@ def _sp_args(sp: str) -> dict:
 
 def load_config(path: str) -> dict:
     """Read and check a comparison config. Raises SparseFWError with what to fix."""
-    from .cli import _load_yaml
-
-    c = _load_yaml(path)
-    for k in ("model", "methods", "sparsities"):
-        if k not in c:
-            raise SparseFWError(f"comparison config '{path}' needs a '{k}' entry")
+    c = load_yaml(path, required=("model", "methods", "sparsities"), example="configs/compare_smollm2.yaml")
     if not isinstance(c["methods"], dict) or not c["methods"]:
         raise SparseFWError("'methods' must map labels to options, e.g. {wanda: {method: wanda}}")
     return c
@@ -82,7 +78,7 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
     c = load_config(config_path)
     out = Path(output or c.get("output") or "runs/compare")
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    shared = {k: c[k] for k in ("calib", "nsamples", "seqlen", "seed", "bos") if k in c}
+    shared = {k: c[k] for k in ("calib", "nsamples", "seqlen", "seed", "bos", "device", "dtype") if k in c}
     ppl = {"source": "boolq", "seqlen": int(c.get("seqlen", 512)), "chunks": 64, **(c.get("ppl") or {})}
     zs = c.get("zeroshot") or None
     save = set(c.get("save") or [])

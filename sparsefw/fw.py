@@ -102,12 +102,12 @@ def masked_gram_product(W: torch.Tensor, G: torch.Tensor, V: torch.Tensor) -> to
     if int(counts.min()) == int(counts.max()):  # constant budget per row: one 2-D bag per row
         k = int(counts[0])
         if k == 0:
-            return torch.zeros(d_out, d_in, dtype=torch.float32)
+            return torch.zeros(d_out, d_in, dtype=torch.float32, device=W.device)
         cols = V.nonzero(as_tuple=True)[1].view(d_out, k)
         w = torch.gather(W, 1, cols)
         return F.embedding_bag(cols, G, per_sample_weights=w, mode="sum")
     rows, cols = V.nonzero(as_tuple=True)
-    offsets = torch.zeros(d_out, dtype=torch.int64)
+    offsets = torch.zeros(d_out, dtype=torch.int64, device=W.device)
     offsets[1:] = torch.cumsum(counts, 0)[:-1]
     return F.embedding_bag(cols, G, offsets=offsets, per_sample_weights=W[rows, cols], mode="sum")
 
@@ -221,7 +221,7 @@ def _bag(W, G, cols, Vc, view) -> torch.Tensor:
     if cols is None:
         return masked_gram_product(W, G, view.scatter(Vc).bool())
     if cols.shape[1] == 0:
-        return torch.zeros(W.shape[0], W.shape[1], dtype=torch.float32)
+        return torch.zeros(W.shape[0], W.shape[1], dtype=torch.float32, device=W.device)
     return F.embedding_bag(cols, G, per_sample_weights=torch.gather(W, 1, cols), mode="sum")
 
 
@@ -256,24 +256,26 @@ class _CompactView:
     def scatter(self, Tc):
         if self.identity:
             return Tc
-        out = torch.zeros(self.W.shape, dtype=Tc.dtype)
+        out = torch.zeros(self.W.shape, dtype=Tc.dtype, device=Tc.device)
         return out.scatter_(1, self.idx, Tc)
 
     def _pick(self, scores):
         """Best of ``scores`` (compact) under the free budget -> (V_c bool, global cols)."""
         r, c = scores.shape
+        dev = scores.device
+        none = (torch.zeros(r, c, dtype=torch.bool, device=dev), torch.zeros(r, 0, dtype=torch.int64, device=dev))
         if self.kind == "rows":
             k = self.budget
             if k <= 0:
-                return torch.zeros(r, c, dtype=torch.bool), torch.zeros(r, 0, dtype=torch.int64)
+                return none
             if k >= c:
-                local = torch.arange(c).expand(r, c).contiguous()
+                local = torch.arange(c, device=dev).expand(r, c).contiguous()
             else:  # torch.topk (unsorted) measured 1.5x faster than numpy argpartition here
                 local = torch.topk(scores, k, dim=1, sorted=False).indices
-            V = torch.zeros(r, c, dtype=torch.bool).scatter_(1, local, True)
+            V = torch.zeros(r, c, dtype=torch.bool, device=dev).scatter_(1, local, True)
             return V, torch.gather(self.idx, 1, local)
         if self.b_c <= 0:
-            return torch.zeros(r, c, dtype=torch.bool), torch.zeros(r, 0, dtype=torch.int64)
+            return none
         V = _group_rank(scores, self.m_c) < self.b_c
         local = V.nonzero(as_tuple=True)[1].view(r, -1)
         return V, torch.gather(self.idx, 1, local)
@@ -410,13 +412,13 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
     # keeps its best candidate ("per-row safeguard"); per-matrix keeps the best whole mask.
     per_row = pattern.kind != "per-matrix"
     best_mask = warm.clone()
-    best_err = row_errors(W, G, warm) if per_row else torch.tensor([reconstruction_error(W, G, warm)])
+    best_err = row_errors(W, G, warm) if per_row else torch.tensor([reconstruction_error(W, G, warm)], dtype=torch.float64)
     round_at = set(round_at) if round_at is not None else \
         {2 ** j for j in range(0, 20) if 2 ** j <= iterations}
 
     def keep_better(cand):
         nonlocal best_mask, best_err
-        e = row_errors(W, G, cand) if per_row else torch.tensor([reconstruction_error(W, G, cand)])
+        e = row_errors(W, G, cand) if per_row else torch.tensor([reconstruction_error(W, G, cand)], dtype=torch.float64)
         better = e < best_err
         if per_row:
             best_mask[better] = cand[better]

@@ -18,7 +18,6 @@ import math
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .errors import SparseFWError
@@ -121,19 +120,18 @@ def ria_scores(W: torch.Tensor, col_norms: torch.Tensor, a: float = 0.5) -> torc
 # Budgeted selection
 # ----------------------------------------------------------------------------------------------
 def _rowwise_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest entries of every row (numpy argpartition: 2-4x faster than
-    torch.topk on this CPU, SOLVER_NOTES). scores: (r, c) float, no NaN."""
+    """Boolean mask of the k largest entries of every row, on the scores' device (torch.topk; it
+    was 1.5x faster than numpy's argpartition in the FW loop, SOLVER_NOTES, and needs no host
+    round trip). Among entries tied at the k-th value, which ones are kept is up to torch.topk.
+    scores: (r, c) float, no NaN."""
     r, c = scores.shape
-    out = torch.zeros((r, c), dtype=torch.bool)
+    out = torch.zeros((r, c), dtype=torch.bool, device=scores.device)
     if k <= 0:
         return out
     if k >= c:
         out[:] = True
         return out
-    s = scores.detach().cpu().numpy()
-    idx = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    out.numpy()[np.arange(r)[:, None], idx] = True
-    return out
+    return out.scatter_(1, torch.topk(scores, k, dim=1, sorted=False).indices, True)
 
 
 def _group_rank(scores: torch.Tensor, m: int) -> torch.Tensor:
@@ -145,7 +143,7 @@ def _group_rank(scores: torch.Tensor, m: int) -> torch.Tensor:
     """
     r, c = scores.shape
     s = scores.reshape(r, c // m, m)
-    rank = torch.zeros(s.shape, dtype=torch.int64)
+    rank = torch.zeros(s.shape, dtype=torch.int64, device=s.device)
     for a in range(m):
         for b in range(a + 1, m):
             a_wins = s[..., a] >= s[..., b]  # tie -> earlier column wins
@@ -191,14 +189,14 @@ def select(scores: torch.Tensor, pattern: Pattern, eligible: torch.Tensor | None
         if isinstance(k, torch.Tensor) and k.numel() > 1 and not bool((k == k.flatten()[0]).all()):
             order = torch.argsort(s, dim=1, descending=True, stable=True)
             ranks = torch.empty_like(order)
-            ranks.scatter_(1, order, torch.arange(d_in).expand(d_out, d_in).contiguous())
+            ranks.scatter_(1, order, torch.arange(d_in, device=s.device).expand(d_out, d_in).contiguous())
             out = ranks < k.view(-1, 1)
         else:
             k = int(k.flatten()[0]) if isinstance(k, torch.Tensor) else int(k)
             out = _rowwise_topk(s, k)
     elif pattern.kind == "per-matrix":
         k = int(round((1.0 - pattern.sparsity) * d_out * d_in)) if budget is None else int(budget)
-        out = torch.zeros(d_out * d_in, dtype=torch.bool)
+        out = torch.zeros(d_out * d_in, dtype=torch.bool, device=s.device)
         if k > 0:
             idx = torch.topk(s.flatten(), min(k, d_out * d_in)).indices
             out[idx] = True

@@ -5,10 +5,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,29 +95,85 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> str | torch.dtype:
+    """``"auto"`` (the checkpoint's own ``dtype``), a name of :data:`DTYPES`, or a torch dtype.
+
+    Returns ``"auto"`` or a torch dtype. Raises SparseFWError for anything else."""
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise SparseFWError(f"unknown dtype '{dtype}': use auto (the checkpoint's), float32, bfloat16 or float16")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The torch device to prune on: ``"auto"`` = CUDA when available, else CPU; or ``cpu``,
+    ``cuda``, ``cuda:N``, ``mps``.
+
+    Raises: SparseFWError for an unknown name or a device this machine does not have (e.g.
+    ``cuda`` where ``torch.cuda.is_available()`` is False), before any work is done."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SparseFWError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise SparseFWError(f"--device {device}: no CUDA device is available here; use --device cpu "
+                                "(or auto, which picks CUDA when there is one)")
+        if dev.index is not None and dev.index >= n:
+            raise SparseFWError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise SparseFWError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise SparseFWError(f"unsupported device '{device}': use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def load_model(name_or_path: str, dtype="auto", device: str | torch.device | None = "cpu"):
     """Load a causal LM and its tokenizer.
 
     Args:
         name_or_path: a packaged short name (``smollm2-135m``, ``gemma3-270m``), a local folder
-            saved with ``save_pretrained``, or a Hugging Face hub id (needs internet).
-        dtype: parameter dtype (float32 on CPU).
+            saved with ``save_pretrained`` (or holding exactly one ``.gguf`` file), or a Hugging
+            Face hub id (needs internet).
+        dtype: parameter dtype: ``"auto"`` (default: the checkpoint's own ``dtype``; the packaged
+            models are float32), ``float32``, ``bfloat16``, ``float16`` or a torch dtype.
+        device: where to put the model (``"auto"``, ``cpu``, ``cuda``, ``cuda:N``; default cpu).
     Returns:
         (model in eval mode, tokenizer).
     Raises:
-        SparseFWError: the name is neither a packaged model, nor a folder, nor a reachable hub id.
+        SparseFWError: the name is neither a packaged model, nor a folder, nor a reachable hub id;
+            an unknown dtype; an unavailable device.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
     src = resolve_model(name_or_path)
     is_dir = Path(src).is_dir()
     if not is_dir and (src.startswith((".", "/", "~")) or os.sep in src and src.count("/") > 1):
         raise SparseFWError(f"model folder '{name_or_path}' does not exist; pass a folder written by "
                             f"save_pretrained, a hub id, or a packaged model ({', '.join(PACKAGED)})")
+    kw = {}
+    if is_dir and not (Path(src) / "config.json").is_file():
+        ggufs = sorted(Path(src).glob("*.gguf"))
+        if len(ggufs) == 1:
+            kw["gguf_file"] = ggufs[0].name
+            dtype = torch.float32 if dtype == "auto" else dtype   # GGUF dequantizes to float
     try:
         t0 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+        tok = AutoTokenizer.from_pretrained(src, **kw)
         log.info("loaded %s in %.1f s", name_or_path, time.perf_counter() - t0)
     except (OSError, ValueError, KeyError) as e:  # missing repo, no network, bad config
         if is_dir:
@@ -129,6 +183,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
             f"({', '.join(PACKAGED)}), and the Hugging Face hub did not provide it (offline or no "
             f"such repo). Offline, use e.g. --model smollm2-135m") from None
     model.eval()
+    if dev.type != "cpu":
+        model.to(dev)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -161,7 +217,7 @@ def prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
 
 
 def get_weight(layer: nn.Module) -> torch.Tensor:
-    """W in the (d_out, d_in) convention, float32 copy-free view where possible."""
+    """W in the (d_out, d_in) convention: a view of the layer's weight (its dtype and device)."""
     w = layer.weight.data
     return w.t() if _is_conv1d(layer) else w
 
@@ -170,12 +226,3 @@ def set_weight(layer: nn.Module, W: torch.Tensor) -> None:
     """Write W (d_out, d_in) back into the layer (transposing for Conv1D), keeping its dtype."""
     tgt = layer.weight.data
     tgt.copy_((W.t() if _is_conv1d(layer) else W).to(tgt.dtype))
-
-
-@dataclass
-class LayerStats:
-    """Calibration statistics of one layer: Gram matrix G = sum over tokens of x x^T (float64,
-    (d_in, d_in)) and the token count."""
-
-    G: torch.Tensor
-    tokens: int = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -20,7 +20,10 @@ from .calibration import BOS_MODES, calibration_windows
 from .errors import SparseFWError
 from .fw import FIX_MODES, STEP_RULES, dense_output_norm, fw_solve, reconstruction_error, weight_error
 from .masks import Pattern, magnitude_scores, parse_pattern, ria_scores, select, wanda_scores
-from .models import decoder_blocks, get_weight, prunable_layers, set_weight
+from .models import decoder_blocks, get_weight, prunable_layers, resolve_device, resolve_dtype, set_weight
+from .distributed import (GRAM_CHUNK, Ranks, assign_layers, broadcast_object, broadcast_tensor_, raise_if_any,
+                          reduce_gram, two_sum_, window_range)
+from .onload import capture_block_inputs, module_device, on_device, place_embeddings
 
 METHODS = ("magnitude", "wanda", "ria", "sparsefw", "sparsegpt")
 WARMSTARTS = ("wanda", "ria", "magnitude")
@@ -52,6 +55,9 @@ class PruneConfig:
     seqlen: int = 1024
     seed: int = 0
     bos: str = "auto"          # BOS at the start of every calibration window / ppl chunk (calibration.bos_token_id)
+    device: str = "auto"       # where blocks run and layers are solved: auto (CUDA if present) | cpu | cuda[:N]
+    dtype: str = "auto"        # model dtype: auto (the checkpoint's) | float32 | bfloat16 | float16
+    offload_activations: bool = False  # keep calibration activations on the CPU between blocks
 
     def validate(self) -> Pattern:
         """Check every field; return the parsed pattern. Raises SparseFWError with what to do."""
@@ -71,6 +77,8 @@ class PruneConfig:
             raise SparseFWError(f"alpha must be in [0, 1] (fraction of warmstart weights fixed), got {self.alpha!r}")
         if int(self.iterations) < 0:
             raise SparseFWError(f"iterations must be >= 0, got {self.iterations}")
+        resolve_device(self.device)
+        resolve_dtype(self.dtype)
         if self.bos not in BOS_MODES:
             raise SparseFWError(f"unknown BOS mode '{self.bos}': use one of {', '.join(BOS_MODES)}")
         if int(self.nsamples) < 1 or int(self.seqlen) < 2:
@@ -99,61 +107,6 @@ class LayerReport:
     seconds: float = 0.0
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _hidden_from(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor):
-    """Run the calibration windows up to the first block and record its inputs.
-
-    Every block's non-hidden-state arguments (attention mask, position ids / embeddings, ...) are
-    recorded once, from a full forward of the first window, because some architectures pass
-    different ones to different blocks (Gemma3's sliding-window layers).
-
-    Args:
-        windows: (nsamples, seqlen) int64 token ids.
-    Returns:
-        (inps, extra): inps = list of nsamples (1, seqlen, hidden) float tensors; extra = per block
-        a tuple (positional args after the hidden states, keyword args).
-    """
-    extra: list = [None] * len(blocks)
-    inps: list = []
-    state = {"full": True}
-    handles = []
-
-    def make_hook(i):
-        def hook(mod, args, kwargs):
-            if extra[i] is None:
-                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                if kw.get("past_key_values") is None:
-                    kw.pop("past_key_values", None)
-                extra[i] = (tuple(args[1:]), kw)
-            if i == 0:
-                inps.append(_hidden_from(args, kwargs).detach())
-                if not state["full"]:
-                    raise _StopForward
-        return hook
-
-    for i, b in enumerate(blocks):
-        handles.append(b.register_forward_pre_hook(make_hook(i), with_kwargs=True))
-    try:
-        for j in range(windows.shape[0]):
-            state["full"] = j == 0
-            try:
-                model(windows[j:j + 1], use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return inps, extra
-
-
 def _block_forward(block, h, extra):
     args, kw = extra
     out = block(h, *args, **kw)
@@ -171,7 +124,9 @@ def solve_layer(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, cfg: PruneCo
     """Choose the mask (and weights) of one layer with the configured method.
 
     Args:
-        W: (d_out, d_in) float32 weights. G: (d_in, d_in) float64 Gram matrix of its inputs.
+        W: (d_out, d_in) float32 weights. G: (d_in, d_in) float64 Gram matrix of its inputs, on
+        W's device (every solver computes there: float32 for masks and FW, float64 for SparseGPT
+        and the least-squares reconstruction).
         pattern: parsed sparsity pattern. cfg: the run configuration.
     Returns:
         (W_new (d_out, d_in) float32 with pruned entries exactly 0, mask (d_out, d_in) bool,
@@ -218,23 +173,31 @@ def solve_layer(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, cfg: PruneCo
 
 
 @torch.no_grad()
-def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = None) -> dict:
+def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | None = None,
+                          first: int = 0, chunk: int = GRAM_CHUNK) -> dict:
     """Run a block on its calibration inputs and accumulate every Linear layer's Gram matrix.
 
-    G = sum over calibration tokens of x x^T, computed per sample in float32 and summed in
-    float64 (SOLVER_NOTES: float32 alone differs from float64 by ~1e-7 relative). Layers that read
-    the same input tensor (q/k/v, gate/up) share one product per sample.
+    G = sum over calibration tokens of x x^T, computed per sample in float32 and summed in float64
+    (SOLVER_NOTES: float32 alone differs from float64 by ~1e-7 relative): plainly within chunks of
+    ``chunk`` consecutive windows, then the chunk sums as an unevaluated pair hi + lo with
+    error-free additions (:mod:`sparsefw.distributed`), so that several processes holding
+    different chunks round to the same G. Layers that read the same input tensor (q/k/v,
+    gate/up) share one product per sample and one accumulator.
 
     Args:
-        block: a decoder block. inps: list of (1, seqlen, hidden) float inputs. extra: the block's
+        block: a decoder block (on the compute device). inps: list of (1, seqlen, hidden) inputs
+            (any device; each is moved to the block's for its forward). extra: the block's
             (args, kwargs) from :func:`capture_block_inputs`. names: module id -> full name (errors).
-    Returns: {layer name within the block: (d_in, d_in) float64 G}.
+        first: global index of ``inps[0]`` among all calibration windows (chunks are global).
+        chunk: windows per plain float64 chunk (:data:`sparsefw.distributed.GRAM_CHUNK`).
+    Returns: {layer name within the block: (hi, lo)}, two (d_in, d_in) float64 tensors on the
+        layer's device (the same tensor objects for layers that share an input).
     Raises: SparseFWError on NaN/Inf activations.
     """
     layers = prunable_layers(block)
-    grams = {n: torch.zeros(get_weight(l).shape[1], get_weight(l).shape[1], dtype=torch.float64)
-             for n, l in layers.items()}
-    sample_cache: dict = {}
+    group: dict[str, str] = {}        # layer -> first layer reading the same input (window 0)
+    acc: dict[str, list] = {}         # group -> [chunk sum, hi, lo]
+    seen: dict = {}                   # this window: id(x) -> (x, group)
 
     def make_hook(lname):
         def hook(mod, inp, out):
@@ -242,26 +205,47 @@ def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = N
             # Same tensor object as an earlier layer's input (q/k/v, gate/up)? The cache holds a
             # reference to x, so its id cannot be reused by a later tensor while cached (keying by
             # data_ptr() was wrong: a freed input's address is reused by the next one).
-            hit = sample_cache.get(id(x))
+            hit = seen.get(id(x))
             if hit is not None and hit[0] is x:
-                inc = hit[1]
+                group.setdefault(lname, hit[1])
+                return
+            g = group.setdefault(lname, lname)
+            seen[id(x)] = (x, g)
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            _check_finite(x2, f"layer {(names or {}).get(id(mod), lname)}")
+            inc = (x2.t() @ x2).double()
+            if g not in acc:
+                acc[g] = [inc, torch.zeros_like(inc), torch.zeros_like(inc)]
             else:
-                x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                _check_finite(x2, f"layer {(names or {}).get(id(mod), lname)}")
-                inc = (x2.t() @ x2).double()
-                sample_cache[id(x)] = (x, inc)
-            grams[lname] += inc
+                acc[g][0] += inc
         return hook
 
     handles = [l.register_forward_hook(make_hook(n)) for n, l in layers.items()]
+    dev = module_device(block)
     try:
-        for h in inps:
-            sample_cache.clear()
-            _block_forward(block, h, extra)
+        for j, h in enumerate(inps):
+            seen.clear()
+            _block_forward(block, h.to(dev), extra)
+            if (first + j + 1) % chunk == 0 or j == len(inps) - 1:   # end of a (global) chunk
+                for c, hi, lo in acc.values():
+                    two_sum_(hi, lo, c)
+                    c.zero_()
     finally:
         for hd in handles:
             hd.remove()
-    return grams
+    for n, l in layers.items():
+        if n not in group:   # a layer that never ran (no windows on this rank)
+            d = get_weight(l).shape[1]
+            z = torch.zeros(d, d, dtype=torch.float64, device=get_weight(l).device)
+            acc[n] = [z, z, z.clone()]
+            group[n] = n
+    return {n: (acc[group[n]][1], acc[group[n]][2]) for n in layers}
+
+
+def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = None) -> dict:
+    """{layer name within the block: (d_in, d_in) float64 G on the layer's device}: the Gram
+    matrices of :func:`accumulate_gram_pairs`, evaluated (hi + lo). Raises as it does."""
+    return {n: hi + lo for n, (hi, lo) in accumulate_gram_pairs(block, inps, extra, names).items()}
 
 
 def _full_names(model: nn.Module) -> dict[int, str]:
@@ -288,54 +272,98 @@ def check_prunable(model: nn.Module, pattern: Pattern) -> list[str]:
 
 @torch.no_grad()
 def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Tensor | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, ranks: Ranks | None = None, block_context=None) -> dict:
     """Prune a causal LM in place, block by block (Wanda/SparseGPT sequential scheme).
 
+    One block at a time is moved to ``cfg.device`` (sequential onloading, :mod:`sparsefw.onload`);
+    with several processes (``ranks``) the work is shared as :mod:`sparsefw.distributed` describes,
+    with the same masks and weights as one process.
+
     Args:
-        model: a Hugging Face causal LM (float32, CPU). tokenizer: its tokenizer.
+        model: a Hugging Face causal LM, any dtype, on the CPU or the compute device (the weights
+            keep their dtype; each layer is solved in float32/float64 on the compute device).
+            tokenizer: its tokenizer.
         cfg: the run configuration (validated here).
         windows: optional (nsamples, seqlen) int64 calibration tokens (default: drawn from
             ``cfg.calib`` with ``cfg.seed``, starting with BOS as ``cfg.bos`` says).
-        progress: show a tqdm bar over blocks.
+        progress: show a tqdm bar over blocks (main process only).
+        ranks: this process's :class:`sparsefw.distributed.Ranks` (default: one process on
+            ``cfg.device``).
+        block_context: ``f(index, block)`` -> a context manager around the work on one block
+            (default :func:`sparsefw.onload.on_device`: onto the device and back; streaming
+            reads the block from the checkpoint and writes it out, :mod:`sparsefw.streaming`).
     Returns:
         dict with ``layers`` (list of LayerReport dicts), ``seconds``, summary means
         (``mean_error_final``, ``mean_error_wanda``, ``mean_error_warmstart``,
-        ``error_reduction_vs_wanda`` = 1 - mean(final)/mean(wanda)).
+        ``error_reduction_vs_wanda`` = 1 - mean(final)/mean(wanda)); the same on every rank.
     Raises:
         SparseFWError: bad configuration, N:M not dividing some d_in, short calibration text,
-        NaN/Inf activations.
+        NaN/Inf activations (on every rank, whichever rank found it).
     """
     t0 = time.perf_counter()
     pattern = cfg.validate()
     check_prunable(model, pattern)
+    ranks = ranks or Ranks(0, 1, resolve_device(cfg.device))
     if windows is None:
         windows = calibration_windows(tokenizer, cfg.calib, int(cfg.nsamples), int(cfg.seqlen), int(cfg.seed),
                                       bos=cfg.bos)
     model.eval()
+    device = ranks.device
+    store = torch.device("cpu") if cfg.offload_activations else device
     blocks = decoder_blocks(model)
     names = _full_names(model)
-    inps, extra = capture_block_inputs(model, blocks, windows)
+    home = model.get_input_embeddings().weight.device
+    place_embeddings(model, blocks, device)
+    mine = window_range(windows.shape[0], ranks, GRAM_CHUNK)
+    inps, extra = capture_block_inputs(model, blocks, windows[list(mine)], store)
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(blocks)), desc=f"{cfg.method} {pattern if pattern.kind == 'nm' else cfg.sparsity}",
-               unit="block", disable=not progress)
+               unit="block", disable=not (progress and ranks.is_main))
     for bi, block in bar:
         layers = prunable_layers(block)
-        grams = accumulate_grams(block, inps, extra[bi], names)
-        for lname, layer in layers.items():
-            W = get_weight(layer).float().clone()
-            W_new, mask, info = solve_layer(W, grams[lname], pattern, cfg)
-            set_weight(layer, W_new)
-            reports.append(LayerReport(name=names[id(layer)], shape=list(W.shape), **info))
-        del grams
-        new_inps = []
-        for h in inps:
-            o = _block_forward(block, h, extra[bi])
-            _check_finite(o, f"block {bi + 1} (output of block {bi})")
-            new_inps.append(o)
-        inps = new_inps
+        ctx = block_context(bi, block) if block_context else on_device(block, device)
+        with ctx:                             # sequential onloading: one block on the device
+            error = None
+            try:
+                pairs = accumulate_gram_pairs(block, inps, extra[bi], names, first=mine.start)
+            except SparseFWError as e:
+                pairs, error = None, e
+            raise_if_any(error, ranks)
+            owner = assign_layers({n: tuple(get_weight(l).shape) for n, l in layers.items()}, ranks.world)
+            # one reduction per layer, in the same order on every rank (a rank without windows
+            # does not know which layers share an input, so no sharing here)
+            grams = {n: reduce_gram(*pairs.pop(n), owner[n], ranks) for n in layers}
+            infos, error = {}, None
+            for lname, layer in layers.items():
+                if owner[lname] != ranks.rank:
+                    continue
+                try:
+                    W_new, mask, infos[lname] = solve_layer(get_weight(layer).float().clone(), grams.pop(lname),
+                                                            pattern, cfg)
+                    set_weight(layer, W_new)
+                except SparseFWError as e:
+                    error = e
+                    break
+            raise_if_any(error, ranks)
+            del grams
+            for lname, layer in layers.items():
+                broadcast_tensor_(layer.weight.data, owner[lname], ranks)
+                info = broadcast_object(infos.get(lname), owner[lname], ranks)
+                reports.append(LayerReport(name=names[id(layer)], shape=list(get_weight(layer).shape), **info))
+            new_inps, error = [], None
+            try:
+                for h in inps:
+                    o = _block_forward(block, h.to(device), extra[bi])
+                    _check_finite(o, f"block {bi + 1} (output of block {bi})")
+                    new_inps.append(o.to(store))
+            except SparseFWError as e:
+                error = e
+            raise_if_any(error, ranks)
+            inps = new_inps
         done = reports[-len(layers):]
         bar.set_postfix(err=f"{sum(r.error_final for r in done) / len(done):.4f}",
                         wanda=f"{sum(r.error_wanda for r in done) / len(done):.4f}")
+    place_embeddings(model, blocks, home)   # the model ends where it started
     layers_out = [asdict(r) for r in reports]
     mf = sum(r.error_final for r in reports) / len(reports)
     mw = sum(r.error_wanda for r in reports) / len(reports)
@@ -346,4 +374,4 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
             "error_reduction_vs_wanda": 1.0 - mf / mw if mw > 0 else 0.0,
             "geomean_ratio_vs_wanda": geo,
             "layers_fw_kept": sum(1 for r in reports if r.chosen == "fw"),
-            "calibration_tokens": int(windows.numel())}
+            "calibration_tokens": int(windows.numel()), "processes": ranks.world}

@@ -8,7 +8,7 @@ set to the minimiser of the layer's output error on that support:
 
 whose normal equations are (G + lambda I)_SS w_hat_S = ((G + lambda I) w_i)_S
 = (G w_i)_S + lambda (w_i)_S, with lambda = percdamp * mean(diag G) and dead inputs (diag 0)
-given diagonal 1 as in SparseGPT (:func:`sparsefw.sparsegpt_sparsify.damped_hessian`).
+given diagonal 1 as in SparseGPT (:func:`sparsefw.gram.damped_hessian`).
 
 Dampening choice. This is the objective SparseGPT's OBS updates minimise (the same H + lambda I),
 i.e. a ridge towards the dense weights. The alternative (G_SS + lambda I) w_hat_S = (G w)_S, a
@@ -38,7 +38,7 @@ import torch
 
 from .errors import SparseFWError
 from .fw import dense_output_norm, reconstruction_error, weight_error
-from .sparsegpt_sparsify import _check_inputs, damped_hessian
+from .gram import check_layer_inputs, damped_hessian
 
 DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
 SOLVERS = ("cg", "cholesky")
@@ -141,7 +141,7 @@ def _reconstruct(W, G, mask, percdamp, solver, tol, maxiter, chunk_bytes):
     """Shared body of :func:`reconstruct_weights` / :func:`reconstruct_layer`.
 
     Returns (W_new float32, info dict with the solver used, CG rows not converged)."""
-    _check_inputs(W, G, percdamp)
+    check_layer_inputs(W, G, percdamp)
     d_out, d_in = W.shape
     mask = _check_mask(mask, (d_out, d_in))
     if solver not in SOLVERS:
@@ -151,7 +151,7 @@ def _reconstruct(W, G, mask, percdamp, solver, tol, maxiter, chunk_bytes):
     A, _, _ = damped_hessian(G, percdamp)               # G + lambda I, dead diag -> 1
     Wd = W.detach().to(torch.float64)
     B = Wd @ A                                          # row i: (A w_i)^T, A symmetric
-    out = torch.zeros(d_out, d_in, dtype=torch.float64)
+    out = torch.zeros(d_out, d_in, dtype=torch.float64, device=W.device)
     counts = mask.sum(dim=1)
     full = counts == d_in                               # full support: the optimum is W itself
     out[full] = Wd[full]

@@ -1,6 +1,7 @@
 """Atomic saving of pruned checkpoints with report.json and a model card (plumbing)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -91,30 +92,19 @@ def model_card(report: dict) -> str:
     return "\n".join(lines)
 
 
-def save_pruned(model, tokenizer, output: str | os.PathLike, report: dict, pruned_tensors: list[str],
-                overwrite: bool = False) -> dict:
-    """Save model (safetensors), tokenizer, report.json and README.md atomically.
+@contextlib.contextmanager
+def staged_output(output: str | os.PathLike, overwrite: bool = False):
+    """Write a checkpoint folder atomically: the body fills a temporary folder beside ``output``
+    (yielded), which is renamed into place when the body succeeds and deleted when it raises, so
+    a crash never leaves a half-written checkpoint.
 
-    Everything is written into a temporary folder beside ``output`` and renamed into place at the
-    end, so a crash never leaves a half-written checkpoint. ``achieved_sparsity`` is counted on
-    the saved tensors and added to the report.
-
-    Args:
-        model, tokenizer: what to save. output: target folder. report: JSON-able dict (updated in
-        place). pruned_tensors: state-dict names of the pruned weights. overwrite: replace a
-        non-empty folder.
-    Returns: the report.
     Raises: SparseFWError as :func:`check_output_dir`.
     """
     out = check_output_dir(output, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        report.update(count_sparsity(tmp, pruned_tensors))
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        (tmp / "README.md").write_text(model_card(report))
+        yield tmp
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")
@@ -125,4 +115,32 @@ def save_pruned(model, tokenizer, output: str | os.PathLike, report: dict, prune
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_report(folder: Path, report: dict, pruned_tensors: list[str]) -> dict:
+    """Count the achieved sparsity on the saved tensors (added to ``report``), then write
+    ``report.json`` and the model card ``README.md`` into ``folder``. Returns the report."""
+    report.update(count_sparsity(folder, pruned_tensors))
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (folder / "README.md").write_text(model_card(report))
+    return report
+
+
+def save_pruned(model, tokenizer, output: str | os.PathLike, report: dict, pruned_tensors: list[str],
+                overwrite: bool = False) -> dict:
+    """Save model (safetensors), tokenizer, report.json and README.md atomically
+    (:func:`staged_output`). ``achieved_sparsity`` is counted on the saved tensors and added to
+    the report.
+
+    Args:
+        model, tokenizer: what to save. output: target folder. report: JSON-able dict (updated in
+        place). pruned_tensors: state-dict names of the pruned weights. overwrite: replace a
+        non-empty folder.
+    Returns: the report.
+    Raises: SparseFWError as :func:`check_output_dir`.
+    """
+    with staged_output(output, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_report(tmp, report, pruned_tensors)
     return report

@@ -40,46 +40,8 @@ import math
 import torch
 
 from .errors import SparseFWError
+from .gram import check_layer_inputs, damped_hessian
 from .masks import Pattern
-
-
-def _check_inputs(W: torch.Tensor, G: torch.Tensor, percdamp: float) -> None:
-    """Shared input checks of SparseGPT and reconstruction. Raises SparseFWError."""
-    if not isinstance(W, torch.Tensor) or not isinstance(G, torch.Tensor):
-        raise SparseFWError("W and G must be torch tensors (weight (d_out, d_in), Gram (d_in, d_in))")
-    if W.dim() != 2 or G.dim() != 2 or G.shape != (W.shape[1], W.shape[1]):
-        raise SparseFWError(f"shape mismatch: W {tuple(W.shape)} needs a Gram matrix G of shape "
-                            f"({W.shape[-1]}, {W.shape[-1]}), got {tuple(G.shape)}; "
-                            "pass the weight as (d_out, d_in) and G = X X^T of its inputs")
-    if not (W.is_floating_point() and G.is_floating_point()):
-        raise SparseFWError("W and G must be floating-point tensors")
-    if not (torch.isfinite(W).all() and torch.isfinite(G).all()):
-        raise SparseFWError("weights or Gram matrix contain NaN/Inf; check the model and calibration data")
-    if not isinstance(percdamp, (int, float)) or not math.isfinite(percdamp) or percdamp < 0:
-        raise SparseFWError(f"percdamp must be a finite number >= 0 (e.g. 0.01), got {percdamp!r}")
-
-
-def damped_hessian(G: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The dampened Hessian of SparseGPT: dead inputs get diag 1, then + percdamp * mean(diag) I.
-
-    Source: SparseGPT reference implementation (``fasterprune``), Frantar & Alistarh 2023 Sec. 3.
-
-    Args:
-        G: (d_in, d_in) float Gram matrix X X^T (symmetric positive semi-definite).
-        percdamp: dampening as a fraction of the mean diagonal (>= 0).
-    Returns:
-        (H, dead, lam): H (d_in, d_in) float64 dampened matrix, dead (d_in,) bool inputs whose
-        diagonal was 0, lam the dampening added (float, squared activation units).
-    """
-    H = G.detach().to(torch.float64).clone()
-    H = 0.5 * (H + H.T)  # exact symmetry for Cholesky
-    diag = torch.diagonal(H)
-    dead = diag == 0
-    idx = torch.nonzero(dead, as_tuple=True)[0]
-    H[idx, idx] = 1.0
-    lam = float(percdamp) * float(torch.diagonal(H).mean())
-    torch.diagonal(H).add_(lam)
-    return H, dead, lam
 
 
 def _cholesky(A: torch.Tensor, what: str) -> torch.Tensor:
@@ -98,7 +60,7 @@ def _prune_counts(total: int, length: int, i1: int, i2: int) -> int:
 
 def _smallest_per_row(scores: torch.Tensor, count: int) -> torch.Tensor:
     """(r, c) bool with True on the ``count`` smallest entries of every row."""
-    out = torch.zeros(scores.shape, dtype=torch.bool)
+    out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if count > 0:
         out.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, True)
     return out
@@ -126,7 +88,7 @@ def sparsegpt_prune(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, blocksiz
             positive integer (multiple of m for N:M), negative percdamp, or a Hessian that is not
             positive definite after dampening.
     """
-    _check_inputs(W, G, percdamp)
+    check_layer_inputs(W, G, percdamp)
     d_out, d_in = W.shape
     pattern.check_shape((d_out, d_in))
     if not isinstance(blocksize, int) or blocksize < 1:
@@ -149,7 +111,7 @@ def sparsegpt_prune(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, blocksiz
         total = d_out * d_in - int(round((1.0 - pattern.sparsity) * d_out * d_in))
     else:
         total = 0
-    pruned = torch.zeros(d_out, d_in, dtype=torch.bool)
+    pruned = torch.zeros(d_out, d_in, dtype=torch.bool, device=W.device)
     for i1 in range(0, d_in, blocksize):
         i2 = min(i1 + blocksize, d_in)
         count = i2 - i1
@@ -164,7 +126,7 @@ def sparsegpt_prune(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, blocksiz
             nb = _prune_counts(total, d_in, i1, i2)
             if nb > 0:
                 score = (W1.square() / d1.square()).flatten()
-                block = torch.zeros(d_out * count, dtype=torch.bool)
+                block = torch.zeros(d_out * count, dtype=torch.bool, device=W.device)
                 block[torch.topk(score, nb, largest=False).indices] = True
                 P1.copy_(block.view(d_out, count))
         for i in range(count):

@@ -288,38 +288,25 @@ def task_manager(offline: bool):
 
 
 def _load_model(model: Any, tokenizer: Any):
-    """(PreTrainedModel, tokenizer) from an in-memory model or a directory / hub id."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+    """(PreTrainedModel, tokenizer) from an in-memory model, or anything
+    :func:`sparsefw.models.load_model` takes (packaged name, directory, hub id)."""
+    from transformers import AutoTokenizer, PreTrainedModel
+
+    from .models import load_model
 
     if isinstance(model, PreTrainedModel):
         if tokenizer is None:
             raise SparseFWError("evaluate_zeroshot needs the tokenizer when the model is passed "
                                 "in memory; pass tokenizer=...")
-        if isinstance(tokenizer, (str, Path)):
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-        return model, tokenizer
-    if not isinstance(model, (str, Path)):
+    elif isinstance(model, (str, Path)):
+        model, tok = load_model(str(model))
+        tokenizer = tok if tokenizer is None else tokenizer
+    else:
         raise SparseFWError(f"model must be a transformers PreTrainedModel, a directory or a hub "
                             f"id, got {type(model).__name__}")
-    src = str(model)
-    kw: dict[str, Any] = {}
-    if Path(src).is_dir() and not (Path(src) / "config.json").is_file():
-        ggufs = sorted(Path(src).glob("*.gguf"))
-        if len(ggufs) == 1:
-            kw["gguf_file"] = ggufs[0].name
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(src, **kw)
-        elif isinstance(tokenizer, (str, Path)):
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    except (OSError, ValueError) as e:
-        raise SparseFWError(f"could not load the model {src!r} ({e}); pass a directory written by "
-                            "save_pretrained (or with one .gguf file), or a hub id with internet "
-                            "access") from e
-    lm.eval()
-    return lm, tokenizer
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    return model, tokenizer
 
 
 def _num(x: Any) -> float | None:

@@ -204,7 +204,8 @@ def test_grams_equal_each_layers_own_inputs(tokenizer, arch):
     """G of every Linear equals X^T X of the inputs that layer really receives (captured
     independently). Regression: a per-sample cache keyed by data_ptr() handed gate/up the Gram of
     q/k/v when the allocator reused the freed attention input's address."""
-    from sparsefw.pipeline import _block_forward, accumulate_grams, capture_block_inputs
+    from sparsefw.onload import capture_block_inputs
+    from sparsefw.pipeline import _block_forward, accumulate_grams
 
     torch.manual_seed(0)
     m = tiny_model(arch, len(tokenizer), hidden=64).eval()

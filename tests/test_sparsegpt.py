@@ -5,7 +5,8 @@ import torch
 from sparsefw.errors import SparseFWError
 from sparsefw.masks import parse_pattern, prune_mask, wanda_scores
 from sparsefw.reconstruct import reconstruct_weights
-from sparsefw.sparsegpt_sparsify import damped_hessian, sparsegpt_prune
+from sparsefw.gram import damped_hessian
+from sparsefw.sparsegpt_sparsify import sparsegpt_prune
 
 
 def correlated_layer(d_out=24, d_in=64, n=512, seed=0):

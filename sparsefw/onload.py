@@ -1,0 +1,176 @@
+"""Block placement (model plumbing): which parts of the model are on the compute device, when.
+
+Sequential onloading, as in SparseGPT's and llm-compressor's drivers: the model stays where it was
+loaded (the CPU, or the meta device when streaming); only the modules that run before the first
+decoder block (embeddings, rotary embedding, ...) and the one block being pruned are moved to the
+compute device. The LM head and the final norm are never needed for calibration.
+
+The calibration inputs of the first block and every block's extra arguments (attention masks,
+position embeddings; Gemma3 gives sliding-window and full-attention layers different ones) are
+captured with one forward in which every block is a pass-through, so no block needs to be on the
+device (or even materialized) for it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _hidden_from(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (or buffer); CPU for a module with neither."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _outside(model: nn.Module, blocks: nn.ModuleList, head: nn.Module | None):
+    """The largest submodules of ``model`` that contain neither the blocks nor the LM head."""
+    stop = {id(blocks)} | ({id(head)} if head is not None else set())
+
+    def contains(m):
+        return any(id(x) in stop for x in m.modules())
+
+    def walk(m):
+        for child in m.children():
+            if id(child) in stop:
+                continue
+            if contains(child):
+                yield from walk(child)
+            else:
+                yield child
+
+    return list(walk(model))
+
+
+def place_embeddings(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move everything that runs before the first block (embeddings, rotary embedding, OPT's
+    positional embedding and projections, final norm) to ``device``; not the blocks, not the LM
+    head (unless tied to the input embeddings, which then moves with them)."""
+    head = model.get_output_embeddings()
+    for m in _outside(model, blocks, head):
+        m.to(device)
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device):
+    """Run the body with ``module`` on ``device``; move it back to where it was afterwards."""
+    home = module_device(module)
+    if home == device:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor,
+                         store: torch.device | None = None):
+    """Record the first block's calibration inputs and every block's extra arguments.
+
+    Every block's ``forward`` is replaced by a pass-through for the duration (the models of
+    transformers 5 take a block's output as the next block's hidden states), so only the
+    modules before the first block run: they must be on the device of the input embeddings
+    (:func:`place_embeddings`). The forward stops after the last block.
+
+    Args:
+        model: a Hugging Face causal LM. blocks: its decoder blocks (:func:`sparsefw.models.decoder_blocks`).
+        windows: (nsamples, seqlen) int64 token ids (moved to the input embeddings' device).
+        store: where to keep the captured inputs (default: where they were computed).
+    Returns:
+        (inps, extra): inps = list of nsamples (1, seqlen, hidden) tensors in the model's dtype;
+        extra = per block a tuple (positional args after the hidden states, keyword args) with
+        tensors on the input embeddings' device.
+    """
+    extra: list = [None] * len(blocks)
+    inps: list = []
+    state = {"full": True}
+    last = len(blocks) - 1
+
+    def make_forward(i):
+        def forward(*args, **kwargs):
+            if extra[i] is None:
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if kw.get("past_key_values") is None:
+                    kw.pop("past_key_values", None)
+                extra[i] = (tuple(args[1:]), kw)
+            h = _hidden_from(args, kwargs)
+            if i == 0:
+                inps.append(h.detach().to(store) if store is not None else h.detach())
+                if not state["full"]:
+                    raise _StopForward
+            if i == last:
+                raise _StopForward
+            return h
+        return forward
+
+    saved = [b.__dict__.get("forward") for b in blocks]   # e.g. accelerate's hooked forward
+    for i, b in enumerate(blocks):
+        b.forward = make_forward(i)   # instance attribute: shadows the class's forward
+    dev = model.get_input_embeddings().weight.device
+    try:
+        for j in range(windows.shape[0]):
+            state["full"] = j == 0
+            try:
+                model(windows[j:j + 1].to(dev), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for b, f in zip(blocks, saved):
+            del b.forward
+            if f is not None:
+                b.forward = f
+    return inps, extra
+
+
+@contextlib.contextmanager
+def placed_for_eval(model: nn.Module, device: torch.device, block_class: str | None = None):
+    """Run the body (an evaluation) with the whole model on ``device``, then put it back on the
+    CPU. On CUDA the model is dispatched with accelerate (``infer_auto_device_map`` +
+    ``dispatch_model``): blocks that do not fit in GPU memory stay on the CPU and are moved in on
+    the fly, so a model larger than the GPU still evaluates. On the CPU nothing moves.
+
+    Args: model: a causal LM on the CPU. device: the evaluation device. block_class: class name of
+        a decoder block (never split across devices).
+    """
+    if device.type == "cpu":
+        model.to(device)
+        yield model
+        return
+    if device.type != "cuda":
+        model.to(device)
+        try:
+            yield model
+        finally:
+            model.to("cpu")
+        return
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.hooks import remove_hook_from_module
+
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    free, _ = torch.cuda.mem_get_info(idx)
+    dm = infer_auto_device_map(model, max_memory={idx: int(0.85 * free), "cpu": 2 ** 50},
+                               no_split_module_classes=[block_class] if block_class else None)
+    if set(dm.values()) <= {idx}:
+        model.to(device)
+    else:
+        dispatch_model(model, dm, main_device=idx)
+    try:
+        yield model
+    finally:
+        remove_hook_from_module(model, recurse=True)
+        model.to("cpu")

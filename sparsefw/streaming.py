@@ -1,0 +1,239 @@
+"""Streaming prune for checkpoints larger than host memory (model plumbing).
+
+The model is built on the meta device (accelerate's ``init_empty_weights``); only the modules that
+run before the first block are read from the checkpoint. Each decoder block is read from the
+checkpoint's safetensors shards (``safe_open``) when it is reached, put on the compute device with
+accelerate's ``set_module_tensor_to_device``, pruned by the same driver as the in-memory run
+(:func:`sparsefw.pipeline.prune_model`), written to its own output shard and dropped back to meta.
+The tensors outside the blocks (embeddings, norms, LM head) are copied from the checkpoint as they
+are. The output is a normal sharded checkpoint (``model-0000i-of-0000n.safetensors`` and
+``model.safetensors.index.json``) that ``AutoModelForCausalLM.from_pretrained`` loads, with the
+same tensors as the in-memory run.
+
+Peak memory: one block's weights + the calibration activations + the block's Gram matrices and
+solver state + the embeddings (README, "Scale").
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import SparseFWError
+from .models import decoder_blocks, resolve_dtype, resolve_model
+
+_CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+                     "added_tokens.json", "chat_template.jinja")
+
+
+def checkpoint_folder(name_or_path: str) -> Path:
+    """A local folder with the checkpoint's safetensors: packaged models and folders as they are,
+    hub ids through ``huggingface_hub.snapshot_download`` (config, tokenizer and safetensors only).
+
+    Raises: SparseFWError if there is no such folder, no safetensors in it, or the hub is
+    unreachable."""
+    src = resolve_model(name_or_path)
+    p = Path(src).expanduser()
+    if not p.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                            "*.txt", "*.jinja"]))
+        except Exception as e:  # noqa: BLE001 - offline, no such repo: one clear message
+            raise SparseFWError(f"streaming needs a local checkpoint folder or a reachable hub id; "
+                                f"'{name_or_path}' is neither ({type(e).__name__})") from None
+    if not list(p.glob("*.safetensors")):
+        raise SparseFWError(f"checkpoint folder '{p}' has no .safetensors files; streaming reads "
+                            "safetensors shards (save the model with save_pretrained first)")
+    return p
+
+
+def weight_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name, from ``model.safetensors.index.json`` or the files."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            out.update({k: f.name for k in fh.keys()})
+    return out
+
+
+class _Reader:
+    """Reads named tensors from the checkpoint's shards, one open file at a time."""
+
+    def __init__(self, folder: Path, wmap: dict[str, str]):
+        self.folder, self.wmap = folder, wmap
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self.wmap]
+        if missing:
+            raise SparseFWError(f"tensor '{missing[0]}' is not in the checkpoint's safetensors; the "
+                                "checkpoint does not match its config")
+        out = {}
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.wmap[n], []).append(n)
+        for fname, ns in by_file.items():
+            with safe_open(str(self.folder / fname), framework="pt") as fh:
+                for n in ns:
+                    out[n] = fh.get_tensor(n)
+        return out
+
+
+def _materialize(model, names: list[str], reader: _Reader, device, dtype) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    for n, t in reader.read(names).items():
+        set_module_tensor_to_device(model, n, device, value=t, dtype=dtype if t.is_floating_point() else None)
+
+
+def _return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the OS. Its mmap threshold grows with every
+    large free (up to 32 MiB), after which a block's freed tensors stay in the heap: measured with
+    scripts/bench_memory.py, the streaming peak was 1168 MiB above the imports with the default
+    and 484 MiB with the threshold fixed at 64 KiB (M_MMAP_THRESHOLD, as the environment variable
+    MALLOC_MMAP_THRESHOLD_=65536 does). No-op where libc has no mallopt."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 1 << 16)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, progress: bool = True) -> dict:
+    """Prune a checkpoint block by block without ever holding it in memory; write the result.
+
+    Args:
+        model_name: packaged name, local folder with safetensors, or hub id.
+        output: the output folder (written atomically, :func:`sparsefw.saving.staged_output`).
+        cfg: :class:`sparsefw.pipeline.PruneConfig` (``dtype`` auto = the checkpoint's).
+        overwrite: replace a non-empty output folder. progress: tqdm bars.
+    Returns: the report dict (also written as ``report.json``).
+    Raises: SparseFWError as :func:`sparsefw.pipeline.prune_model`, and for checkpoints without
+        safetensors or whose tensors do not match the config.
+    """
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .distributed import barrier, init_ranks
+    from .onload import _outside
+    from .pipeline import check_prunable, prune_model
+    from .saving import staged_output, write_report
+
+    t0 = time.perf_counter()
+    pattern = cfg.validate()
+    _return_freed_memory()
+    ranks = init_ranks(cfg.device)
+    folder = checkpoint_folder(model_name)
+    config = AutoConfig.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    dtype = resolve_dtype(cfg.dtype)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    blocks = decoder_blocks(model)
+    names = check_prunable(model, pattern)
+    wmap = weight_map(folder)
+    reader = _Reader(folder, wmap)
+    device = ranks.device
+    head = model.get_output_embeddings()
+    outside = _outside(model, blocks, head)
+    _materialize(model, [f"{p}.{n}" for m in outside for p in [_prefix(model, m)]
+                         for n, _ in m.named_parameters() if f"{p}.{n}" in wmap], reader, device, dtype)
+    for m in outside:
+        m.to(device)
+    block_prefix = {id(b): _prefix(model, b) for b in blocks}
+    nshards = len(blocks) + 1
+
+    def shard(i):
+        return f"model-{i + 1:05d}-of-{nshards:05d}.safetensors"
+
+    out_map: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        stage = stack.enter_context(staged_output(output, overwrite)) if ranks.is_main else None
+
+        @contextlib.contextmanager
+        def block_context(bi, block):
+            pre = block_prefix[id(block)]
+            pnames = [f"{pre}.{n}" for n, _ in block.named_parameters()]
+            _materialize(model, pnames, reader, device, dtype)
+            for n, b in block.named_buffers():   # non-persistent buffers (rotary) are built on meta
+                if b.device.type == "meta":
+                    raise SparseFWError(f"buffer {pre}.{n} cannot be streamed; use the in-memory run")
+            block.to(device)
+            yield block
+            if stage is not None:
+                sd = {f"{pre}.{n}": p.detach().to("cpu").contiguous() for n, p in block.named_parameters()}
+                save_file(sd, str(stage / shard(bi)), metadata={"format": "pt"})
+                out_map.update({n: shard(bi) for n in sd})
+            block.to("meta")
+
+        res = prune_model(model, tok, cfg, progress=progress, ranks=ranks, block_context=block_context)
+        if stage is not None:
+            block_names = set(out_map)
+            rest = [n for n in wmap if n not in block_names]
+            tensors = reader.read(rest)
+            tensors = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in tensors.items()}
+            save_file(tensors, str(stage / shard(len(blocks))), metadata={"format": "pt"})
+            out_map.update({n: shard(len(blocks)) for n in tensors})
+            total = sum((stage / f).stat().st_size for f in set(out_map.values()))
+            (stage / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(out_map.items()))}, indent=2))
+            for f in _CHECKPOINT_FILES:
+                if (folder / f).exists():
+                    shutil.copy2(folder / f, stage / f)
+            c = json.loads((stage / "config.json").read_text())   # the dtype the tensors were written in
+            c["dtype"] = str(dtype).replace("torch.", "")
+            c.pop("torch_dtype", None)
+            (stage / "config.json").write_text(json.dumps(c, indent=2))
+            report = {"model": model_name, **_cfg_dict(cfg), "stream": True, "device": str(device),
+                      "dtype": str(dtype).replace("torch.", "")}
+            report["seconds"] = res.pop("seconds")
+            layers = res.pop("layers")
+            report.update(res)
+            report["total_seconds"] = time.perf_counter() - t0
+            report["layers"] = layers
+            write_report(stage, report, [f"{n}.weight" for n in names])
+    barrier(ranks)
+    return broadcast_report(report if ranks.is_main else None, ranks)
+
+
+def broadcast_report(report, ranks):
+    from .distributed import broadcast_object
+
+    return broadcast_object(report, 0, ranks)
+
+
+def _prefix(model, module) -> str:
+    for n, m in model.named_modules():
+        if m is module:
+            return n
+    raise SparseFWError("module not found in the model")
+
+
+def _cfg_dict(cfg) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(cfg)
+    if cfg.method != "sparsefw":
+        for k in ("warmstart", "alpha", "fix", "iterations", "step", "tol"):
+            d[k] = None
+    return d

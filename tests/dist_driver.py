@@ -1,0 +1,19 @@
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node N``: prune one tiny model with
+every method variant, each into OUT/<variant>/ (written by the main process only).
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_driver.py MODEL_DIR TEXT_FILE OUT
+"""
+import sys
+
+from sparsefw import api
+
+VARIANTS = {f"{m}{'+rec' if rec else ''}__{pat.replace(':', 'of')}": dict(method=m, pattern=pat, reconstruct=rec)
+            for m, rec in [("magnitude", False), ("wanda", False), ("ria", False), ("sparsegpt", False),
+                           ("sparsefw", False), ("sparsefw", True)]
+            for pat in ("unstructured", "2:4")}
+
+if __name__ == "__main__":
+    model, text, out = sys.argv[1:4]
+    for name, kw in VARIANTS.items():
+        api.prune(model, output=f"{out}/{name}", sparsity=0.5, calib=text, nsamples=20, seqlen=24,
+                  iterations=30, device="cpu", progress=False, **kw)

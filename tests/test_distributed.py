@@ -1,0 +1,85 @@
+"""Several processes (issue 13, part 3): ``torchrun`` with 2 CPU processes (gloo) gives exactly the
+masks and weights of 1 process for every method, and a failure on one rank fails the run with one
+error line and no output."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_model
+from dist_driver import VARIANTS
+from sparsefw.calibration import calibration_windows
+
+HERE = Path(__file__).parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def torchrun(n: int, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    return subprocess.run([*TORCHRUN, "--nproc_per_node", str(n), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("dist")
+    m = tiny_model("llama", len(tokenizer), hidden=64, layers=2)
+    m.save_pretrained(d / "model")
+    tokenizer.save_pretrained(d / "model")
+    text = d / "text.txt"
+    text.write_text(" ".join(Path(__file__).read_text().split()) * 3)
+    return d, text
+
+
+def test_two_processes_equal_one(setup):
+    """20 windows = chunks of 8, 8, 4: rank 0 takes windows 0-7, rank 1 windows 8-19."""
+    d, text = setup
+    for n in (1, 2):
+        r = torchrun(n, HERE / "dist_driver.py", d / "model", text, d / f"out{n}")
+        assert r.returncode == 0, r.stderr[-3000:]
+    names = [n for n in load_file(d / "out1" / next(iter(VARIANTS)) / "model.safetensors") if "proj" in n]
+    assert len(names) == 2 * 7
+    for variant in VARIANTS:
+        one = load_file(d / "out1" / variant / "model.safetensors")
+        two = load_file(d / "out2" / variant / "model.safetensors")
+        assert one.keys() == two.keys()
+        for k in one:
+            assert torch.equal(one[k], two[k]), (variant, k)
+        rep = (d / "out2" / variant / "report.json").read_text()
+        assert '"processes": 2' in rep and '"achieved_sparsity": 0.5' in rep
+
+
+def test_failing_rank_fails_the_run(setup, tokenizer):
+    """Rank 1's windows (the second chunk of 8 of 16) hold a token whose embedding is NaN: both
+    processes stop with rank 1's message, printed once, and nothing is written."""
+    d, text = setup
+    windows = calibration_windows(tokenizer, str(text), 16, 24, seed=0)
+    only_rank1 = set(windows[8:].flatten().tolist()) - set(windows[:8].flatten().tolist())
+    assert only_rank1
+    m = tiny_model("llama", len(tokenizer), hidden=64, layers=2)
+    with torch.no_grad():
+        m.get_input_embeddings().weight[min(only_rank1)] = float("nan")
+    bad = d / "bad"
+    m.save_pretrained(bad)
+    tokenizer.save_pretrained(bad)
+    out = d / "bad_out"
+    r = torchrun(2, "-m", "sparsefw", "prune", "--model", bad, "--method", "wanda", "--calib", text,
+                 "--nsamples", 16, "--seqlen", 24, "--device", "cpu", "--output", out)
+    assert r.returncode != 0
+    errors = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "NaN/Inf" in errors[0], r.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_window_ranges_whole_chunks():
+    from sparsefw.distributed import Ranks, window_range
+
+    assert [window_range(20, Ranks(r, 2), 8) for r in range(2)] == [range(0, 8), range(8, 20)]
+    assert [window_range(5, Ranks(r, 2), 8) for r in range(2)] == [range(0, 0), range(0, 5)]   # rank 0 idle
+    assert [window_range(64, Ranks(r, 3), 8) for r in range(3)] == [range(0, 16), range(16, 40), range(40, 64)]
+    assert [window_range(7, Ranks(r, 2)) for r in range(2)] == [range(0, 3), range(3, 7)]

@@ -1,0 +1,59 @@
+"""Streaming (issue 13, part 2): a checkpoint pruned block by block from its safetensors shards,
+never whole in memory, gives a sharded checkpoint with the in-memory run's tensors."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_model
+from sparsefw import api
+from sparsefw.errors import SparseFWError
+
+
+def tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("arch,method,extra", [("llama", "sparsefw", {"reconstruct": True}),
+                                               ("gemma3", "sparsegpt", {}),
+                                               ("gpt2", "wanda", {"pattern": "2:4"})])
+def test_stream_equals_in_memory(tmp_path, tokenizer, arch, method, extra):
+    from transformers import AutoModelForCausalLM
+
+    m = tiny_model(arch, len(tokenizer), hidden=64, layers=3)
+    src = tmp_path / "src"
+    m.save_pretrained(src, max_shard_size="150KB")      # several input shards
+    tokenizer.save_pretrained(src)
+    assert len(list(src.glob("*.safetensors"))) > 2
+    opts = dict(method=method, sparsity=0.5, nsamples=4, seqlen=32, iterations=20, device="cpu",
+                progress=False, **extra)
+    mem = api.prune(str(src), output=str(tmp_path / "mem"), **opts)
+    rep = api.prune(str(src), output=str(tmp_path / "stream"), stream=True, **opts).report
+    a, b = tensors(tmp_path / "mem"), tensors(tmp_path / "stream")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    index = json.loads((tmp_path / "stream" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3 + 1 and set(index["weight_map"]) == set(b)
+    assert rep["stream"] and rep["achieved_sparsity"] == pytest.approx(0.5)
+    assert [L["error_final"] for L in rep["layers"]] == [L["error_final"] for L in mem.report["layers"]]
+    re = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").eval()
+    x = torch.randint(0, len(tokenizer), (1, 12))
+    with torch.no_grad():
+        assert torch.equal(re(x).logits, mem.model(x).logits)
+
+
+def test_stream_needs_output_and_no_eval(tmp_path, tokenizer):
+    m = tiny_model("llama", len(tokenizer))
+    m.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    with pytest.raises(SparseFWError, match="give --output"):
+        api.prune(str(tmp_path / "src"), stream=True, nsamples=2, seqlen=16)
+    with pytest.raises(SparseFWError, match="eval-ppl"):
+        api.prune(str(tmp_path / "src"), output=str(tmp_path / "o"), stream=True, eval_ppl=True,
+                  nsamples=2, seqlen=16)
+    assert not (tmp_path / "o").exists()
