@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -119,15 +119,12 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     progress = progress and ranks.is_main
     mdl, tok = load_model(model, dtype=cfg.dtype, device="cpu")   # blocks are onloaded one at a time
     names = check_prunable(mdl, pattern)
-    report = {"model": model, **{k: v for k, v in asdict(cfg).items()}}
+    report = {"model": model, **cfg.report_fields()}
     report["device"] = str(device)
     report["dtype"] = str(mdl.get_input_embeddings().weight.dtype).replace("torch.", "")
     block_class = type(decoder_blocks(mdl)[0]).__name__
     bos_id = bos_token_id(tok, cfg.bos)
     report["bos_token"] = None if bos_id is None else tok.convert_ids_to_tokens(bos_id)
-    if cfg.method != "sparsefw":
-        for k in ("warmstart", "alpha", "fix", "iterations", "step", "tol"):
-            report[k] = None
     pseq = int(ppl_seqlen or cfg.seqlen)
     if eval_ppl:
         with placed_for_eval(mdl, device, block_class):

@@ -85,6 +85,14 @@ class PruneConfig:
             raise SparseFWError(f"nsamples must be >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
         return parse_pattern(self.pattern, self.sparsity)
 
+    def report_fields(self) -> dict:
+        """The fields as a report dict; the SparseFW-only ones are None for the other methods."""
+        d = asdict(self)
+        if self.method != "sparsefw":
+            for k in ("warmstart", "alpha", "fix", "iterations", "step", "tol"):
+                d[k] = None
+        return d
+
     def fix_mode(self, pattern: Pattern) -> str:
         """The alpha fixing mode for ``pattern``: ``group`` applies to N:M only, else ``row``."""
         return self.fix if pattern.kind == "nm" else "row"

@@ -130,7 +130,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .distributed import barrier, init_ranks
+    from .distributed import barrier, broadcast_object, init_ranks
     from .onload import _outside
     from .pipeline import check_prunable, prune_model
     from .saving import staged_output, write_report
@@ -204,7 +204,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
             c["dtype"] = str(dtype).replace("torch.", "")
             c.pop("torch_dtype", None)
             (stage / "config.json").write_text(json.dumps(c, indent=2))
-            report = {"model": model_name, **_cfg_dict(cfg), "stream": True, "device": str(device),
+            report = {"model": model_name, **cfg.report_fields(), "stream": True, "device": str(device),
                       "dtype": str(dtype).replace("torch.", "")}
             report["seconds"] = res.pop("seconds")
             layers = res.pop("layers")
@@ -213,13 +213,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
             report["layers"] = layers
             write_report(stage, report, [f"{n}.weight" for n in names])
     barrier(ranks)
-    return broadcast_report(report if ranks.is_main else None, ranks)
-
-
-def broadcast_report(report, ranks):
-    from .distributed import broadcast_object
-
-    return broadcast_object(report, 0, ranks)
+    return broadcast_object(report if ranks.is_main else None, 0, ranks)
 
 
 def _prefix(model, module) -> str:
@@ -227,13 +221,3 @@ def _prefix(model, module) -> str:
         if m is module:
             return n
     raise SparseFWError("module not found in the model")
-
-
-def _cfg_dict(cfg) -> dict:
-    from dataclasses import asdict
-
-    d = asdict(cfg)
-    if cfg.method != "sparsefw":
-        for k in ("warmstart", "alpha", "fix", "iterations", "step", "tol"):
-            d[k] = None
-    return d
