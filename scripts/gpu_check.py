@@ -28,7 +28,7 @@ from sparsefw.pipeline import PruneConfig, prune_model
 
 METHODS = {"wanda": dict(method="wanda"), "sparsegpt": dict(method="sparsegpt"),
            "sparsefw": dict(method="sparsefw"), "sparsefw+rec": dict(method="sparsefw", reconstruct=True)}
-PATTERNS = {"50%": dict(pattern="unstructured", sparsity=0.5), "2:4": dict(pattern="2:4", sparsity=0.0)}
+PATTERNS = {"50%": dict(pattern="unstructured", sparsity=0.5), "2:4": dict(pattern="2:4", sparsity=None)}
 SHAPES = {  # name: (hidden, intermediate, heads, kv heads)
     "smollm2-135m": (576, 1536, 9, 3), "llama3-8b": (4096, 14336, 32, 8),
     "small-a": (64, 192, 4, 2), "small-b": (128, 448, 8, 2)}

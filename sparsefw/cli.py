@@ -24,14 +24,17 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     d = PruneConfig()
     p.add_argument("--model", help="packaged name (smollm2-135m, gemma3-270m), local folder or hub id")
     p.add_argument("--method", default=d.method, help="magnitude | wanda | ria | sparsefw | sparsegpt")
-    p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction removed, in [0, 1)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction removed, in [0, 1) (default 0.5; an N:M pattern fixes it at 1 - N/M)")
     p.add_argument("--pattern", default=d.pattern, help="unstructured | per-matrix | N:M (2:4, 4:8)")
     p.add_argument("--warmstart", default=d.warmstart, help="sparsefw warmstart: wanda | ria | magnitude")
     p.add_argument("--alpha", type=float, default=d.alpha, help="fraction of warmstart weights fixed")
     p.add_argument("--fix", default=d.fix, help="alpha fixing: row (default) | group (N:M only)")
-    p.add_argument("--iterations", type=int, default=d.iterations, help="max FW iterations per layer")
-    p.add_argument("--step", default=d.step, help="linesearch | harmonic (2/(t+2))")
-    p.add_argument("--tol", type=float, default=d.tol, help="stop when FW gap <= tol * f(warmstart)")
+    p.add_argument("--iterations", type=int, default=d.iterations,
+                   help="cap on the FW iterations of a row before the swaps (default 0: warmstart + swaps)")
+    p.add_argument("--step", default=d.step, help="linesearch (per-row exact) | pairwise | harmonic (2/(t+2))")
+    p.add_argument("--tol", type=float, default=d.tol, help="a row stops when its FW gap <= tol * its warmstart error")
+    p.add_argument("--swaps", type=int, default=d.swaps, help="rounds of exact swap refinement (0 = off)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=d.reconstruct,
                    help="least-squares update of the kept weights after the mask is chosen")
     p.add_argument("--percdamp", type=float, default=d.percdamp, help="dampening (fraction of mean diag G) for sparsegpt/reconstruction")

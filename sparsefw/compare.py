@@ -48,7 +48,7 @@ def _cell_id(label: str, sp: str) -> str:
 def _sp_args(sp: str) -> dict:
     sp = str(sp)
     if ":" in sp:
-        return {"pattern": sp, "sparsity": 0.0}
+        return {"pattern": sp, "sparsity": None}
     try:
         return {"pattern": "unstructured", "sparsity": float(sp)}
     except ValueError:

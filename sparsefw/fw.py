@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 from .errors import SparseFWError
 from .masks import Pattern, _group_rank, select
+from .swaps import swap_refine
 
-STEP_RULES = ("linesearch", "harmonic")
+STEP_RULES = ("pairwise", "linesearch", "harmonic")
 FIX_MODES = ("row", "group")
 
 
@@ -84,32 +85,6 @@ def gradient(W: torch.Tensor, G: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """grad f(M) = -2 W ⊙ ((W ⊙ (1-M)) G) (SparseFW Eq. 3). Shapes (d_out, d_in), float32."""
     W = W.float()
     return -2.0 * W * ((W * (1.0 - M.float())) @ G.float())
-
-
-def masked_gram_product(W: torch.Tensor, G: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """(W ⊙ V) G for a sparse binary V, as a gather-and-sum over rows of G.
-
-    Row i of the result is sum_{j: V_ij} W_ij G[j, :], computed with ``embedding_bag`` (the fastest
-    kernel measured here; ``torch.sparse`` ran slower than dense). Cost nnz(V) * d_in.
-
-    Args:
-        W: (d_out, d_in) float32. G: (d_in, d_in) float32. V: (d_out, d_in) bool.
-    Returns:
-        (d_out, d_in) float32.
-    """
-    d_out, d_in = W.shape
-    counts = V.sum(dim=1)
-    if int(counts.min()) == int(counts.max()):  # constant budget per row: one 2-D bag per row
-        k = int(counts[0])
-        if k == 0:
-            return torch.zeros(d_out, d_in, dtype=torch.float32, device=W.device)
-        cols = V.nonzero(as_tuple=True)[1].view(d_out, k)
-        w = torch.gather(W, 1, cols)
-        return F.embedding_bag(cols, G, per_sample_weights=w, mode="sum")
-    rows, cols = V.nonzero(as_tuple=True)
-    offsets = torch.zeros(d_out, dtype=torch.int64, device=W.device)
-    offsets[1:] = torch.cumsum(counts, 0)[:-1]
-    return F.embedding_bag(cols, G, offsets=offsets, per_sample_weights=W[rows, cols], mode="sum")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,92 +182,141 @@ def _rounding_key(Z: torch.Tensor, tiebreak: torch.Tensor) -> torch.Tensor:
     """Z plus the tie-break scaled to at most 1e-9, in float64 so the tie-break stays below any
     real difference in Z. Shapes equal; returns float64."""
     t = tiebreak.double()
+    if t.numel() == 0:
+        return Z.double()
     return Z.double() + 1e-9 * t / t.abs().max().clamp_min(1e-300)
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> in float32 BLAS (fast; relative error ~1e-7, far below what FW decisions need)."""
-    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
+# ----------------------------------------------------------------------------------------------
+# Products with G: dense GEMM or gather, whichever is cheaper for the density
+# ----------------------------------------------------------------------------------------------
+DENSE_ABOVE = 0.05
+"""Fraction of nonzeros in W ⊙ D above which (W ⊙ D) G is one dense GEMM instead of a gather of
+rows of G (``embedding_bag``). A gather costs nnz * d_in memory-bound reads, the GEMM
+2 * r * d_in^2 flops at BLAS speed; scripts/bench_solver.py ``--products`` measures the crossing
+(the README's Solver section)."""
 
 
-def _bag(W, G, cols, Vc, view) -> torch.Tensor:
-    """(W ⊙ V) G with V given by global column indices ``cols`` (d_out, nnz_per_row), or by the
-    full-size bool mask when the budget per row is not constant."""
-    if cols is None:
-        return masked_gram_product(W, G, view.scatter(Vc).bool())
-    if cols.shape[1] == 0:
-        return torch.zeros(W.shape[0], W.shape[1], dtype=torch.float32, device=W.device)
-    return F.embedding_bag(cols, G, per_sample_weights=torch.gather(W, 1, cols), mode="sum")
+def gram_product(E: torch.Tensor, G: torch.Tensor, cols: torch.Tensor | None = None,
+                 dense_above: float = DENSE_ABOVE) -> torch.Tensor:
+    """E_full G, read at compact columns: the product update of the FW solver.
+
+    Args:
+        E: (r, c) float32, the values of W ⊙ D at the compact coordinates (mostly zeros after the
+            first iterations). cols: (r, c) int64, the global column (0..d_in-1) of every compact
+            coordinate, or ``None`` when E is full width (c = d_in).
+        G: (d_in, d_in) float32 Gram matrix.
+        dense_above: density nnz(E) / (r * d_in) above which one dense GEMM is used.
+    Returns:
+        (r, c) float32: entry (i, a) = sum_j E_full[i, j] G[j, cols[i, a]].
+    """
+    r, c = E.shape
+    d_in = G.shape[0]
+    nnz = int(torch.count_nonzero(E))
+    if nnz == 0:
+        return torch.zeros(r, c, dtype=torch.float32, device=E.device)
+    if nnz > dense_above * r * d_in:
+        full = E if cols is None else torch.zeros(r, d_in, dtype=E.dtype, device=E.device).scatter_(1, cols, E)
+        H = full @ G
+    else:  # row i of the product = sum over its nonzeros j of E_ij G[j, :] (one bag per row)
+        rr, cc = E.nonzero(as_tuple=True)
+        g = cc if cols is None else cols[rr, cc]
+        offsets = torch.zeros(r, dtype=torch.int64, device=E.device)
+        offsets[1:] = torch.cumsum(torch.bincount(rr, minlength=r), 0)[:-1]
+        H = F.embedding_bag(g, G, offsets=offsets, per_sample_weights=E[rr, cc], mode="sum")
+    return H if cols is None else H.gather(1, cols)
+
+
+def masked_gram_product(W: torch.Tensor, G: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """(W ⊙ V) G for a sparse binary V (d_out, d_in) bool; W (d_out, d_in), G (d_in, d_in) float32.
+    Returns (d_out, d_in) float32 (see :func:`gram_product`)."""
+    return gram_product(W.float() * V, G.float())
+
+
+# ----------------------------------------------------------------------------------------------
+# Coordinates of the free entries
+# ----------------------------------------------------------------------------------------------
+_ONE = 1.0 - 1e-6  # relaxed entries within 1e-6 of 1 count (and are snapped) as 1
 
 
 class _CompactView:
     """Coordinates of the free entries. For unstructured (row fixing) and N:M (group fixing)
     every row has the same number c of free entries, so all per-iteration work runs on compact
-    (d_out, c) matrices (c = d_in - round(alpha k)) and the LMO is one argpartition (or one group
-    ranking). Other cases (per-matrix, N:M with row fixing) use the full matrix (identity view)
-    and the generic :func:`lmo`."""
+    (r, c) matrices (c = d_in - round(alpha k)) and the LMO is one top-k (or one group ranking).
+    Other cases (per-matrix, N:M with row fixing) use the full matrix (``idx`` is None) and the
+    generic :func:`select`. ``subset`` restricts the view to the rows still iterating."""
 
-    def __init__(self, W, free, pattern, budget, idx=None, kind="identity", m_c=0, b_c=0):
-        self.W, self.free, self.pattern, self.budget = W, free, pattern, budget
+    def __init__(self, shape, free, pattern, budget, idx=None, kind="identity", m_c=0, b_c=0):
+        self.shape, self.free, self.pattern, self.budget = shape, free, pattern, budget
         self.idx, self.kind, self.m_c, self.b_c = idx, kind, m_c, b_c
-        self.identity = idx is None
 
     @classmethod
-    def build(cls, W, free, pattern, budget, fix):
+    def build(cls, free, pattern, budget, fix):
         counts = free.sum(1)
         const = int(counts.min()) == int(counts.max())
+        shape = tuple(free.shape)
         if const and pattern.kind == "unstructured" and isinstance(budget, int):
-            idx = free.nonzero(as_tuple=True)[1].view(W.shape[0], -1)
-            return cls(W, free, pattern, budget, idx, "rows")
+            return cls(shape, free, pattern, budget, free.nonzero(as_tuple=True)[1].view(shape[0], -1), "rows")
         if const and pattern.kind == "nm" and fix == "group" and isinstance(budget, int):
-            idx = free.nonzero(as_tuple=True)[1].view(W.shape[0], -1)
+            idx = free.nonzero(as_tuple=True)[1].view(shape[0], -1)
             m_c = pattern.m - (pattern.n - budget)  # free entries per group
-            return cls(W, free, pattern, budget, idx, "groups", m_c, budget)
-        return cls(W, free, pattern, budget)
+            return cls(shape, free, pattern, budget, idx, "groups", m_c, budget)
+        return cls(shape, free, pattern, budget)
+
+    @property
+    def width(self) -> int:
+        return self.shape[1] if self.idx is None else self.idx.shape[1]
+
+    def subset(self, keep: torch.Tensor) -> "_CompactView":
+        """The view of the rows ``keep`` (bool over the current rows)."""
+        b = self.budget[keep] if isinstance(self.budget, torch.Tensor) else self.budget
+        idx = None if self.idx is None else self.idx[keep]
+        n = int(keep.sum())
+        return _CompactView((n, self.shape[1]), self.free[keep], self.pattern, b, idx, self.kind,
+                            self.m_c, self.b_c)
 
     def gather(self, T):
-        return T if self.identity else torch.gather(T, 1, self.idx)
+        return T if self.idx is None else torch.gather(T, 1, self.idx)
 
     def scatter(self, Tc):
-        if self.identity:
+        if self.idx is None:
             return Tc
-        out = torch.zeros(self.W.shape, dtype=Tc.dtype, device=Tc.device)
+        out = torch.zeros(self.shape, dtype=Tc.dtype, device=Tc.device)
         return out.scatter_(1, self.idx, Tc)
 
-    def _pick(self, scores):
-        """Best of ``scores`` (compact) under the free budget -> (V_c bool, global cols)."""
+    def best(self, scores, eligible=None, positive_only=False):
+        """Compact bool: the free budget's best ``scores`` (per row, group or matrix)."""
         r, c = scores.shape
-        dev = scores.device
-        none = (torch.zeros(r, c, dtype=torch.bool, device=dev), torch.zeros(r, 0, dtype=torch.int64, device=dev))
+        if self.idx is None:
+            elig = self.free if eligible is None else self.free & eligible
+            return select(scores, self.pattern, eligible=elig, budget=self.budget, positive_only=positive_only)
+        if eligible is not None:
+            scores = scores.masked_fill(~eligible, -math.inf)
         if self.kind == "rows":
             k = self.budget
             if k <= 0:
-                return none
+                return torch.zeros(r, c, dtype=torch.bool, device=scores.device)
             if k >= c:
-                local = torch.arange(c, device=dev).expand(r, c).contiguous()
-            else:  # torch.topk (unsorted) measured 1.5x faster than numpy argpartition here
-                local = torch.topk(scores, k, dim=1, sorted=False).indices
-            V = torch.zeros(r, c, dtype=torch.bool, device=dev).scatter_(1, local, True)
-            return V, torch.gather(self.idx, 1, local)
-        if self.b_c <= 0:
-            return none
-        V = _group_rank(scores, self.m_c) < self.b_c
-        local = V.nonzero(as_tuple=True)[1].view(r, -1)
-        return V, torch.gather(self.idx, 1, local)
+                return torch.ones(r, c, dtype=torch.bool, device=scores.device)
+            local = torch.topk(scores, k, dim=1, sorted=False).indices
+            return torch.zeros(r, c, dtype=torch.bool, device=scores.device).scatter_(1, local, True)
+        return _group_rank(scores, self.m_c) < self.b_c
 
     def lmo(self, sc):
-        """LMO over the free budget (see :func:`lmo`) given sc = W ⊙ Q = -grad/2 (compact):
-        V_c bool and global column indices (None for the identity view)."""
-        if self.identity:
-            return lmo(-sc, self.pattern, self.free, self.budget), None
-        return self._pick(sc)
+        """FW vertex (see :func:`lmo`) given sc = W ⊙ Q = -grad/2 on the compact coordinates."""
+        return self.best(sc, positive_only=self.pattern.kind == "per-matrix")
 
-    def round(self, Zc, tiebreak):
-        """Rounded free part of the mask, full size (d_out, d_in) bool (see :func:`round_mask`)."""
-        if self.identity:
-            return round_mask(Zc, tiebreak, self.pattern, self.free, self.budget)
-        V, _ = self._pick(_rounding_key(Zc, self.gather(tiebreak)))
-        return self.scatter(V)
+    def away(self, sc, Zc):
+        """Away vertex of pairwise FW: the vertex of the smallest face containing Z (entries at 1
+        stay 1, entries at 0 stay 0) with the largest gradient, i.e. the smallest sc among the
+        fractional entries (Lacoste-Julien & Jaggi 2015, Algorithm 2, face-based as in Garber &
+        Meshi 2016)."""
+        big = torch.finfo(sc.dtype).max
+        return self.best(torch.where(Zc >= _ONE, big, -sc), eligible=Zc > 0)
+
+    def round(self, Zc, tiebreak_c):
+        """Rounded free part (compact bool): the budget's largest Z, ties by ``tiebreak_c``."""
+        return self.best(_rounding_key(Zc, tiebreak_c))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,14 +326,20 @@ class _CompactView:
 class FWResult:
     """Output of :func:`fw_solve`.
 
-    mask: (d_out, d_in) bool final mask (the better of rounded FW and warmstart).
-    error_warmstart / error_final: relative errors f(M)/||WX||^2 of the warmstart and final masks.
-    error_rounded: relative error of the rounded FW mask (before the safeguard).
-    relaxed_error: relative error of the relaxed iterate at the end.
-    iterations: FW iterations run. fw_gap: last duality gap <grad, M - V> relative to f(warm).
-    chosen: ``"fw"`` or ``"warmstart"`` (what the safeguard kept). seconds: wall time;
-    loop_seconds: time in the FW iterations only (without set-up and rounding).
+    mask: (d_out, d_in) bool final mask (per row, the best of the warmstart and the rounded
+    iterates). error_warmstart / error_final: relative errors f(M)/||WX||^2 of the warmstart and
+    final masks. error_rounded: relative error of the rounded last iterate (before the safeguard).
+    relaxed_error: relative error of the relaxed last iterate.
+    iterations: FW iterations of the row that ran longest; row_iterations: (d_out,) int64 per row
+    (per-matrix: the same for every row); at_cap: rows that stopped at the iteration cap, not at
+    the gap tolerance. fw_gap: largest remaining FW gap <-grad, V - M> of a row, relative to that
+    row's warmstart error (per-matrix: of the matrix). chosen: ``"fw"``, ``"warmstart"`` or
+    ``"fw in a/b rows"``. seconds: wall time; setup_seconds: warmstart, alpha fixing and the first
+    products; loop_seconds: the FW iterations; swap_seconds: the swap refinement; the rest of
+    ``seconds`` is rounding and the safeguard.
     history: list of (iteration, relative relaxed error, relative rounded error or None).
+    error_before_swaps: relative error of the mask before the swap refinement; swaps / swap_rounds:
+    pairs swapped and rounds run by :func:`sparsefw.swaps.swap_refine`.
     """
 
     mask: torch.Tensor
@@ -322,49 +352,40 @@ class FWResult:
     chosen: str
     seconds: float
     loop_seconds: float = 0.0
+    setup_seconds: float = 0.0
+    swap_seconds: float = 0.0
     history: list = field(default_factory=list)
+    row_iterations: torch.Tensor | None = None
+    at_cap: int = 0
+    error_before_swaps: float = 0.0
+    swaps: int = 0
+    swap_rounds: int = 0
 
 
-def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, pattern: Pattern,
-             alpha: float = 0.5, iterations: int = 100, step: str = "linesearch",
-             tol: float = 1e-2, fix: str = "row", record_at=(), round_at=None,
-             record_rounded: bool = False, incremental: bool = True) -> FWResult:
-    """SparseFW mask for one layer: warmstart, alpha trick, FW iterations, rounding, safeguard.
+class _Rows:
+    """The FW state of the rows still iterating, on compact coordinates (r rows, c columns):
+    W (weights), Z0 (warmstart), Z (relaxed mask), Q0 = ((W ⊙ (1 - M_warm)) G) and
+    P = ((W ⊙ (Z - Z0)) G), so that Q = (W ⊙ (1 - M)) G = Q0 - P; for the vanilla FW rules also
+    S = ((W ⊙ (V - Z0)) G) of the last vertex V. ``ids`` are the rows' indices in the layer."""
 
-    Algorithm 1 of arXiv 2510.13713 with the alpha trick (Sec. 3.3), plus an exact line search
-    and a duality-gap stop (our additions; ``step="harmonic"`` with ``tol=0`` is the paper's).
+    def __init__(self, **t):
+        self.__dict__.update(t)
 
-    Args:
-        W: (d_out, d_in) float weights (any float dtype; computed in float32).
-        G: (d_in, d_in) float Gram matrix X X^T of the layer's calibration inputs.
-        warm_scores: (d_out, d_in) float warmstart saliency (Wanda or RIA); the warmstart mask is
-            its top-k under ``pattern``.
-        pattern: sparsity pattern (see :func:`sparsefw.masks.parse_pattern`).
-        alpha: fraction of the warmstart's kept weights fixed, in [0, 1] (the paper uses 0.9;
-            0.5 had the best perplexity in our end-to-end sweep, see the README).
-        iterations: maximum FW iterations T.
-        step: ``"linesearch"`` (exact, closed form) or ``"harmonic"`` (eta_t = 2/(t+2), t >= 0).
-        tol: stop when the FW gap <grad f(M), M - V> <= tol * f(warmstart) (0 disables; 1e-2
-            reaches the 2000-iteration error within ~0.1%, scripts/bench_solver.py).
-        fix: ``"row"`` or ``"group"`` (N:M only), see :func:`split_fixed`.
-        record_at: iterations at which to record the relaxed error in ``history``.
-        round_at: iterations whose rounded iterate is a candidate mask (default: 1, 2, 4, 8, ...
-            up to ``iterations``; the final iterate always is). Each row keeps
-            its best candidate, the warmstart included, so the result is never worse than the
-            warmstart in any row.
-        record_rounded: also round and evaluate at each record (costs one dense GEMM each).
-        incremental: update P = (W ⊙ M) G with the sparse product (W ⊙ V_z) G (default); False
-            recomputes (W ⊙ (1-M)) G with a dense GEMM every iteration (the reference, for
-            benchmarks; same iterates up to float rounding).
-    Returns:
-        :class:`FWResult`.
-    Raises:
-        SparseFWError: bad step rule, alpha, fix mode, shapes, N:M not dividing d_in, or
-            non-finite W/G.
-    """
-    t0 = time.perf_counter()
+    def keep(self, keep: torch.Tensor) -> None:
+        for k, v in list(self.__dict__.items()):
+            if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == keep.shape[0]:
+                setattr(self, k, v[keep])
+        self.view = self.view.subset(keep)
+
+
+def _check_solver_args(W, G, pattern, step, tol, iterations):
     if step not in STEP_RULES:
         raise SparseFWError(f"unknown step rule '{step}': use one of {', '.join(STEP_RULES)}")
+    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise SparseFWError(f"tol must be a number >= 0 (FW gap relative to the warmstart error, "
+                            f"e.g. 0.01; 0 runs every row to the iteration cap), got {tol!r}")
+    if not isinstance(iterations, int) or iterations < 0:
+        raise SparseFWError(f"iterations must be an integer >= 0, got {iterations!r}")
     if W.dim() != 2 or G.shape != (W.shape[1], W.shape[1]):
         raise SparseFWError(f"shape mismatch: W {tuple(W.shape)} needs G of shape "
                             f"({W.shape[1]}, {W.shape[1]}), got {tuple(G.shape)}")
@@ -373,110 +394,223 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
     G = G.detach().float().contiguous()
     if not (torch.isfinite(W).all() and torch.isfinite(G).all()):
         raise SparseFWError("weights or Gram matrix contain NaN/Inf; check the model and calibration data")
+    return W, G
 
+
+def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, pattern: Pattern,
+             alpha: float = 0.5, iterations: int = 300, step: str = "pairwise",
+             tol: float = 1e-2, fix: str = "row", record_at=(), round_at=None,
+             record_rounded: bool = False, incremental: bool = True,
+             dense_above: float = DENSE_ABOVE, dense_norm: float | None = None,
+             swaps: int = 50, working_set: int = 16) -> FWResult:
+    """SparseFW mask for one layer: warmstart, alpha trick, FW iterations, rounding, safeguard.
+
+    Algorithm 1 of arXiv 2510.13713 with the alpha trick (Sec. 3.3). Our additions: the objective
+    and the constraints separate by output row (unstructured, N:M), so every row takes its own
+    exact line-search step and leaves the iteration when its FW gap is below ``tol`` times its
+    own warmstart error; the default direction is pairwise FW (Lacoste-Julien & Jaggi, NeurIPS
+    2015, Algorithm 2; the face-based away vertex of Garber & Meshi, NeurIPS 2016), which moves
+    mass between two vertices and converges linearly where vanilla FW is sublinear. Products with
+    G are updated by the sparse change of the iterate (:func:`gram_product`), so an iteration
+    costs O(d_out * d_in) plus nnz(change) * d_in, not a d_out x d_in x d_in GEMM.
+    ``step="harmonic"`` with ``tol=0`` is the paper's rule.
+
+    Args:
+        W: (d_out, d_in) float weights (any float dtype; computed in float32 on W's device).
+        G: (d_in, d_in) float Gram matrix X X^T of the layer's calibration inputs.
+        warm_scores: (d_out, d_in) float warmstart saliency (Wanda or RIA); the warmstart mask is
+            its top-k under ``pattern``.
+        pattern: sparsity pattern (see :func:`sparsefw.masks.parse_pattern`).
+        alpha: fraction of the warmstart's kept weights fixed, in [0, 1] (the paper uses 0.9).
+        iterations: cap on the FW iterations of a row (a safety net: rows normally stop at ``tol``).
+        step: ``"pairwise"`` (pairwise FW, exact line search), ``"linesearch"`` (vanilla FW,
+            exact line search) or ``"harmonic"`` (vanilla FW, eta_t = 2/(t+2), t >= 0).
+            ``per-matrix`` always uses a vanilla direction (its LMO is not a fixed-size vertex).
+        tol: a row stops when its FW gap <-grad f(M), V - M> <= tol * (its warmstart error)
+            (per-matrix: of the whole matrix); 0 runs to the cap.
+        fix: ``"row"`` or ``"group"`` (N:M only), see :func:`split_fixed`.
+        record_at: iterations at which to record the relaxed error in ``history``.
+        round_at: iterations whose rounded iterate is a candidate mask (default 1, 2, 4, 8, ...;
+            the last iterate always is). Each row keeps its best candidate, the warmstart
+            included, so the result is never worse than the warmstart in any row.
+        record_rounded: also round and evaluate at each record.
+        incremental: update the products by the sparse change (default); False recomputes
+            (W ⊙ (Z - Z0)) G with a dense GEMM every iteration (the reference for tests and
+            benchmarks; same iterates up to float rounding).
+        dense_above: see :func:`gram_product`.
+        dense_norm: ||W X||_F^2 if the caller has it (saves one GEMM), else computed.
+        swaps: rounds of exact swap refinement of the final mask (:func:`sparsefw.swaps.swap_refine`;
+            0 = the FW mask as is; not for ``per-matrix``). working_set: its K.
+    Returns:
+        :class:`FWResult`.
+    Raises:
+        SparseFWError: bad step rule, tol, iterations, alpha, fix mode, shapes, N:M not dividing
+            d_in, or non-finite W/G.
+    """
+    t0 = time.perf_counter()
+    W, G = _check_solver_args(W, G, pattern, step, tol, iterations)
+    per_row = pattern.kind != "per-matrix"
+    pairwise = step == "pairwise" and per_row
     warm = select(warm_scores, pattern)
     fixed, budget = split_fixed(warm, warm_scores, pattern, alpha, fix)
-    free = ~fixed
+    view = _CompactView.build(~fixed, pattern, budget, fix)
     d_out, d_in = W.shape
-    view = _CompactView.build(W, free, pattern, budget, fix)
+    dev = W.device
 
-    A = W @ G                                   # W G
-    PF = (W * fixed) @ G                        # (W ⊙ F) G, fixed part
+    def seg_sum(T):  # per-row sums (per-matrix: one sum), float64
+        return T.sum(1, dtype=torch.float64) if per_row else T.sum(dtype=torch.float64).view(1)
+
+    def product(E, cols, dense=False):
+        return gram_product(E, G, cols, 0.0 if dense or not incremental else dense_above)
+
+    R0 = W * ~warm                                           # residual of the warmstart
+    Q0 = R0 @ G                                              # the one d_out x d_in x d_in GEMM
+    f_warm_rows = (R0 * Q0).sum(1, dtype=torch.float64)
+    denom = max(dense_output_norm(W, G) if dense_norm is None else float(dense_norm), 1e-300)
+    del R0
     Wc = view.gather(W)
-    Zc = view.gather((warm & free).float())
-    Pz = masked_gram_product(W, G, warm & free)  # (W ⊙ Z) G
-    AFc = view.gather(A - PF)
-    Pzc = view.gather(Pz)
-    del Pz
-    Fc = view.gather(fixed.float()) if view.identity else None
-    denom = max(_dot(A, W), 1e-300)
+    tie = view.gather(warm_scores.float())
+    Z0 = view.gather((warm & ~fixed).float())
+    st = _Rows(ids=torch.arange(d_out, device=dev), W=Wc, Z0=Z0, Z=Z0.clone(), Q0=view.gather(Q0),
+               P=torch.zeros_like(Wc), fw=seg_sum(Wc * (1.0 - Z0) * view.gather(Q0)), view=view)
+    if not pairwise:
+        st.S, st.V = torch.zeros_like(Wc), Z0.clone()
+    # every row keeps its best candidate mask (per-matrix: the whole matrix)
+    best_err = st.fw.clone()
+    best_free = Z0.bool()
+    full = _Rows(ids=st.ids, W=Wc, Z0=Z0, Q0=st.Q0, view=view, tie=tie)  # all rows, for rounding
 
-    def f_relaxed(Qc):  # f(M) = <W ⊙ (1-M), (W ⊙ (1-M)) G>, only free entries have 1-M != 0
-        R = Wc * (1.0 - Zc - Fc) if Fc is not None else Wc * (1.0 - Zc)
-        return _dot(R, Qc)
+    def evaluate(rows: _Rows, Mc: torch.Tensor) -> torch.Tensor:
+        """Errors of candidate free masks Mc for ``rows``: f = f_warm + 2 <d, Q0> + d^T G d with
+        the sparse change d = W ⊙ (Z0 - Mc) of the residual."""
+        dlt = rows.W * (rows.Z0 - Mc.float())
+        return (f_warm_rows[rows.ids] if per_row else f_warm_rows.sum().view(1)) + \
+            seg_sum(dlt * (2.0 * rows.Q0 + product(dlt, rows.view.idx)))
 
-    def full_Q():  # dense reference: (W ⊙ (1-M)) G recomputed with one GEMM
-        return view.gather((W * (1.0 - fixed.float() - view.scatter(Zc))) @ G)
-
-    def current_Q():  # (W ⊙ (1-M)) G on the free entries: A - P_F - P_z, or the dense recompute
-        return AFc - Pzc if incremental else Qc
-
-    Qc = AFc - Pzc
-    f_warm = f_relaxed(Qc)
-    f_cur = f_warm
-    history: list = []
-    gap = 0.0
-    steps = 0
-    # Candidate roundings: the warmstart, the rounded iterate at log-spaced iterations and at the
-    # end. f is a sum over rows and every row has its own budget (unstructured, N:M), so each row
-    # keeps its best candidate ("per-row safeguard"); per-matrix keeps the best whole mask.
-    per_row = pattern.kind != "per-matrix"
-    best_mask = warm.clone()
-    best_err = row_errors(W, G, warm) if per_row else torch.tensor([reconstruction_error(W, G, warm)], dtype=torch.float64)
-    round_at = set(round_at) if round_at is not None else \
-        {2 ** j for j in range(0, 20) if 2 ** j <= iterations}
-
-    def keep_better(cand):
-        nonlocal best_mask, best_err
-        e = row_errors(W, G, cand) if per_row else torch.tensor([reconstruction_error(W, G, cand)], dtype=torch.float64)
-        better = e < best_err
+    def keep_better(rows: _Rows, Mc: torch.Tensor):
+        nonlocal best_free
+        e = evaluate(rows, Mc)
         if per_row:
-            best_mask[better] = cand[better]
-        elif bool(better[0]):
-            best_mask = cand
-        best_err = torch.minimum(best_err, e)
+            better = e < best_err[rows.ids]
+            ids = rows.ids[better]
+            best_err[ids] = e[better]
+            best_free[ids] = Mc[better]
+        elif bool(e[0] < best_err[0]):
+            best_err[0], best_free = e[0], Mc
+        return e
+
+    n_seg = d_out if per_row else 1
+    if not per_row:
+        best_err = best_err.sum().view(1)
+    Z_out = st.Z.clone()                                     # final relaxed Z of every row
+    f_relaxed = st.fw.clone()                                # relaxed errors, per segment
+    gap_rel = torch.zeros(n_seg, dtype=torch.float64, device=dev)
+    row_iters = torch.full((n_seg,), iterations, dtype=torch.int64, device=dev)
+    round_at = set(round_at) if round_at is not None else {2 ** j for j in range(0, 20) if 2 ** j <= iterations}
+    history: list = []
+    trivial = view.width == 0 or not bool(st.fw.gt(0).any())
 
     t_loop = time.perf_counter()
-    WAFc = Wc * AFc                             # s = W ⊙ Q = W ⊙ (A - P_F) - W ⊙ P_z = -grad / 2
+    setup_seconds = t_loop - t0
+    steps = 0
+    live = torch.ones(st.W.shape[0] if per_row else 1, dtype=torch.bool, device=dev)
     for it in range(1, iterations + 1):
-        sc = torch.addcmul(WAFc, Wc, Pzc, value=-1.0) if incremental else Wc * Qc
-        Vc, cols = view.lmo(sc)
-        Vf = Vc.float()
-        Dc = Vf - Zc
-        num = _dot(sc, Dc)                      # <W ⊙ D, Q>; the FW gap <grad, M - V> = 2 num
-        gap = 2.0 * num
-        if tol > 0 and gap <= tol * max(f_warm, 1e-300):
+        if trivial:
+            row_iters.zero_()
             break
-        if incremental:                         # (W ⊙ V_z) G: nnz(V_z) * d_in flops
-            Sc = view.gather(_bag(W, G, cols, Vc, view))
-        if step == "linesearch":
-            Ec = Wc * Dc
-            if incremental:                     # (W ⊙ D) G = S - P_z
-                den = _dot(Ec, Sc) - _dot(Ec, Pzc)
-            else:                               # dense reference: one more GEMM
-                den = _dot(Ec, view.gather(view.scatter(Ec) @ G))
-            eta = min(max(num / den, 0.0), 1.0) if den > 0 else (1.0 if num > 0 else 0.0)
-            if eta <= 0.0:
+        Q = st.Q0 - st.P
+        sc = st.W * Q                                        # -grad / 2 on the free coordinates
+        V = st.view.lmo(sc).float()
+        gap = 2.0 * seg_sum(sc * (V - st.Z))
+        finished = live & (gap <= tol * st.fw)
+        gid = st.ids if per_row else torch.zeros(1, dtype=torch.int64, device=dev)
+        gap_rel[gid] = gap / st.fw.clamp_min(1e-300)
+        if bool(finished.any()):
+            row_iters[gid[finished]] = it - 1
+            live &= ~finished
+            if not bool(live.any()):
                 break
+            if per_row and int((~live).sum()) >= max(1, live.numel() // 10):  # drop finished rows
+                Z_out[st.ids[~live]] = st.Z[~live]
+                f_relaxed[st.ids[~live]] = seg_sum(st.W * (1.0 - st.Z) * Q)[~live]
+                sc, V = sc[live], V[live]
+                st.keep(live)
+                live = torch.ones(st.W.shape[0], dtype=torch.bool, device=dev)
+        if pairwise:
+            D = V - st.view.away(sc, st.Z).float()
+            gmax = torch.minimum(torch.where(D > 0, 1.0 - st.Z, 2.0).amin(1),
+                                 torch.where(D < 0, st.Z, 2.0).amin(1)).double().clamp_max(1.0)
+            E = st.W * D
+            H = product(E, st.view.idx)
         else:
-            eta = 2.0 / (it - 1 + 2)
-        steps = it
-        fw_update(Zc, Vf, eta)
+            D = V - st.Z
+            E = st.W * D
+            if incremental:                                  # S += (W ⊙ (V - V_prev)) G
+                st.S += product(st.W * (V - st.V), st.view.idx)
+                st.V = V
+                H = st.S - st.P                              # (W ⊙ (V - Z)) G
+            else:
+                H = product(E, st.view.idx, dense=True)
+            gmax = torch.ones(st.W.shape[0] if per_row else 1, dtype=torch.float64, device=dev)
+        if step == "harmonic":
+            eta = torch.full_like(gmax, 2.0 / (it + 1))
+        else:
+            num, den = seg_sum(sc * D), seg_sum(E * H)
+            eta = torch.where(den > 0, (num / den.clamp_min(1e-300)).clamp(min=0.0),
+                              torch.where(num > 0, 1.0, 0.0))
+            eta = torch.minimum(eta, gmax)
+        eta = torch.where(live, eta, 0.0).float().view(-1, 1)
+        st.Z.add_(eta * D)
+        if pairwise:                                         # entries that reached a bound sit on it
+            st.Z.clamp_(0.0, 1.0).masked_fill_(st.Z >= _ONE, 1.0)
         if incremental:
-            Pzc.mul_(1.0 - eta).add_(Sc, alpha=eta)
+            st.P.add_(eta * H)
         else:
-            Qc = full_Q()
-        if it in round_at:
-            keep_better(fixed | view.round(Zc, warm_scores))
+            st.P = product(st.W * (st.Z - st.Z0), st.view.idx, dense=True)
+        steps = it
+        if it in round_at or (it in record_at and record_rounded):
+            Mc = st.view.round(st.Z, full.tie[st.ids])
+            er = keep_better(st, Mc)
         if it in record_at:
-            f_cur = f_relaxed(current_Q())
+            fr = f_relaxed.clone()
+            fr_live = seg_sum(st.W * (1.0 - st.Z) * (st.Q0 - st.P))
+            fr[st.ids if per_row else 0] = fr_live
             rr = None
             if record_rounded:
-                Mr = fixed | view.round(Zc, warm_scores)
-                rr = reconstruction_error(W, G, Mr) / denom
-            history.append((it, f_cur / denom, rr))
+                ee = best_err.clone()
+                ee[st.ids if per_row else 0] = er
+                rr = float(ee.sum()) / denom
+            history.append((it, float(fr.sum()) / denom, rr))
     t_loop = time.perf_counter() - t_loop
-    f_cur = f_relaxed(current_Q())
-    rounded = fixed | view.round(Zc, warm_scores)
-    f_round = reconstruction_error(W, G, rounded)
-    keep_better(rounded)
-    f_warm_exact = reconstruction_error(W, G, warm)
-    mask = best_mask
-    f_final = reconstruction_error(W, G, mask)
+    if not trivial:
+        Z_out[st.ids] = st.Z
+        f_relaxed[st.ids if per_row else 0] = seg_sum(st.W * (1.0 - st.Z) * (st.Q0 - st.P))
+    if per_row:
+        row_iters[st.ids[live]] = steps
+    # the last iterate of every row is a candidate; rows that finished early were frozen
+    last = full.view.round(Z_out, full.tie)
+    f_round = keep_better(full, last)
+    at_cap = int((row_iters >= iterations).sum()) if iterations > 0 and not trivial else 0
+    mask = fixed | view.scatter(best_free)
+    f_before_swaps = float(best_err.sum())
+    t_swaps = time.perf_counter()
+    swap = None
+    if swaps > 0 and per_row and not trivial:                # exact swap refinement of the mask
+        Qm = Q0 - gram_product(W * (mask.float() - warm.float()), G, None, dense_above)
+        swap = swap_refine(W, G, mask, pattern, Q=Qm, max_rounds=swaps, working_set=working_set)
+        mask = swap.mask
+        best_err = best_err + swap.delta
+    t_swaps = time.perf_counter() - t_swaps
     changed = int((mask != warm).any(dim=1).sum())
-    chosen = "warmstart" if changed == 0 else ("fw" if per_row is False or changed == W.shape[0] else
-                                               f"fw in {changed}/{W.shape[0]} rows")
-    return FWResult(mask=mask, error_warmstart=f_warm_exact / denom, error_final=f_final / denom,
-                    error_rounded=f_round / denom, relaxed_error=f_cur / denom, iterations=steps,
-                    fw_gap=gap / max(f_warm, 1e-300), chosen=chosen,
-                    seconds=time.perf_counter() - t0, loop_seconds=t_loop, history=history)
+    chosen = "warmstart" if changed == 0 else ("fw" if not per_row or changed == d_out else
+                                               f"fw in {changed}/{d_out} rows")
+    ri = row_iters if per_row else row_iters.expand(d_out).clone()
+    return FWResult(mask=mask, error_warmstart=float(f_warm_rows.sum()) / denom,
+                    error_final=float(best_err.sum()) / denom, error_rounded=float(f_round.sum()) / denom,
+                    relaxed_error=float(f_relaxed.sum()) / denom, iterations=int(ri.max()) if d_out else 0,
+                    fw_gap=float(gap_rel.max()) if n_seg else 0.0, chosen=chosen,
+                    seconds=time.perf_counter() - t0, loop_seconds=t_loop, setup_seconds=setup_seconds,
+                    swap_seconds=t_swaps, history=history,
+                    row_iterations=ri, at_cap=at_cap if per_row else (d_out if at_cap else 0),
+                    error_before_swaps=f_before_swaps / denom, swaps=swap.swaps if swap else 0,
+                    swap_rounds=swap.iterations if swap else 0)

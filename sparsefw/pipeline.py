@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -39,14 +39,15 @@ class PruneConfig:
     """
 
     method: str = "sparsefw"
-    sparsity: float = 0.5
+    sparsity: float | None = None  # None: 0.5, or 1 - N/M for an N:M pattern (set by validate)
     pattern: str = "unstructured"
     warmstart: str = "wanda"
     alpha: float = 0.5         # best perplexity of the 60% alpha sweep (README)
     fix: str = "row"           # "row" | "group" (N:M only); row measured better at 2:4 (README)
-    iterations: int = 100
-    step: str = "linesearch"
-    tol: float = 1e-2          # FW gap stop, relative to f(warmstart): scripts/bench_solver.py
+    iterations: int = 0        # FW iterations before the swaps: they paid <= 0.2% layer error at 2-5x the solve time (README, Solver)
+    step: str = "linesearch"   # vanilla FW with a per-row exact line search (pairwise measured slower to converge)
+    tol: float = 1e-2          # a row stops when its FW gap <= tol * (its warmstart error)
+    swaps: int = 50            # rounds of exact swap refinement (0 = the FW/warmstart mask as is): sparsefw/swaps.py
     reconstruct: bool = False
     percdamp: float = 0.01
     blocksize: int = 128
@@ -77,19 +78,37 @@ class PruneConfig:
             raise SparseFWError(f"alpha must be in [0, 1] (fraction of warmstart weights fixed), got {self.alpha!r}")
         if int(self.iterations) < 0:
             raise SparseFWError(f"iterations must be >= 0, got {self.iterations}")
+        if int(self.swaps) < 0:
+            raise SparseFWError(f"swaps must be >= 0 (rounds of swap refinement; 0 = off), got {self.swaps}")
+        try:
+            tol = float(self.tol)
+        except (TypeError, ValueError):
+            tol = float("nan")
+        if not math.isfinite(tol) or tol < 0:
+            raise SparseFWError(f"tol must be a number >= 0 (FW gap relative to the warmstart error, e.g. 0.01), "
+                                f"got {self.tol!r}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
         if self.bos not in BOS_MODES:
             raise SparseFWError(f"unknown BOS mode '{self.bos}': use one of {', '.join(BOS_MODES)}")
         if int(self.nsamples) < 1 or int(self.seqlen) < 2:
             raise SparseFWError(f"nsamples must be >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
+        if ":" in str(self.pattern):
+            pat = parse_pattern(self.pattern)
+            if self.sparsity is not None and abs(float(self.sparsity) - pat.sparsity) > 1e-9:
+                raise SparseFWError(f"the N:M pattern {pat} fixes the sparsity at {pat.sparsity:.0%}; "
+                                    f"drop --sparsity {self.sparsity} (or use --pattern unstructured)")
+            self.sparsity = pat.sparsity
+            return pat
+        if self.sparsity is None:
+            self.sparsity = 0.5
         return parse_pattern(self.pattern, self.sparsity)
 
     def report_fields(self) -> dict:
         """The fields as a report dict; the SparseFW-only ones are None for the other methods."""
         d = asdict(self)
         if self.method != "sparsefw":
-            for k in ("warmstart", "alpha", "fix", "iterations", "step", "tol"):
+            for k in ("warmstart", "alpha", "fix", "iterations", "step", "tol", "swaps"):
                 d[k] = None
         return d
 
@@ -113,6 +132,31 @@ class LayerReport:
     chosen: str = ""
     error_before_reconstruct: float | None = None
     seconds: float = 0.0
+    at_cap: int = 0
+    swaps: int = 0
+    error_before_swaps: float | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def _iteration_summary(its: list) -> dict:
+    """Mean, p50, p90 and max of the layers' FW iterations (the longest row of each layer)."""
+    if not its:
+        return {"mean": 0.0, "p50": 0, "p90": 0, "max": 0}
+    s = sorted(its)
+    return {"mean": sum(s) / len(s), "p50": s[len(s) // 2], "p90": s[min(len(s) - 1, int(0.9 * len(s)))],
+            "max": s[-1]}
+
+
+def _timings(timer: dict, reports: list, total: float) -> dict:
+    """Seconds per part of a prune: calibration forward, Gram accumulation (this process), the
+    layers' warmstart / FW iterations / rounding / swaps / reconstruction / solve (the method's
+    own work) / reporting (errors for the report), and the rest (reductions, placement)."""
+    out = dict(timer)
+    for r in reports:
+        for k, v in r.timings.items():
+            out[k] = out.get(k, 0.0) + v
+    out["other"] = max(total - sum(out.values()), 0.0)
+    return out
 
 
 def _block_forward(block, h, extra):
@@ -148,41 +192,63 @@ def solve_layer(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, cfg: PruneCo
     wanda = wanda_scores(W, col_norms)
     scores_of = {"magnitude": lambda: magnitude_scores(W), "wanda": lambda: wanda,
                  "ria": lambda: ria_scores(W, col_norms)}
-    wanda_mask = select(wanda, pattern)
+    t1 = time.perf_counter()
     denom = max(dense_output_norm(W, Gf), 1e-300)
-    err_wanda = reconstruction_error(W, Gf, wanda_mask) / denom
-    info = {"iterations": 0, "fw_gap": 0.0, "chosen": cfg.method, "error_wanda": err_wanda}
+    timings = {"reporting": time.perf_counter() - t1}      # seconds per part (scripts/bench_prune.py)
+    err_wanda = None
+    info = {"iterations": 0, "fw_gap": 0.0, "chosen": cfg.method}
     W_new = None
+    err_final = None                                         # known without another GEMM
     if cfg.method == "sparsegpt":
         from .sparsegpt_sparsify import sparsegpt_prune
 
         W_new, mask = sparsegpt_prune(W, G, pattern, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
-        info["error_warmstart"] = err_wanda
     elif cfg.method == "sparsefw":
         res = fw_solve(W, Gf, scores_of[cfg.warmstart](), pattern, alpha=float(cfg.alpha),
-                       iterations=int(cfg.iterations),
-                       step=cfg.step, tol=float(cfg.tol), fix=cfg.fix_mode(pattern))
+                       iterations=int(cfg.iterations), step=cfg.step, tol=float(cfg.tol),
+                       fix=cfg.fix_mode(pattern), swaps=int(cfg.swaps), dense_norm=denom)
         mask = res.mask
         info.update(iterations=res.iterations, fw_gap=res.fw_gap, chosen=res.chosen,
-                    error_warmstart=res.error_warmstart)
+                    error_warmstart=res.error_warmstart, at_cap=res.at_cap, swaps=res.swaps,
+                    error_before_swaps=res.error_before_swaps)
+        timings.update(warmstart=res.setup_seconds, fw_iterations=res.loop_seconds, swaps=res.swap_seconds,
+                       rounding=res.seconds - res.setup_seconds - res.loop_seconds - res.swap_seconds)
+        if cfg.warmstart == "wanda":
+            err_wanda = res.error_warmstart                  # the warmstart is Wanda's mask
+        err_final = res.error_final
     else:
-        mask = wanda_mask if cfg.method == "wanda" else select(scores_of[cfg.method](), pattern)
-        info["error_warmstart"] = reconstruction_error(W, Gf, mask) / denom
+        mask = select(scores_of[cfg.method](), pattern)
+        info["error_warmstart"] = err_final = reconstruction_error(W, Gf, mask) / denom
+        if cfg.method == "wanda":
+            err_wanda = err_final
+    if err_wanda is None:
+        t1 = time.perf_counter()
+        err_wanda = reconstruction_error(W, Gf, select(wanda, pattern)) / denom
+        timings["reporting"] += time.perf_counter() - t1
+    info["error_wanda"] = err_wanda
+    info.setdefault("error_warmstart", err_wanda)
     if W_new is None:
         W_new = W * mask
     if cfg.reconstruct and cfg.method != "sparsegpt":
         from .reconstruct import reconstruct_weights
 
-        info["error_before_reconstruct"] = weight_error(W, Gf, W_new) / denom
+        info["error_before_reconstruct"] = err_final
+        t1 = time.perf_counter()
         W_new = reconstruct_weights(W, G, mask, percdamp=cfg.percdamp).float() * mask
-    info["error_final"] = weight_error(W, Gf, W_new) / denom
+        timings["reconstruction"] = time.perf_counter() - t1
+        err_final = None
+    t1 = time.perf_counter()
+    info["error_final"] = weight_error(W, Gf, W_new) / denom if err_final is None else err_final
+    timings["reporting"] = timings.get("reporting", 0.0) + time.perf_counter() - t1
+    timings["solve"] = time.perf_counter() - t0 - sum(timings.values())
+    info["timings"] = timings
     info["seconds"] = time.perf_counter() - t0
     return W_new, mask, info
 
 
 @torch.no_grad()
 def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | None = None,
-                          first: int = 0, chunk: int = GRAM_CHUNK) -> dict:
+                          first: int = 0, chunk: int = GRAM_CHUNK, timer: dict | None = None) -> dict:
     """Run a block on its calibration inputs and accumulate every Linear layer's Gram matrix.
 
     G = sum over calibration tokens of x x^T, computed per sample in float32 and summed in float64
@@ -198,6 +264,8 @@ def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | Non
             (args, kwargs) from :func:`capture_block_inputs`. names: module id -> full name (errors).
         first: global index of ``inps[0]`` among all calibration windows (chunks are global).
         chunk: windows per plain float64 chunk (:data:`sparsefw.distributed.GRAM_CHUNK`).
+        timer: optional dict; its ``"gram"`` entry is increased by the seconds spent in the
+            Gram products (the rest of the call is the block's forward).
     Returns: {layer name within the block: (hi, lo)}, two (d_in, d_in) float64 tensors on the
         layer's device (the same tensor objects for layers that share an input).
     Raises: SparseFWError on NaN/Inf activations.
@@ -219,6 +287,7 @@ def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | Non
                 return
             g = group.setdefault(lname, lname)
             seen[id(x)] = (x, g)
+            t = time.perf_counter()
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
             _check_finite(x2, f"layer {(names or {}).get(id(mod), lname)}")
             inc = (x2.t() @ x2).double()
@@ -226,6 +295,8 @@ def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | Non
                 acc[g] = [inc, torch.zeros_like(inc), torch.zeros_like(inc)]
             else:
                 acc[g][0] += inc
+            if timer is not None:
+                timer["gram"] = timer.get("gram", 0.0) + time.perf_counter() - t
         return hook
 
     handles = [l.register_forward_hook(make_hook(n)) for n, l in layers.items()]
@@ -323,7 +394,9 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     home = model.get_input_embeddings().weight.device
     place_embeddings(model, blocks, device)
     mine = window_range(windows.shape[0], ranks, GRAM_CHUNK)
+    t1 = time.perf_counter()
     inps, extra = capture_block_inputs(model, blocks, windows[list(mine)], store)
+    timer = {"calibration_forward": time.perf_counter() - t1, "gram": 0.0}   # seconds per part
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(blocks)), desc=f"{cfg.method} {pattern if pattern.kind == 'nm' else cfg.sparsity}",
                unit="block", disable=not (progress and ranks.is_main))
@@ -333,7 +406,9 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
         with ctx:                             # sequential onloading: one block on the device
             error = None
             try:
-                pairs = accumulate_gram_pairs(block, inps, extra[bi], names, first=mine.start)
+                t1, g0 = time.perf_counter(), timer["gram"]
+                pairs = accumulate_gram_pairs(block, inps, extra[bi], names, first=mine.start, timer=timer)
+                timer["calibration_forward"] += time.perf_counter() - t1 - (timer["gram"] - g0)
             except SparseFWError as e:
                 pairs, error = None, e
             raise_if_any(error, ranks)
@@ -359,6 +434,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
                 info = broadcast_object(infos.get(lname), owner[lname], ranks)
                 reports.append(LayerReport(name=names[id(layer)], shape=list(get_weight(layer).shape), **info))
             new_inps, error = [], None
+            t1 = time.perf_counter()
             try:
                 for h in inps:
                     o = _block_forward(block, h.to(device), extra[bi])
@@ -368,6 +444,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
                 error = e
             raise_if_any(error, ranks)
             inps = new_inps
+            timer["calibration_forward"] += time.perf_counter() - t1
         done = reports[-len(layers):]
         bar.set_postfix(err=f"{sum(r.error_final for r in done) / len(done):.4f}",
                         wanda=f"{sum(r.error_wanda for r in done) / len(done):.4f}")
@@ -382,4 +459,8 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
             "error_reduction_vs_wanda": 1.0 - mf / mw if mw > 0 else 0.0,
             "geomean_ratio_vs_wanda": geo,
             "layers_fw_kept": sum(1 for r in reports if r.chosen == "fw"),
+            "fw_iterations": _iteration_summary([r.iterations for r in reports]),
+            "layers_at_iteration_cap": sum(1 for r in reports if r.at_cap > 0),
+            "swaps": sum(r.swaps for r in reports),
+            "timings": _timings(timer, reports, time.perf_counter() - t0),
             "calibration_tokens": int(windows.numel()), "processes": ranks.world}

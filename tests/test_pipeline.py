@@ -67,7 +67,7 @@ def test_every_architecture_exact_sparsity_and_reload(tmp_path, tokenizer, arch)
                                             ("sparsefw", "2:4"), ("sparsefw", "per-matrix")])
 def test_methods_and_patterns(tokenizer, method, pattern):
     m = tiny_model("llama", len(tokenizer))
-    rep = prune_model(m, tokenizer, PruneConfig(method=method, pattern=pattern, sparsity=0.6,
+    rep = prune_model(m, tokenizer, PruneConfig(method=method, pattern=pattern, sparsity=None if ":" in pattern else 0.6,
                                                 **small(warmstart="ria")), progress=False)
     for block in decoder_blocks(m):
         for _, layer in prunable_layers(block).items():
@@ -133,6 +133,9 @@ BAD = [
     (["--calib", "short.txt"], "fewer than nsamples"),
     (["--calib", "empty.txt"], "empty"),
     (["--calib", "nowhere.txt"], "unknown text source"),
+    (["--tol", "-1"], "tol must be"),
+    (["--swaps", "-1"], "swaps must be"),
+    (["--pattern", "2:4", "--sparsity", "0.9"], "fixes the sparsity at 50%"),
 ]
 
 
@@ -151,6 +154,16 @@ def test_bad_input_exit_2_nothing_written(tmp_path, tokenizer, capsys, args, msg
     assert code == 2
     assert err.startswith("error:") and msg.lower() in err.lower(), err
     assert not out.exists()
+
+
+def test_no_sparsity_with_alpha_one_is_honoured(tmp_path, tokenizer, capsys):
+    # issue 14: --sparsity 0 --alpha 1 used to die inside the rounding (no free entries)
+    src, _ = save_tiny(tmp_path, tokenizer, "llama")
+    out = tmp_path / "o"
+    assert run_cli("prune", "--model", str(src), "--sparsity", "0", "--alpha", "1", "--iterations", "5",
+                   "--nsamples", "2", "--seqlen", "16", "--output", str(out), "--no-eval-ppl") == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["achieved_sparsity"] == 0.0 and rep["mean_error_final"] == 0.0
 
 
 def test_non_empty_output_and_file_output(tmp_path, tokenizer, capsys):

@@ -1,0 +1,162 @@
+"""Swap refinement of a binary mask (pure tensor functions): exact local search, one output row at
+a time in parallel.
+
+For one row w (d_in,) with mask m and Gram matrix G, the pruning error is f = r^T G r with the
+residual r = w ⊙ (1 - m). Keeping a pruned weight j and pruning a kept weight l changes the
+residual by d = -w_j e_j + w_l e_l, so with q = G r (kept up to date)
+
+    delta f = 2 d^T q + d^T G d = (w_j^2 G_jj - 2 w_j q_j) + (w_l^2 G_ll + 2 w_l q_l) - 2 w_j w_l G_jl,
+
+which is exact and costs O(1) per pair once q is known. Every iteration takes, in every row, the
+best keep-candidate j and the best prune-candidate l (per group of m for N:M, so that every group
+keeps n), plus up to ``pairs`` further disjoint pairs; the whole set is applied when its exact
+change d^T (2q + G d) (a (2s x 2s) block of G) beats the best single pair, else the best pair
+alone, and only when it lowers f. q is then updated with a gather of 2s rows of G (O(s d_in)).
+A row stops when no pair improves it; f never increases, so the result is never worse than the
+input mask in any row.
+
+This is the 1-swap local search that SparseSwaps (Zimmer et al., 2025, "SparseSwaps: tractable LLM
+pruning mask refinement at scale", arXiv 2512.10922) runs on top of a warmstart mask; here it
+refines the rounded SparseFW mask (SparseFW, arXiv 2510.13713, Eq. 2 is the objective).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SparseFWError
+from .masks import Pattern
+
+
+@dataclass
+class SwapResult:
+    """mask: (d_out, d_in) bool refined mask (same pattern). delta: (d_out,) float64 change of each
+    row's error (<= 0, squared activation units). iterations: rounds run. swaps: pairs applied."""
+
+    mask: torch.Tensor
+    delta: torch.Tensor
+    iterations: int
+    swaps: int
+
+
+def _candidates(W, Q, W2dg, M, pattern: Pattern, K: int):
+    """Working set of a round: (r, 2K) global columns, the first K pruned ("keep" candidates),
+    the last K kept ("prune" candidates), chosen by their single-entry changes. Unstructured:
+    the K best of each kind in the row; N:M: the best keep/prune pair of each group, the K best
+    groups (candidate t pairs with candidate K + t)."""
+    WQ2 = 2.0 * W * Q
+    inf = torch.tensor(float("inf"), dtype=W.dtype, device=W.device)
+    keep_gain = torch.where(M, inf, W2dg - WQ2)       # change of f when keeping j (pruned now)
+    prune_cost = torch.where(M, W2dg + WQ2, inf)      # change of f when pruning l (kept now)
+    r, d_in = W.shape
+    if pattern.kind == "nm":
+        g = d_in // pattern.m
+        a, ja = keep_gain.view(r, g, pattern.m).min(-1)
+        c, lc = prune_cost.view(r, g, pattern.m).min(-1)
+        base = torch.arange(g, device=W.device) * pattern.m
+        grp = torch.topk(-(a + c), min(K, g), dim=1).indices
+        return torch.cat([(base + ja).gather(1, grp), (base + lc).gather(1, grp)], 1)
+    k = max(1, min(K, int(M.sum(1).min()), int((~M).sum(1).min())))
+    return torch.cat([torch.topk(-keep_gain, k, dim=1).indices, torch.topk(-prune_cost, k, dim=1).indices], 1)
+
+
+def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: Pattern,
+                Q: torch.Tensor | None = None, max_rounds: int = 50, working_set: int = 16,
+                rtol: float = 1e-6) -> SwapResult:
+    """Refine a mask by exact swaps (see the module docstring).
+
+    Every round picks a working set of 2K entries per row (the K best keep and prune candidates by
+    their single-entry change), then swaps inside it, one exact best pair per step and row, up to
+    K steps, updating G r on the working set only (a (2K x 2K) block of G); then G r is updated on
+    all columns with the applied swaps (a gather of 2 rows of G per swap). A row stops when its
+    best keep and prune candidates no longer make an improving pair.
+
+    Args:
+        W: (d_out, d_in) float weights. G: (d_in, d_in) float Gram matrix X X^T.
+        mask: (d_out, d_in) bool, True = kept, meeting ``pattern`` (unstructured: k per row; N:M:
+            n per group of m). ``per-matrix`` masks are returned unchanged.
+        Q: (d_out, d_in) float32 (W ⊙ ~mask) G if the caller has it (saves one GEMM).
+        max_rounds: cap on the rounds. working_set: K (1 = plain best-pair swaps).
+        rtol: a swap counts only if it lowers the row's error by more than rtol times the error.
+    Returns:
+        :class:`SwapResult` (``iterations`` = rounds).
+    Raises:
+        SparseFWError: shape mismatch between W, G, mask and Q.
+    """
+    if mask.shape != W.shape or G.shape != (W.shape[1], W.shape[1]) or (Q is not None and Q.shape != W.shape):
+        raise SparseFWError(f"swap_refine: shapes W {tuple(W.shape)}, G {tuple(G.shape)}, mask "
+                            f"{tuple(mask.shape)} do not match")
+    d_out, d_in = W.shape
+    M = mask.clone()
+    delta = torch.zeros(d_out, dtype=torch.float64, device=W.device)
+    if pattern.kind == "per-matrix" or d_out == 0 or max_rounds <= 0:
+        return SwapResult(M, delta, 0, 0)
+    W = W.detach().float()
+    G = G.detach().float()
+    Q = ((W * ~M) @ G) if Q is None else Q.float().clone()
+    f = ((W * ~M) * Q).sum(1, dtype=torch.float64)
+    dg = torch.diagonal(G)
+    ids = torch.arange(d_out, device=W.device)          # rows still improving
+    Wr, Qr, Mr, W2r = W, Q, M, W * W * dg
+    nm = pattern.kind == "nm"
+    rounds = swaps = 0
+    for rounds in range(1, max_rounds + 1):
+        C = _candidates(Wr, Qr, W2r, Mr, pattern, working_set)
+        r, k2 = C.shape
+        K = k2 // 2
+        wC = Wr.gather(1, C)
+        base = wC * wC * dg[C]                                      # w_j^2 G_jj
+        wq2 = 2.0 * wC * Qr.gather(1, C)                            # 2 w_j (G r)_j
+        GC = G[C.unsqueeze(2), C.unsqueeze(1)] * wC.unsqueeze(1)    # (r, 2K, 2K): G_ab w_b
+        kept = torch.zeros(r, k2, dtype=torch.bool, device=W.device)
+        kept[:, K:] = True
+        dC = torch.zeros(r, k2, dtype=torch.float32, device=W.device)   # residual change / w
+        live = torch.ones(r, 1, dtype=torch.bool, device=W.device)
+        thresh = (-rtol * f[ids].clamp_min(1e-300)).float().unsqueeze(1)
+        n_swaps = torch.zeros(r, 1, dtype=torch.int64, device=W.device)
+        for _ in range(K):
+            ka = torch.where(kept, math.inf, base - wq2)            # keep a pruned entry
+            pc = torch.where(kept, base + wq2, math.inf)            # prune a kept entry
+            if nm:                                              # pair t = (t, K + t), one group
+                j = (ka[:, :K] + pc[:, K:]).argmin(1, keepdim=True)
+                l_ = j + K
+            else:                                               # best pair of the working set
+                pair = (ka.unsqueeze(2) + pc.unsqueeze(1)).addcmul_(wC.unsqueeze(2), GC, value=-2.0)
+                best = pair.view(r, -1).argmin(1, keepdim=True)
+                j, l_ = best // k2, best % k2
+            wj = wC.gather(1, j)
+            gj = GC.gather(2, j.unsqueeze(1).expand(r, k2, 1)).squeeze(2)    # G_aj w_j
+            gl = GC.gather(2, l_.unsqueeze(1).expand(r, k2, 1)).squeeze(2)   # G_al w_l
+            ch = ka.gather(1, j) + pc.gather(1, l_) - 2.0 * wj * gl.gather(1, j)
+            ok = live & (ch < thresh)
+            if not bool(ok.any()):
+                break
+            okf = ok.float()
+            kept.scatter_(1, j, ok | kept.gather(1, j))
+            kept.scatter_(1, l_, ~ok & kept.gather(1, l_))
+            dC.scatter_add_(1, j, -okf)
+            dC.scatter_add_(1, l_, okf)
+            wq2 += (2.0 * okf) * wC * (gl - gj)
+            change = (ch * okf).squeeze(1).double()
+            f[ids] += change
+            delta[ids] += change
+            n_swaps += ok
+            live = ok
+        n_swaps = n_swaps.squeeze(1)
+        dC = dC * wC
+        if int(n_swaps.sum()) == 0:
+            break
+        swaps += int(n_swaps.sum())
+        rows, cols = dC.nonzero(as_tuple=True)                  # G r on all columns
+        offsets = torch.zeros(r, dtype=torch.int64, device=W.device)
+        offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=r), 0)[:-1]
+        Qr = Qr + F.embedding_bag(C[rows, cols], G, offsets=offsets, per_sample_weights=dC[rows, cols], mode="sum")
+        Mr = Mr.scatter(1, C, kept)
+        M[ids] = Mr
+        moved = n_swaps > 0
+        if not bool(moved.all()):
+            ids, Wr, Qr, Mr, W2r = ids[moved], Wr[moved], Qr[moved], Mr[moved], W2r[moved]
+    return SwapResult(M, delta, rounds, swaps)
