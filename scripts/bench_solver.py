@@ -9,6 +9,12 @@ Prints, in one run:
 Results are also written as JSON (--out).
 
     python scripts/bench_solver.py --blocks 10 --sparsity 0.5 --alpha 0.9 --iters 60
+
+``--scaling SHAPES`` instead times one synthetic layer per shape (random W, correlated heavy-tailed
+inputs), SparseFW with the library defaults vs SparseGPT in one run, and fits the growth exponent
+of time vs d_in (issue 14, acceptance 3):
+
+    python scripts/bench_solver.py --threads 1 --scaling 1536x576,576x1536,896x4864,4096x14336
 """
 from __future__ import annotations
 
@@ -51,6 +57,62 @@ def real_layers(model_name: str, blocks: list[int], nsamples: int, seqlen: int, 
     return out
 
 
+def synthetic_layer(d_out: int, d_in: int, tokens: int = 4096, seed: int = 0):
+    """Random W (d_out, d_in) and the Gram matrix (d_in, d_in) float64 of correlated heavy-tailed
+    inputs: Student-t (3 dof) features, each mixed with its neighbour, scaled by log-normal per-feature
+    magnitudes (a few outlier features, as in LLM activations)."""
+    g = torch.Generator().manual_seed(seed)
+    T = torch.distributions.StudentT(3.0).sample((d_in, tokens)).float()
+    X = T + 0.7 * torch.roll(T, 1, 0)
+    X *= torch.exp(torch.randn(d_in, 1, generator=g))
+    G = (X @ X.T).double()
+    del X, T
+    return torch.randn(d_out, d_in, generator=g) * 0.02, G
+
+
+def scaling(shapes: list, pattern, tokens: int) -> dict:
+    """One layer per shape, SparseFW (library defaults, with the dense-norm GEMM the pipeline pays)
+    vs SparseGPT, in this process; the growth exponent of time vs d_in (least squares on logs)."""
+    import math
+
+    from sparsefw.fw import dense_output_norm, relative_error
+    from sparsefw.masks import select
+    from sparsefw.pipeline import PruneConfig
+    from sparsefw.sparsegpt_sparsify import sparsegpt_prune
+    from sparsefw.fw import weight_error
+
+    d = PruneConfig()
+    out = {}
+    for d_out, d_in in shapes:
+        W, G = synthetic_layer(d_out, d_in, tokens)
+        Gf = G.float()
+        sc = wanda_scores(W, G.diagonal().clamp_min(0).sqrt())
+        t = time.perf_counter()
+        dn = dense_output_norm(W, Gf)
+        r = fw_solve(W, Gf, sc, pattern, alpha=d.alpha, iterations=d.iterations, step=d.step, tol=d.tol,
+                     swaps=d.swaps, dense_norm=dn)
+        t_fw = time.perf_counter() - t
+        t = time.perf_counter()
+        W_s, _ = sparsegpt_prune(W, G, pattern)
+        t_sg = time.perf_counter() - t
+        e_sg = weight_error(W, Gf, W_s) / dn
+        e_wanda = relative_error(W, Gf, select(sc, pattern))
+        out[f"{d_out}x{d_in}"] = {"sparsefw_s": t_fw, "sparsegpt_s": t_sg, "ratio": t_fw / t_sg,
+                                  "error_sparsefw": r.error_final, "error_sparsegpt": e_sg, "error_wanda": e_wanda,
+                                  "swaps": r.swaps, "swap_rounds": r.swap_rounds}
+        print(f"{d_out:5d} x {d_in:5d}: SparseFW {t_fw:7.1f} s  SparseGPT {t_sg:7.1f} s  ratio {t_fw / t_sg:5.2f}x  "
+              f"error SparseFW {r.error_final:.4f} SparseGPT {e_sg:.4f} Wanda {e_wanda:.4f}", flush=True)
+        del W, G, Gf
+    xs = [math.log(d_in) for _, d_in in shapes]
+    for key in ("sparsefw_s", "sparsegpt_s"):
+        ys = [math.log(v[key]) for v in out.values()]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-30)
+        out[f"exponent_{key[:-2]}"] = slope
+        print(f"time ~ d_in^{slope:.2f} for {key[:-2]}")
+    return out
+
+
 def gemm_gflops(d_out: int, d_in: int, reps: int = 5) -> float:
     A, B = torch.randn(d_out, d_in), torch.randn(d_in, d_in)
     A @ B
@@ -74,9 +136,18 @@ def main():
     ap.add_argument("--curve-iters", type=int, default=2000, help="iterations for the error curves (0 = skip)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--out", default="bench_solver.json")
+    ap.add_argument("--scaling", default="", help="only the scaling run: shapes like 1536x576,576x1536,896x4864,4096x14336")
+    ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens of the synthetic scaling layers")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.scaling:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in a.scaling.split(",")]
+        res = {"threads": torch.get_num_threads(), "pattern": f"{a.pattern} {a.sparsity}",
+               "scaling": scaling(shapes, parse_pattern(a.pattern, a.sparsity), a.tokens)}
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        print(f"wrote {a.out}")
+        return
     blocks = [int(b) for b in a.blocks.split(",")]
     layers = real_layers(a.model, blocks, a.nsamples, a.seqlen)
     sel = {"mlp": ("mlp.",), "attn": ("self_attn.",), "all": ("",)}[a.layers]

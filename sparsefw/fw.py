@@ -468,7 +468,7 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
     f_warm_rows = (R0 * Q0).sum(1, dtype=torch.float64)
     denom = max(dense_output_norm(W, G) if dense_norm is None else float(dense_norm), 1e-300)
     del R0
-    Wc = view.gather(W)
+    Wc = view.gather(W * ~fixed)                             # zero on fixed entries (identity view)
     tie = view.gather(warm_scores.float())
     Z0 = view.gather((warm & ~fixed).float())
     st = _Rows(ids=torch.arange(d_out, device=dev), W=Wc, Z0=Z0, Z=Z0.clone(), Q0=view.gather(Q0),

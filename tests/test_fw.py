@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sparsefw.errors import SparseFWError
-from sparsefw.fw import (fw_solve, fw_update, gradient, lmo, masked_gram_product, reconstruction_error,
-                         relative_error, row_errors, split_fixed)
+from sparsefw.fw import (fw_solve, fw_update, gradient, gram_product, lmo, masked_gram_product,
+                         reconstruction_error, relative_error, row_errors, split_fixed)
 from sparsefw.masks import parse_pattern, prune_mask, wanda_scores
 
 
@@ -82,16 +82,70 @@ def test_incremental_product_equals_dense():
     assert torch.allclose(masked_gram_product(W, G, V2), (W * V2) @ G, rtol=1e-5, atol=1e-4)
 
 
+def test_gram_product_gather_and_gemm_agree_on_compact_columns():
+    W, G, _ = correlated_problem(d_out=9, d_in=16, seed=12)
+    g = torch.Generator().manual_seed(2)
+    E = W * (torch.rand(W.shape, generator=g) > 0.8)                   # sparse change, full width
+    ref = E @ G
+    assert torch.allclose(gram_product(E, G, dense_above=1.0), ref, rtol=1e-5, atol=1e-4)   # gather
+    assert torch.allclose(gram_product(E, G, dense_above=0.0), ref, rtol=1e-5, atol=1e-4)   # GEMM
+    cols = torch.stack([torch.randperm(16, generator=g)[:6].sort().values for _ in range(9)])
+    Ec = E.gather(1, cols)                                               # compact coordinates
+    full = torch.zeros_like(E).scatter_(1, cols, Ec)
+    for da in (0.0, 1.0):
+        assert torch.allclose(gram_product(Ec, G, cols, dense_above=da), (full @ G).gather(1, cols),
+                              rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("step", ["linesearch", "pairwise", "harmonic"])
 @pytest.mark.parametrize("pattern,fix", [("unstructured", "row"), ("2:4", "group"), ("2:4", "row"),
                                          ("per-matrix", "row")])
-def test_incremental_solver_equals_dense_recompute(pattern, fix):
+def test_incremental_solver_equals_dense_recompute(pattern, fix, step):
+    # the sparse-change product updates give the same iterates as recomputing (W ⊙ (Z - Z0)) G
     W, G, _ = correlated_problem(d_out=8, d_in=12, seed=4)
     p = parse_pattern(pattern, 0.5)
     sc = wanda_scores(W, G.diagonal().sqrt())
-    a = fw_solve(W, G, sc, p, alpha=0.5, iterations=40, tol=0, fix=fix, incremental=True)
-    b = fw_solve(W, G, sc, p, alpha=0.5, iterations=40, tol=0, fix=fix, incremental=False)
+    a = fw_solve(W, G, sc, p, alpha=0.5, iterations=40, tol=0, fix=fix, step=step, swaps=0, incremental=True)
+    b = fw_solve(W, G, sc, p, alpha=0.5, iterations=40, tol=0, fix=fix, step=step, swaps=0, incremental=False)
     assert torch.equal(a.mask, b.mask)
     assert a.relaxed_error == pytest.approx(b.relaxed_error, rel=1e-4)
+
+
+@pytest.mark.parametrize("step", ["linesearch", "pairwise"])
+def test_per_row_stop_and_cap(step):
+    W, G, _ = correlated_problem(d_out=16, d_in=16, n=128, seed=13)
+    sc = wanda_scores(W, G.diagonal().sqrt())
+    p = parse_pattern("unstructured", 0.5)
+    capped = fw_solve(W, G, sc, p, alpha=0.0, iterations=3, tol=0, step=step, swaps=0)
+    assert capped.at_cap == 16 and (capped.row_iterations == 3).all()
+    free = fw_solve(W, G, sc, p, alpha=0.0, iterations=2000, tol=1e-2, step=step, swaps=0)
+    assert free.at_cap == 0 and free.fw_gap <= 1e-2                   # every row stopped at its own gap
+    assert int(free.row_iterations.min()) < int(free.row_iterations.max())   # rows stop independently
+    assert free.iterations == int(free.row_iterations.max())
+
+
+def test_trivial_problems_and_bad_tol():
+    W, G, _ = correlated_problem(seed=14)
+    sc = wanda_scores(W, G.diagonal().sqrt())
+    dense = fw_solve(W, G, sc, parse_pattern("unstructured", 0.0), alpha=1.0, iterations=20)  # nothing to choose
+    assert dense.mask.all() and dense.error_final == 0.0 and dense.iterations == 0
+    keep_warm = fw_solve(W, G, sc, parse_pattern("unstructured", 0.5), alpha=1.0, iterations=20, swaps=0)
+    assert torch.equal(keep_warm.mask, prune_mask(sc, parse_pattern("unstructured", 0.5)))
+    with pytest.raises(SparseFWError, match="tol"):
+        fw_solve(W, G, sc, parse_pattern("unstructured", 0.5), tol=-1)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_swaps_refine_the_fw_mask(pattern):
+    W, G, _ = correlated_problem(d_out=20, d_in=16, n=256, seed=15)
+    sc = wanda_scores(W, G.diagonal().sqrt())
+    p = parse_pattern(pattern, 0.5)
+    a = fw_solve(W, G, sc, p, iterations=30, swaps=0)
+    b = fw_solve(W, G, sc, p, iterations=30, swaps=50)
+    assert b.error_before_swaps == pytest.approx(a.error_final, rel=1e-6)
+    assert b.error_final < a.error_final and b.swaps > 0
+    assert b.error_final == pytest.approx(relative_error(W, G, b.mask), rel=1e-4)
+    assert (row_errors(W, G, b.mask) <= row_errors(W, G, a.mask) * (1 + 1e-5)).all()
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "per-matrix"])
