@@ -10,16 +10,19 @@ over the convex hull of binary masks M that meet the sparsity pattern. The FW it
 (the paper's Algorithm 1) is M <- (1 - eta) M + eta V with V = LMO(grad f(M)), followed by a
 rounding of the relaxed M back to a binary mask.
 
-Implementation notes (see ../shared/SOLVER_NOTES.md):
+Implementation notes (see ../shared/SOLVER_NOTES.md and the README's Solver section):
 * alpha trick (paper Sec. 3.3): the alpha fraction of the warmstart's kept entries with the highest
   warmstart scores is fixed to 1 (mask F); FW runs over the remaining "free" budget only, with
-  M = F + Z, Z supported on the free entries.
-* Incremental products: with A = W G and P = (W ⊙ M) G we have (W ⊙ (1-M)) G = A - P. P is split
-  into the fixed part (W ⊙ F) G (computed once) and Pz = (W ⊙ Z) G, updated as
-  Pz <- (1 - eta) Pz + eta (W ⊙ V_z) G, where V_z has only the free budget's nonzeros per row; the
-  product is a gather-and-sum over rows of G (``embedding_bag``), costing nnz(V_z) * d_in.
-* Exact line search: f is quadratic, so along D = V - M the best step is
-  eta* = <W⊙D, (W⊙(1-M))G> / <W⊙D, (W⊙D)G>, clipped to [0, 1].
+  M = F + Z, Z supported on the free entries (compact (d_out, c) coordinates where every row has
+  the same number of free entries).
+* One dense product: Q0 = (W ⊙ (1 - M_warm)) G is the only d_out x d_in x d_in GEMM. The solver
+  keeps P = (W ⊙ (Z - Z0)) G, so that (W ⊙ (1 - M)) G = Q0 - P, and updates it by the change of
+  the iterate (:func:`gram_product`: a gather of rows of G when the change is sparse, a GEMM when
+  not). Candidate masks are evaluated from Q0 and their sparse difference to the warmstart.
+* Rows are independent (unstructured, N:M): every row takes its own exact line search step
+  eta_i = <W⊙D, (W⊙(1-M))G>_i / <W⊙D, (W⊙D)G>_i and stops when its FW gap is below tol times its
+  own warmstart error; finished rows leave the iteration.
+* The final mask goes through exact swap refinement (:mod:`sparsefw.swaps`).
 """
 from __future__ import annotations
 
@@ -402,7 +405,7 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
              tol: float = 1e-2, fix: str = "row", record_at=(), round_at=None,
              record_rounded: bool = False, incremental: bool = True,
              dense_above: float = DENSE_ABOVE, dense_norm: float | None = None,
-             swaps: int = 50, working_set: int = 16) -> FWResult:
+             swaps: int = 50, working_set: int = 8) -> FWResult:
     """SparseFW mask for one layer: warmstart, alpha trick, FW iterations, rounding, safeguard.
 
     Algorithm 1 of arXiv 2510.13713 with the alpha trick (Sec. 3.3). Our additions: the objective

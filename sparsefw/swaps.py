@@ -57,22 +57,24 @@ def _candidates(W, Q, W2dg, M, pattern: Pattern, K: int):
         a, ja = keep_gain.view(r, g, pattern.m).min(-1)
         c, lc = prune_cost.view(r, g, pattern.m).min(-1)
         base = torch.arange(g, device=W.device) * pattern.m
-        grp = torch.topk(-(a + c), min(K, g), dim=1).indices
+        grp = torch.topk(-(a + c), min(K, g), dim=1, sorted=False).indices
         return torch.cat([(base + ja).gather(1, grp), (base + lc).gather(1, grp)], 1)
     k = max(1, min(K, int(M.sum(1).min()), int((~M).sum(1).min())))
-    return torch.cat([torch.topk(-keep_gain, k, dim=1).indices, torch.topk(-prune_cost, k, dim=1).indices], 1)
+    return torch.cat([torch.topk(keep_gain, k, dim=1, largest=False, sorted=False).indices,
+                      torch.topk(prune_cost, k, dim=1, largest=False, sorted=False).indices], 1)
 
 
 def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: Pattern,
-                Q: torch.Tensor | None = None, max_rounds: int = 50, working_set: int = 16,
+                Q: torch.Tensor | None = None, max_rounds: int = 50, working_set: int = 8,
                 rtol: float = 1e-6) -> SwapResult:
     """Refine a mask by exact swaps (see the module docstring).
 
-    Every round picks a working set of 2K entries per row (the K best keep and prune candidates by
-    their single-entry change), then swaps inside it, one exact best pair per step and row, up to
-    K steps, updating G r on the working set only (a (2K x 2K) block of G); then G r is updated on
-    all columns with the applied swaps (a gather of 2 rows of G per swap). A row stops when its
-    best keep and prune candidates no longer make an improving pair.
+    Every round picks a working set of 2K entries per row (the K best keep and the K best prune
+    candidates by their single-entry change), then swaps inside it, the exact best (keep, prune)
+    pair per step and row (N:M: the best of the K group pairs), up to K steps, updating G r on the
+    working set only (a (2K x 2K) block of G); then G r is updated on all columns with the applied
+    swaps (a gather of 2 rows of G per swap). An entry swapped in a round stays until the next
+    round. A row stops when no pair of its working set improves it.
 
     Args:
         W: (d_out, d_in) float weights. G: (d_in, d_in) float Gram matrix X X^T.
@@ -111,28 +113,36 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         base = wC * wC * dg[C]                                      # w_j^2 G_jj
         wq2 = 2.0 * wC * Qr.gather(1, C)                            # 2 w_j (G r)_j
         GC = G[C.unsqueeze(2), C.unsqueeze(1)] * wC.unsqueeze(1)    # (r, 2K, 2K): G_ab w_b
+        cross = None if nm else 2.0 * wC[:, :K].unsqueeze(2) * GC[:, :K, K:]   # 2 w_a G_ab w_b
         kept = torch.zeros(r, k2, dtype=torch.bool, device=W.device)
         kept[:, K:] = True
         dC = torch.zeros(r, k2, dtype=torch.float32, device=W.device)   # residual change / w
         live = torch.ones(r, 1, dtype=torch.bool, device=W.device)
         thresh = (-rtol * f[ids].clamp_min(1e-300)).float().unsqueeze(1)
         n_swaps = torch.zeros(r, 1, dtype=torch.int64, device=W.device)
+        gain = torch.zeros(r, 1, dtype=torch.float64, device=W.device)
         for _ in range(K):
             ka = torch.where(kept, math.inf, base - wq2)            # keep a pruned entry
             pc = torch.where(kept, base + wq2, math.inf)            # prune a kept entry
             if nm:                                              # pair t = (t, K + t), one group
                 j = (ka[:, :K] + pc[:, K:]).argmin(1, keepdim=True)
                 l_ = j + K
-            else:                                               # best pair of the working set
-                pair = (ka.unsqueeze(2) + pc.unsqueeze(1)).addcmul_(wC.unsqueeze(2), GC, value=-2.0)
-                best = pair.view(r, -1).argmin(1, keepdim=True)
-                j, l_ = best // k2, best % k2
+            else:   # the best keep with its best partner, or the best prune with its best partner
+                ka1, pc2 = ka[:, :K], pc[:, K:]
+                a = ka1.argmin(1, keepdim=True)
+                b = pc2.argmin(1, keepdim=True)
+                va, pa = (pc2 - cross.gather(1, a.unsqueeze(2).expand(r, 1, K)).squeeze(1)).min(1, keepdim=True)
+                vb, pb = (ka1 - cross.gather(2, b.unsqueeze(1).expand(r, K, 1)).squeeze(2)).min(1, keepdim=True)
+                first = (ka1.gather(1, a) + va) <= (pc2.gather(1, b) + vb)
+                j = torch.where(first, a, pb)
+                l_ = torch.where(first, pa, b) + K
             wj = wC.gather(1, j)
             gj = GC.gather(2, j.unsqueeze(1).expand(r, k2, 1)).squeeze(2)    # G_aj w_j
             gl = GC.gather(2, l_.unsqueeze(1).expand(r, k2, 1)).squeeze(2)   # G_al w_l
             ch = ka.gather(1, j) + pc.gather(1, l_) - 2.0 * wj * gl.gather(1, j)
             ok = live & (ch < thresh)
-            if not bool(ok.any()):
+            n_ok = int(ok.sum())
+            if n_ok == 0:
                 break
             okf = ok.float()
             kept.scatter_(1, j, ok | kept.gather(1, j))
@@ -140,12 +150,14 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
             dC.scatter_add_(1, j, -okf)
             dC.scatter_add_(1, l_, okf)
             wq2 += (2.0 * okf) * wC * (gl - gj)
-            change = (ch * okf).squeeze(1).double()
-            f[ids] += change
-            delta[ids] += change
+            gain += (ch * okf).double()
             n_swaps += ok
             live = ok
+            if n_ok < r // 8:     # the few rows still swapping continue in the next round
+                break
         n_swaps = n_swaps.squeeze(1)
+        f[ids] += gain.squeeze(1)
+        delta[ids] += gain.squeeze(1)
         dC = dC * wC
         if int(n_swaps.sum()) == 0:
             break
