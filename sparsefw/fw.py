@@ -591,8 +591,10 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
     if per_row:
         row_iters[st.ids[live]] = steps
     # the last iterate of every row is a candidate; rows that finished early were frozen
-    last = full.view.round(Z_out, full.tie)
-    f_round = keep_better(full, last)
+    if steps > 0:                                            # the last iterate, rounded
+        f_round = keep_better(full, full.view.round(Z_out, full.tie))
+    else:                                                    # no iteration: the warmstart itself
+        f_round = best_err.clone()
     at_cap = int((row_iters >= iterations).sum()) if iterations > 0 and not trivial else 0
     mask = fixed | view.scatter(best_free)
     f_before_swaps = float(best_err.sum())
