@@ -100,12 +100,13 @@ def scaling(shapes: list, pattern, tokens: int) -> dict:
         out[f"{d_out}x{d_in}"] = {"sparsefw_s": t_fw, "sparsegpt_s": t_sg, "ratio": t_fw / t_sg,
                                   "error_sparsefw": r.error_final, "error_sparsegpt": e_sg, "error_wanda": e_wanda,
                                   "swaps": r.swaps, "swap_rounds": r.swap_rounds}
-        print(f"{d_out:5d} x {d_in:5d}: SparseFW {t_fw:7.1f} s  SparseGPT {t_sg:7.1f} s  ratio {t_fw / t_sg:5.2f}x  "
+        print(f"{d_out:5d} x {d_in:5d}: SparseFW {t_fw:8.2f} s  SparseGPT {t_sg:8.2f} s  ratio {t_fw / t_sg:5.2f}x  "
               f"error SparseFW {r.error_final:.4f} SparseGPT {e_sg:.4f} Wanda {e_wanda:.4f}", flush=True)
         del W, G, Gf
     xs = [math.log(d_in) for _, d_in in shapes]
+    rows = [out[f"{d_out}x{d_in}"] for d_out, d_in in shapes]
     for key in ("sparsefw_s", "sparsegpt_s"):
-        ys = [math.log(v[key]) for v in out.values()]
+        ys = [math.log(v[key]) for v in rows]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-30)
         out[f"exponent_{key[:-2]}"] = slope
