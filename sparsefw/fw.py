@@ -230,12 +230,6 @@ def gram_product(E: torch.Tensor, G: torch.Tensor, cols: torch.Tensor | None = N
     return H if cols is None else H.gather(1, cols)
 
 
-def masked_gram_product(W: torch.Tensor, G: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """(W ⊙ V) G for a sparse binary V (d_out, d_in) bool; W (d_out, d_in), G (d_in, d_in) float32.
-    Returns (d_out, d_in) float32 (see :func:`gram_product`)."""
-    return gram_product(W.float() * V, G.float())
-
-
 # ----------------------------------------------------------------------------------------------
 # Coordinates of the free entries
 # ----------------------------------------------------------------------------------------------
