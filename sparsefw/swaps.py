@@ -9,11 +9,9 @@ residual by d = -w_j e_j + w_l e_l, so with q = G r (kept up to date)
 
 which is exact and costs O(1) per pair once q is known. Every iteration takes, in every row, the
 best keep-candidate j and the best prune-candidate l (per group of m for N:M, so that every group
-keeps n), plus up to ``pairs`` further disjoint pairs; the whole set is applied when its exact
-change d^T (2q + G d) (a (2s x 2s) block of G) beats the best single pair, else the best pair
-alone, and only when it lowers f. q is then updated with a gather of 2s rows of G (O(s d_in)).
-A row stops when no pair improves it; f never increases, so the result is never worse than the
-input mask in any row.
+keeps n), within a working set of candidates (see :func:`swap_refine`), and applies a swap only
+when its exact change is negative; q is updated with a gather of 2 rows of G per swap (O(d_in)).
+f never increases, so the result is never worse than the input mask in any row.
 
 This is the 1-swap local search that SparseSwaps (Zimmer et al., 2025, "SparseSwaps: tractable LLM
 pruning mask refinement at scale", arXiv 2512.10922) runs on top of a warmstart mask; here it
@@ -70,11 +68,13 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
     """Refine a mask by exact swaps (see the module docstring).
 
     Every round picks a working set of 2K entries per row (the K best keep and the K best prune
-    candidates by their single-entry change), then swaps inside it, the exact best (keep, prune)
-    pair per step and row (N:M: the best of the K group pairs), up to K steps, updating G r on the
-    working set only (a (2K x 2K) block of G); then G r is updated on all columns with the applied
-    swaps (a gather of 2 rows of G per swap). An entry swapped in a round stays until the next
-    round. A row stops when no pair of its working set improves it.
+    candidates by their single-entry change), then swaps inside it, up to K steps: per step and
+    row the better of (the best keep candidate with its best prune partner) and (the best prune
+    candidate with its best keep partner), cross term included (N:M: the best of the K group
+    pairs); G r is updated on the working set only (a (2K x 2K) block of G), then on all columns
+    with the applied swaps (a gather of 2 rows of G per swap). An entry swapped in a round stays
+    until the next round; a round's steps end when fewer than 1/8 of its rows still improve. A row
+    stops when its round finds no improving pair.
 
     Args:
         W: (d_out, d_in) float weights. G: (d_in, d_in) float Gram matrix X X^T.

@@ -45,9 +45,9 @@ def test_exact_change_pattern_and_local_optimality(pattern, K):
         assert (r.mask.view(W.shape[0], -1, 4).sum(-1) == 2).all()
     else:
         assert torch.equal(r.mask.sum(1), M0.sum(1))
-    # the stopping rule: unstructured with a working set (K > 1) takes the best pair of the set,
-    # so no single pair of the row improves it (every pair checked); K = 1 only pairs the best
-    # keep with the best prune and can miss some
+    # the stopping rule: here (d_in = 16) a working set of K = 16 holds the whole row, and the
+    # unstructured search (best keep / best prune, each with its best partner) leaves no single
+    # improving pair (every pair checked); K = 1 only pairs the best keep with the best prune
     worse_pairs = 0
     for i in range(W.shape[0]):
         m = r.mask[i]
