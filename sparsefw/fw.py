@@ -363,7 +363,8 @@ class _Rows:
     """The FW state of the rows still iterating, on compact coordinates (r rows, c columns):
     W (weights), Z0 (warmstart), Z (relaxed mask), Q0 = ((W ⊙ (1 - M_warm)) G) and
     P = ((W ⊙ (Z - Z0)) G), so that Q = (W ⊙ (1 - M)) G = Q0 - P; for the vanilla FW rules also
-    S = ((W ⊙ (V - Z0)) G) of the last vertex V. ``ids`` are the rows' indices in the layer."""
+    S = ((W ⊙ (V - Z0)) G) of the last vertex V. ``ids`` are the rows' indices in the layer, ``fw``
+    their warmstart errors (per-matrix: one, of the matrix)."""
 
     def __init__(self, **t):
         self.__dict__.update(t)
@@ -468,21 +469,21 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
     Wc = view.gather(W * ~fixed)                             # zero on fixed entries (identity view)
     tie = view.gather(warm_scores.float())
     Z0 = view.gather((warm & ~fixed).float())
+    f_warm = f_warm_rows if per_row else f_warm_rows.sum().view(1)   # per segment
     st = _Rows(ids=torch.arange(d_out, device=dev), W=Wc, Z0=Z0, Z=Z0.clone(), Q0=view.gather(Q0),
-               P=torch.zeros_like(Wc), fw=seg_sum(Wc * (1.0 - Z0) * view.gather(Q0)), view=view)
+               P=torch.zeros_like(Wc), fw=f_warm, view=view)
     if not pairwise:
         st.S, st.V = torch.zeros_like(Wc), Z0.clone()
     # every row keeps its best candidate mask (per-matrix: the whole matrix)
-    best_err = st.fw.clone()
+    best_err = f_warm.clone()
     best_free = Z0.bool()
-    full = _Rows(ids=st.ids, W=Wc, Z0=Z0, Q0=st.Q0, view=view, tie=tie)  # all rows, for rounding
+    full = _Rows(ids=st.ids, W=Wc, Z0=Z0, Q0=st.Q0, fw=f_warm, view=view, tie=tie)  # all rows, for rounding
 
     def evaluate(rows: _Rows, Mc: torch.Tensor) -> torch.Tensor:
         """Errors of candidate free masks Mc for ``rows``: f = f_warm + 2 <d, Q0> + d^T G d with
         the sparse change d = W ⊙ (Z0 - Mc) of the residual."""
         dlt = rows.W * (rows.Z0 - Mc.float())
-        return (f_warm_rows[rows.ids] if per_row else f_warm_rows.sum().view(1)) + \
-            seg_sum(dlt * (2.0 * rows.Q0 + product(dlt, rows.view.idx)))
+        return rows.fw + seg_sum(dlt * (2.0 * rows.Q0 + product(dlt, rows.view.idx)))
 
     def keep_better(rows: _Rows, Mc: torch.Tensor):
         nonlocal best_free
@@ -497,8 +498,6 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
         return e
 
     n_seg = d_out if per_row else 1
-    if not per_row:
-        best_err = best_err.sum().view(1)
     Z_out = st.Z.clone()                                     # final relaxed Z of every row
     f_relaxed = st.fw.clone()                                # relaxed errors, per segment
     gap_rel = torch.zeros(n_seg, dtype=torch.float64, device=dev)

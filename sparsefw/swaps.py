@@ -99,7 +99,7 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
     W = W.detach().float()
     G = G.detach().float()
     Q = ((W * ~M) @ G) if Q is None else Q.float().clone()
-    f = ((W * ~M) * Q).sum(1, dtype=torch.float64)
+    f0 = ((W * ~M) * Q).sum(1, dtype=torch.float64)         # input errors; current = f0 + delta
     dg = torch.diagonal(G)
     ids = torch.arange(d_out, device=W.device)          # rows still improving
     Wr, Qr, Mr, W2r = W, Q, M, W * W * dg
@@ -118,7 +118,7 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         kept[:, K:] = True
         dC = torch.zeros(r, k2, dtype=torch.float32, device=W.device)   # residual change / w
         live = torch.ones(r, 1, dtype=torch.bool, device=W.device)
-        thresh = (-rtol * f[ids].clamp_min(1e-300)).float().unsqueeze(1)
+        thresh = (-rtol * (f0[ids] + delta[ids]).clamp_min(1e-300)).float().unsqueeze(1)
         n_swaps = torch.zeros(r, 1, dtype=torch.int64, device=W.device)
         gain = torch.zeros(r, 1, dtype=torch.float64, device=W.device)
         for _ in range(K):
@@ -156,7 +156,6 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
             if n_ok < r // 8:     # the few rows still swapping continue in the next round
                 break
         n_swaps = n_swaps.squeeze(1)
-        f[ids] += gain.squeeze(1)
         delta[ids] += gain.squeeze(1)
         dC = dC * wC
         if int(n_swaps.sum()) == 0:
