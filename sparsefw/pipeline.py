@@ -239,6 +239,9 @@ def solve_layer(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, cfg: PruneCo
         err_final = None
     t1 = time.perf_counter()
     info["error_final"] = weight_error(W, Gf, W_new) / denom if err_final is None else err_final
+    before = info.get("error_before_reconstruct")
+    if before is not None and info["error_final"] > before:   # safeguard: CG is inexact (float32)
+        W_new, info["error_final"] = W * mask, before
     timings["reporting"] = timings.get("reporting", 0.0) + time.perf_counter() - t1
     timings["solve"] = time.perf_counter() - t0 - sum(timings.values())
     info["timings"] = timings

@@ -40,15 +40,14 @@ class SwapResult:
     swaps: int
 
 
-def _candidates(W, Q, W2dg, M, pattern: Pattern, K: int):
+def _candidates(W, Q, Ak, Ap, pattern: Pattern, K: int):
     """Working set of a round: (r, 2K) global columns, the first K pruned ("keep" candidates),
-    the last K kept ("prune" candidates), chosen by their single-entry changes. Unstructured:
-    the K best of each kind in the row; N:M: the best keep/prune pair of each group, the K best
-    groups (candidate t pairs with candidate K + t)."""
-    WQ2 = 2.0 * W * Q
-    inf = torch.tensor(float("inf"), dtype=W.dtype, device=W.device)
-    keep_gain = torch.where(M, inf, W2dg - WQ2)       # change of f when keeping j (pruned now)
-    prune_cost = torch.where(M, W2dg + WQ2, inf)      # change of f when pruning l (kept now)
+    the last K kept ("prune" candidates), chosen by their single-entry changes. Ak / Ap: (r, d_in)
+    w_j^2 G_jj on pruned / kept entries and +inf elsewhere. Unstructured: the K best of each kind
+    in the row; N:M: the best keep/prune pair of each group, the K best groups (candidate t pairs
+    with candidate K + t)."""
+    keep_gain = torch.addcmul(Ak, W, Q, value=-2.0)     # change of f when keeping j (pruned now)
+    prune_cost = torch.addcmul(Ap, W, Q, value=2.0)     # change of f when pruning l (kept now)
     r, d_in = W.shape
     if pattern.kind == "nm":
         g = d_in // pattern.m
@@ -57,9 +56,8 @@ def _candidates(W, Q, W2dg, M, pattern: Pattern, K: int):
         base = torch.arange(g, device=W.device) * pattern.m
         grp = torch.topk(-(a + c), min(K, g), dim=1, sorted=False).indices
         return torch.cat([(base + ja).gather(1, grp), (base + lc).gather(1, grp)], 1)
-    k = max(1, min(K, int(M.sum(1).min()), int((~M).sum(1).min())))
-    return torch.cat([torch.topk(keep_gain, k, dim=1, largest=False, sorted=False).indices,
-                      torch.topk(prune_cost, k, dim=1, largest=False, sorted=False).indices], 1)
+    return torch.cat([torch.topk(keep_gain, K, dim=1, largest=False, sorted=False).indices,
+                      torch.topk(prune_cost, K, dim=1, largest=False, sorted=False).indices], 1)
 
 
 def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: Pattern,
@@ -102,17 +100,22 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
     f0 = ((W * ~M) * Q).sum(1, dtype=torch.float64)         # input errors; current = f0 + delta
     dg = torch.diagonal(G)
     ids = torch.arange(d_out, device=W.device)          # rows still improving
-    Wr, Qr, Mr, W2r = W, Q, M, W * W * dg
+    W2 = W * W * dg
+    Wr, Qr, Mr = W, Q, M                                  # Mr: updated in place (M is a copy)
+    Akr, Apr = W2.masked_fill(M, math.inf), W2.masked_fill_(~M, math.inf)
     nm = pattern.kind == "nm"
+    if not nm:
+        kept = M.sum(1)
+        working_set = max(1, min(working_set, int(kept.min()), int((d_in - kept).min())))
     rounds = swaps = 0
     for rounds in range(1, max_rounds + 1):
-        C = _candidates(Wr, Qr, W2r, Mr, pattern, working_set)
+        C = _candidates(Wr, Qr, Akr, Apr, pattern, working_set)
         r, k2 = C.shape
         K = k2 // 2
         wC = Wr.gather(1, C)
         base = wC * wC * dg[C]                                      # w_j^2 G_jj
         wq2 = 2.0 * wC * Qr.gather(1, C)                            # 2 w_j (G r)_j
-        GC = G[C.unsqueeze(2), C.unsqueeze(1)] * wC.unsqueeze(1)    # (r, 2K, 2K): G_ab w_b
+        GC = torch.take(G, C.unsqueeze(2) * d_in + C.unsqueeze(1)) * wC.unsqueeze(1)   # (r, 2K, 2K): G_ab w_b
         cross = None if nm else 2.0 * wC[:, :K].unsqueeze(2) * GC[:, :K, K:]   # 2 w_a G_ab w_b
         kept = torch.zeros(r, k2, dtype=torch.bool, device=W.device)
         kept[:, K:] = True
@@ -165,9 +168,14 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         offsets = torch.zeros(r, dtype=torch.int64, device=W.device)
         offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=r), 0)[:-1]
         Qr = Qr + F.embedding_bag(C[rows, cols], G, offsets=offsets, per_sample_weights=dC[rows, cols], mode="sum")
-        Mr = Mr.scatter(1, C, kept)
-        M[ids] = Mr
+        Mr.scatter_(1, C, kept)
+        Akr.scatter_(1, C, torch.where(kept, math.inf, base))
+        Apr.scatter_(1, C, torch.where(kept, base, math.inf))
         moved = n_swaps > 0
         if not bool(moved.all()):
-            ids, Wr, Qr, Mr, W2r = ids[moved], Wr[moved], Qr[moved], Mr[moved], W2r[moved]
+            if Mr is not M:
+                M[ids] = Mr
+            ids, Wr, Qr, Mr, Akr, Apr = ids[moved], Wr[moved], Qr[moved], Mr[moved], Akr[moved], Apr[moved]
+    if Mr is not M:
+        M[ids] = Mr
     return SwapResult(M, delta, rounds, swaps)

@@ -29,7 +29,7 @@ def random_mask(shape, keep, seed):
     return torch.rand(shape, generator=g) < keep
 
 
-@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+@pytest.mark.parametrize("solver", ["cg", "cg64", "cholesky"])
 def test_hand_computed_two_inputs(solver):
     # G = [[2,1],[1,2]], w = [0.1, 1], keep input 1: w_hat_1 = w_1 + G_10 w_0 / G_11 = 1.05.
     W = torch.tensor([[0.1, 1.0]])
@@ -41,7 +41,7 @@ def test_hand_computed_two_inputs(solver):
     assert torch.allclose(out, torch.tensor([[0.0, 1.04]]), atol=1e-7)
 
 
-@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+@pytest.mark.parametrize("solver", ["cg", "cg64", "cholesky"])
 def test_equals_lstsq_on_explicit_inputs(solver):
     W, X = layer_with_inputs()
     G = X @ X.T
@@ -65,7 +65,7 @@ def test_equals_lstsq_on_explicit_inputs(solver):
 
 
 @pytest.mark.parametrize("percdamp", [0.0, 0.01, 0.3])
-@pytest.mark.parametrize("solver,maxiter", [("cholesky", 1000), ("cg", 1000), ("cg", 2), ("cg", 0)])
+@pytest.mark.parametrize("solver,maxiter", [("cholesky", 1000), ("cg", 1000), ("cg64", 1000), ("cg", 2), ("cg", 0)])
 def test_brute_force_normal_equations_with_chunking(percdamp, solver, maxiter):
     # rows with different support sizes, forced into many Cholesky chunks; CG capped at 0 or 2
     # iterations hands its unconverged rows to Cholesky
@@ -90,7 +90,7 @@ def test_brute_force_normal_equations_with_chunking(percdamp, solver, maxiter):
 @pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("unstructured", 0.8),
                                               ("per-matrix", 0.6), ("2:4", None), ("4:8", None)])
 @pytest.mark.parametrize("percdamp", [0.0, 0.01, 1.0])
-@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+@pytest.mark.parametrize("solver", ["cg", "cg64", "cholesky"])
 def test_never_above_unreconstructed_error(pattern, sparsity, percdamp, solver):
     W, X = layer_with_inputs(d_out=16, d_in=32, n=200, seed=4)
     G = X @ X.T
