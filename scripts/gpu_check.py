@@ -90,6 +90,47 @@ def agreement(device) -> dict:
             "iterations_cpu": a.iterations, "iterations_device": b.iterations}
 
 
+def semi_structured_speedup(device, dtype, shape=(4096, 14336), tokens=(1, 16, 2048), reps=20) -> dict:
+    """Matmul time of a 2:4 layer with PyTorch's semi-structured sparse kernels vs dense, on CUDA.
+
+    W (d_out, d_in) random with a 2:4 mask (the two largest |w| of every group of 4 kept),
+    X (tokens, d_in); y = X W^T by ``torch.nn.functional.linear`` with the dense W and with
+    ``torch.sparse.to_sparse_semi_structured(W)``. Returns {tokens: {"dense_ms", "sparse_ms",
+    "speedup", "max_abs_diff"}} or {"skipped": reason} (CPU, or kernels unavailable)."""
+    if device.type != "cuda":
+        return {"skipped": "semi-structured sparse kernels need a CUDA GPU"}
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        d_out, d_in = shape
+        dt = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        W = torch.randn(d_out, d_in, device=device, dtype=dt)
+        g = W.abs().view(d_out, d_in // 4, 4)
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(2, g.topk(2, dim=2).indices, True)
+        W = W * keep.view(d_out, d_in)
+        Ws = to_sparse_semi_structured(W)
+        out = {"shape": list(shape), "dtype": str(dt).replace("torch.", "")}
+        for n in tokens:
+            X = torch.randn(max(n, 1), d_in, device=device, dtype=dt)
+            times = {}
+            for name, w in (("dense", W), ("sparse", Ws)):
+                for _ in range(3):
+                    y = torch.nn.functional.linear(X, w)
+                torch.cuda.synchronize(device)
+                t = time.perf_counter()
+                for _ in range(reps):
+                    y = torch.nn.functional.linear(X, w)
+                torch.cuda.synchronize(device)
+                times[name] = (time.perf_counter() - t) / reps * 1e3
+                times[name + "_y"] = y
+            diff = float((times.pop("dense_y").float() - times.pop("sparse_y").float()).abs().max())
+            out[str(n)] = {"dense_ms": times["dense"], "sparse_ms": times["sparse"],
+                           "speedup": times["dense"] / times["sparse"], "max_abs_diff": diff}
+        return out
+    except Exception as e:  # noqa: BLE001 - report, do not fail the whole check
+        return {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -136,6 +177,15 @@ def main(argv=None) -> int:
         print(f"SparseFW on one 1536x576 layer, CPU vs {device}: masks agree on {100 * ag['mask_agreement']:.3f}% "
               f"of entries; relative error {ag['error_cpu']:.6f} vs {ag['error_device']:.6f} "
               f"(rel. diff {ag['error_rel_diff']:.2e}); iterations {ag['iterations_cpu']} / {ag['iterations_device']}")
+    ss = semi_structured_speedup(device, dtype)
+    results["semi_structured_2of4"] = ss
+    if "skipped" in ss:
+        print(f"2:4 semi-structured matmul: skipped ({ss['skipped']})")
+    else:
+        for n in (k for k in ss if k.isdigit()):
+            r = ss[n]
+            print(f"2:4 semi-structured matmul {ss['shape'][0]}x{ss['shape'][1]} {ss['dtype']}, {n} tokens: dense "
+                  f"{r['dense_ms']:.3f} ms, 2:4 {r['sparse_ms']:.3f} ms, speed-up {r['speedup']:.2f}x")
     # extrapolation: solve time per block is independent of the calibration size, the forward and
     # Gram accumulation scale with the number of calibration tokens
     results["extrapolated_8b_minutes"] = {}

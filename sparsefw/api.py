@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -72,7 +73,8 @@ def dense_ppl(model_name: str, model, tokenizer, source: str, seqlen: int, chunk
 def prune(model: str, output: str | None = None, overwrite: bool = False, eval_ppl: bool = False,
           ppl_source: str = "boolq", ppl_seqlen: int | None = None, ppl_chunks: int | None = 64,
           zeroshot: list[str] | None = None, zeroshot_limit: int | None = None, progress: bool = True,
-          stream: bool = False, **config) -> PruneResult:
+          stream: bool = False, max_shard_size: str | int = "5GB", push_to_hub: str | None = None,
+          private: bool = False, **config) -> PruneResult:
     """Load, prune (sequential layerwise), optionally evaluate and save a causal LM.
 
     Args:
@@ -86,6 +88,10 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
         stream: never hold the whole checkpoint in memory: read each block from the safetensors
             when it is reached and write it to ``output`` (:mod:`sparsefw.streaming`); needs
             ``output``; evaluate the saved checkpoint afterwards. ``model`` of the result is None.
+        max_shard_size: transformers' shard limit for the saved safetensors (``"5GB"``).
+        push_to_hub: ``USER/NAME``: upload ``output`` to the Hugging Face Hub afterwards
+            (:func:`sparsefw.publish.push`; ``private`` repo if asked). The token and the Hub are
+            checked before pruning starts; a failed upload keeps the local output.
         **config: fields of :class:`sparsefw.pipeline.PruneConfig` (method, sparsity, pattern,
             warmstart, alpha, fix, iterations, step, tol, reconstruct, calib, nsamples, seqlen, seed,
             bos, device, dtype). ``bos`` (``auto`` default, ``always``, ``never``) applies to the
@@ -103,6 +109,21 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     pattern = cfg.validate()
     if output is not None:
         check_output_dir(output, overwrite)
+    if push_to_hub:
+        from .publish import check_hub_access
+
+        if output is None:
+            raise SparseFWError("--push-to-hub uploads the saved checkpoint: give --output too")
+        check_hub_access(push_to_hub)
+        res = prune(model, output=output, overwrite=overwrite, eval_ppl=eval_ppl, ppl_source=ppl_source,
+                    ppl_seqlen=ppl_seqlen, ppl_chunks=ppl_chunks, zeroshot=zeroshot,
+                    zeroshot_limit=zeroshot_limit, progress=progress, stream=stream,
+                    max_shard_size=max_shard_size, **config)
+        if int(os.environ.get("RANK", "0")) == 0:
+            from .publish import push
+
+            res.report["pushed"] = push(output, push_to_hub, private=private)
+        return res
     if stream:
         if output is None:
             raise SparseFWError("--stream writes each pruned block as it goes: give --output")
@@ -152,7 +173,8 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     layers = report.pop("layers")
     report["layers"] = layers
     if output is not None and ranks.is_main:
-        save_pruned(mdl, tok, output, report, [f"{n}.weight" for n in names], overwrite=overwrite)
+        save_pruned(mdl, tok, output, report, [f"{n}.weight" for n in names], overwrite=overwrite,
+                    max_shard_size=max_shard_size)
     else:  # not saved (or not by this process): count on the in-memory tensors
         zeros = total = 0
         sd = mdl.state_dict()

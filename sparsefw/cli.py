@@ -1,4 +1,4 @@
-"""Command line: ``sparsefw prune | eval-ppl | eval-zeroshot | compare``.
+"""Command line: ``sparsefw prune | eval-ppl | eval-zeroshot | compare | push | inspect``.
 
 Flags mirror :class:`sparsefw.pipeline.PruneConfig`; ``--config FILE.yaml`` sets defaults
 (keys = flag names with ``_`` or ``-``) and explicit flags override it. Bad input prints one line
@@ -59,6 +59,11 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-chunks", dest="ppl_chunks", type=int, default=64, help="chunks evaluated (0 = all)")
     p.add_argument("--zeroshot", default=None, help="comma-separated lm-eval tasks to run on the pruned model")
     p.add_argument("--zeroshot-limit", dest="zeroshot_limit", type=int, default=None)
+    p.add_argument("--max-shard-size", dest="max_shard_size", default="5GB",
+                   help="split saved safetensors above this size (transformers' max_shard_size)")
+    p.add_argument("--push-to-hub", dest="push_to_hub", default=None, metavar="USER/NAME",
+                   help="upload --output to the Hugging Face Hub afterwards (token: HF_TOKEN or 'hf auth login')")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score in shards, keep each finished shard here, resume from them")
     z.add_argument("--shard-size", dest="shard_size", type=int, default=1000,
                    help="documents per shard with --resume-dir")
+    u = sub.add_parser("push", help="upload a pruned checkpoint folder to the Hugging Face Hub")
+    u.add_argument("folder", help="output folder of 'sparsefw prune'")
+    u.add_argument("--repo-id", dest="repo_id", required=True, help="USER/NAME (or ORG/NAME)")
+    u.add_argument("--private", action="store_true", help="create the repo private")
+    u.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    u.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="print the repo id, the files with sizes and the card; send nothing")
+    i = sub.add_parser("inspect", help="sparsity of a checkpoint from its safetensors (no model build)")
+    i.add_argument("path", help="checkpoint folder or hub id")
+    i.add_argument("--pattern", default=None, help="N:M pattern to check in every pruned layer, e.g. 2:4")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.add_argument("--layers", action="store_true", help="list every layer in the text output")
     c = sub.add_parser("compare", help="methods x sparsities table (see configs/compare_smollm2.yaml)")
     c.add_argument("--config", required=True)
     c.add_argument("--output", default=None)
@@ -145,12 +162,32 @@ def main(argv=None) -> int:
             res = api.prune(args.model, output=args.output, overwrite=args.overwrite, eval_ppl=args.eval_ppl,
                             ppl_source=args.ppl_source, ppl_seqlen=args.ppl_seqlen,
                             ppl_chunks=args.ppl_chunks or None, zeroshot=tasks or None,
-                            zeroshot_limit=args.zeroshot_limit, stream=args.stream, **conf)
+                            zeroshot_limit=args.zeroshot_limit, stream=args.stream,
+                            max_shard_size=args.max_shard_size, push_to_hub=args.push_to_hub,
+                            private=args.private, **conf)
             if int(os.environ.get("RANK", "0")) != 0:
                 return 0
             _print_summary(res.report)
             if args.output:
                 print(f"saved to {Path(args.output).resolve()} (report.json, README.md)")
+            if res.report.get("pushed"):
+                print(f"pushed to {res.report['pushed'].get('url')}")
+        elif args.cmd == "push":
+            from .publish import format_plan, push
+
+            plan = push(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                        dry_run=args.dry_run)
+            card = Path(args.folder) / "README.md"
+            print(format_plan(plan, card.read_text() if args.dry_run and card.exists() else None))
+            if not args.dry_run:
+                print(f"pushed to {plan.get('url')}")
+        elif args.cmd == "inspect":
+            from .inspection import format_inspection, inspect_checkpoint
+
+            info = inspect_checkpoint(args.path, pattern=args.pattern)
+            print(json.dumps(info, indent=2) if args.json else format_inspection(info, per_layer=args.layers))
+            if info["pattern_holds"] is False:
+                return 1             # a failed N:M check exits 1 (scripts can gate on it)
         elif args.cmd == "eval-ppl":
             from . import api
 

@@ -1,4 +1,5 @@
-"""Atomic saving of pruned checkpoints with report.json and a model card (plumbing)."""
+"""Atomic saving of pruned checkpoints with report.json and a model card (plumbing; the card
+itself is built by :mod:`sparsefw.publish`)."""
 from __future__ import annotations
 
 import contextlib
@@ -56,40 +57,12 @@ def count_sparsity(folder: str | os.PathLike, tensor_names: list[str]) -> dict:
     return {"zeros": zeros, "total": total, "achieved_sparsity": zeros / max(total, 1)}
 
 
-def model_card(report: dict) -> str:
-    """A Hugging Face model card (README.md) for a pruned checkpoint, from its report."""
-    ppl = report.get("ppl") or {}
-    pat = report.get("pattern")
-    sp = report.get("sparsity")
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [pruned, sparse, sparsefw, frank-wolfe]",
-        f"base_model: {report.get('base_model_hub') or report.get('model')}",
-        "---",
-        "",
-        f"# {Path(str(report.get('model'))).name} pruned with SparseFW ({report.get('method')}, "
-        f"{pat if pat and ':' in str(pat) else f'{float(sp):.0%} {pat}'})",
-        "",
-        "Pruned post-training with [SparseFW](https://arxiv.org/abs/2510.13713) (Frank-Wolfe over the "
-        "convex hull of sparse masks, layer by layer on calibration text). Zeros are stored densely; "
-        "load with `AutoModelForCausalLM.from_pretrained`.",
-        "",
-        "| setting | value |", "|---|---|",
-    ]
-    for k in ("method", "warmstart", "alpha", "pattern", "sparsity", "achieved_sparsity", "calib",
-              "nsamples", "seqlen", "seed", "reconstruct", "seconds"):
-        if k in report:
-            v = report[k]
-            lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    if ppl:
-        lines += ["", f"Perplexity ({ppl.get('source', '')}, {ppl.get('chunks', '?')} chunks of "
-                      f"{ppl.get('seqlen', '?')} tokens): dense {ppl.get('dense', float('nan')):.3f}, "
-                      f"pruned {ppl.get('pruned', float('nan')):.3f}."]
-    if report.get("zeroshot"):
-        lines += ["", f"Zero-shot mean accuracy: {report['zeroshot'].get('mean_acc', float('nan')):.4f}."]
-    lines += ["", "See `report.json` for per-layer errors.", ""]
-    return "\n".join(lines)
+def model_card(report: dict, folder: str | os.PathLike | None = None) -> str:
+    """The model card (README.md text) of a pruned checkpoint: :func:`sparsefw.publish.build_model_card`
+    (huggingface_hub ``ModelCard`` with hub metadata), the N:M check counted on ``folder``'s tensors."""
+    from .publish import build_model_card
+
+    return str(build_model_card(report, folder))
 
 
 @contextlib.contextmanager
@@ -118,16 +91,24 @@ def staged_output(output: str | os.PathLike, overwrite: bool = False):
 
 
 def write_report(folder: Path, report: dict, pruned_tensors: list[str]) -> dict:
-    """Count the achieved sparsity on the saved tensors (added to ``report``), then write
-    ``report.json`` and the model card ``README.md`` into ``folder``. Returns the report."""
+    """Count the achieved sparsity on the saved tensors (added to ``report``), add the source
+    model's hub id and license (:func:`sparsefw.publish.source_info`, under ``"source"``), then
+    write ``report.json`` and the model card ``README.md`` into ``folder``. Returns the report."""
+    from .publish import source_info
+
     report.update(count_sparsity(folder, pruned_tensors))
+    if "source" not in report:
+        report["source"] = source_info(str(report.get("model")))
+    layers = report.pop("layers", None)          # keep the per-layer list last
+    if layers is not None:
+        report["layers"] = layers
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (folder / "README.md").write_text(model_card(report))
+    (folder / "README.md").write_text(model_card(report, folder))
     return report
 
 
 def save_pruned(model, tokenizer, output: str | os.PathLike, report: dict, pruned_tensors: list[str],
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, max_shard_size: str | int = "5GB") -> dict:
     """Save model (safetensors), tokenizer, report.json and README.md atomically
     (:func:`staged_output`). ``achieved_sparsity`` is counted on the saved tensors and added to
     the report.
@@ -135,12 +116,14 @@ def save_pruned(model, tokenizer, output: str | os.PathLike, report: dict, prune
     Args:
         model, tokenizer: what to save. output: target folder. report: JSON-able dict (updated in
         place). pruned_tensors: state-dict names of the pruned weights. overwrite: replace a
-        non-empty folder.
+        non-empty folder. max_shard_size: transformers' shard limit (``"5GB"``, the Hub's
+        convention; a model larger than that is split into ``model-0000N-of-0000M.safetensors``
+        with an index). The tensors keep the dtype the model was loaded with.
     Returns: the report.
     Raises: SparseFWError as :func:`check_output_dir`.
     """
     with staged_output(output, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         write_report(tmp, report, pruned_tensors)
     return report

@@ -25,3 +25,4 @@ def test_gpu_check_small_on_cpu_without_extras(tmp_path):
         assert sum(1 for l in lines if f" {meth} " in l) == 4, meth   # 2 models x 2 patterns
     assert "masks agree on 100.000% of entries" in r.stdout
     assert "extrapolated full 32-block prune" in r.stdout and out.exists()
+    assert "2:4 semi-structured matmul: skipped (semi-structured sparse kernels need a CUDA GPU)" in r.stdout

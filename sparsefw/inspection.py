@@ -1,0 +1,133 @@
+"""Inspect a checkpoint's sparsity from its safetensors files alone (plumbing; no model is built).
+
+The pruned layers are the 2-D ``*.weight`` tensors inside numbered decoder blocks (a name with a
+``.N.`` block index, e.g. ``model.layers.3.mlp.down_proj.weight``), i.e. the Linear layers that
+``sparsefw prune`` prunes; embeddings, the LM head and 1-D norms are reported apart. For an N:M
+pattern every group of M consecutive inputs of a row (along d_in, the semi-structured layout of
+NVIDIA's sparse tensor cores and ``torch.sparse.to_sparse_semi_structured``) must hold at most N
+nonzeros.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import SparseFWError
+from .masks import parse_pattern
+
+_BLOCK = re.compile(r"\.\d+\.")
+
+
+def _resolve_folder(path: str) -> Path:
+    """A local folder, or a hub id whose safetensors and JSON files are downloaded (cached)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise SparseFWError(f"'{path}' is a file; give the checkpoint folder (or a hub id)")
+    from .publish import HUB_ID
+
+    if not HUB_ID.match(str(path)):
+        raise SparseFWError(f"'{path}' does not exist; give a checkpoint folder or a hub id USER/NAME")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as e:  # noqa: BLE001 - offline or missing repo: one line
+        raise SparseFWError(f"could not download '{path}' from the Hugging Face Hub ({type(e).__name__}); "
+                            "give a local folder when offline") from None
+
+
+def nm_violations(W: torch.Tensor, n: int, m: int) -> tuple[int, tuple[int, int] | None]:
+    """Groups of ``m`` consecutive inputs with more than ``n`` nonzeros.
+
+    Args: W: (d_out, d_in) tensor, d_in a multiple of m. Returns: (count of offending groups,
+    (row, first column) of the first one or None). Raises SparseFWError if m does not divide d_in.
+    """
+    d_out, d_in = W.shape
+    if d_in % m:
+        raise SparseFWError(f"{n}:{m} needs d_in to be a multiple of {m}, got {d_in}")
+    nz = (W != 0).view(d_out, d_in // m, m).sum(-1)
+    bad = nz > n
+    count = int(bad.sum())
+    if not count:
+        return 0, None
+    r, g = (int(i) for i in bad.nonzero()[0])
+    return count, (r, g * m)
+
+
+def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
+    """Sparsity of every pruned layer of a saved checkpoint, from its safetensors files.
+
+    Args:
+        path: a folder with ``*.safetensors`` (``save_pretrained`` output) or a hub id.
+        pattern: ``"N:M"`` to check in every pruned layer (e.g. ``"2:4"``), or None.
+    Returns: JSON-able dict {"path", "files", "bytes" (size on disk of the safetensors), "dtypes"
+        {dtype: tensors}, "layers": [{"name", "shape", "dtype", "zeros", "numel", "sparsity"
+        [, "nm_violations", "nm_first"]}], "pruned_layers", "zeros", "total", "sparsity" (over the
+        pruned layers), "other_tensors", "other_sparsity", "pattern", "pattern_holds" (bool or
+        None), "pattern_failing_layers"}.
+    Raises: SparseFWError: no such folder / hub id, no safetensors in it, bad pattern, or a
+        pattern that does not divide a layer's d_in.
+    """
+    from safetensors import safe_open
+
+    folder = _resolve_folder(str(path))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SparseFWError(f"no .safetensors files in '{folder}'; give a save_pretrained folder")
+    nm = None
+    if pattern:
+        p = parse_pattern(pattern) if ":" in str(pattern) else None
+        if p is None:
+            raise SparseFWError(f"--pattern for inspect must be N:M (e.g. 2:4), got '{pattern}'")
+        nm = (p.n, p.m)
+    layers, dtypes = [], {}
+    other = other_zeros = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                t = fh.get_tensor(name)
+                dt = str(t.dtype).replace("torch.", "")
+                dtypes[dt] = dtypes.get(dt, 0) + 1
+                if t.dim() == 2 and name.endswith(".weight") and _BLOCK.search(name):
+                    z = int((t == 0).sum())
+                    row = {"name": name, "shape": list(t.shape), "dtype": dt, "zeros": z, "numel": t.numel(),
+                           "sparsity": z / max(t.numel(), 1)}
+                    if nm:
+                        row["nm_violations"], row["nm_first"] = nm_violations(t, *nm)
+                    layers.append(row)
+                else:
+                    other += t.numel()
+                    other_zeros += int((t == 0).sum())
+    zeros = sum(r["zeros"] for r in layers)
+    total = sum(r["numel"] for r in layers)
+    failing = [r["name"] for r in layers if r.get("nm_violations")]
+    return {"path": str(folder), "files": [f.name for f in files], "bytes": sum(f.stat().st_size for f in files),
+            "dtypes": dtypes, "layers": layers, "pruned_layers": len(layers), "zeros": zeros, "total": total,
+            "sparsity": zeros / max(total, 1), "other_tensors": other,
+            "other_sparsity": other_zeros / max(other, 1), "pattern": pattern,
+            "pattern_holds": (not failing) if nm else None, "pattern_failing_layers": failing}
+
+
+def format_inspection(info: dict, per_layer: bool = True) -> str:
+    """Text report of :func:`inspect_checkpoint`: total, the N:M verdict, optionally every layer."""
+    lines = [f"{info['pruned_layers']} pruned layers: sparsity {info['sparsity']:.4f} "
+             f"({info['zeros']:,} zeros of {info['total']:,} weights); other tensors "
+             f"{info['other_tensors']:,} weights, sparsity {info['other_sparsity']:.4f}",
+             f"dtype {', '.join(f'{k} ({v} tensors)' for k, v in info['dtypes'].items())}; "
+             f"{len(info['files'])} safetensors file(s), {info['bytes']:,} bytes on disk"]
+    if info.get("pattern"):
+        if info["pattern_holds"]:
+            lines.append(f"{info['pattern']} holds in all {info['pruned_layers']} layers")
+        else:
+            bad = info["pattern_failing_layers"]
+            lines.append(f"{info['pattern']} FAILS in {len(bad)} of {info['pruned_layers']} layers: " + ", ".join(
+                f"{r['name']} ({r['nm_violations']} groups, first at row {r['nm_first'][0]}, column "
+                f"{r['nm_first'][1]})" for r in info["layers"] if r.get("nm_violations")))
+    if per_layer:
+        lines += [f"  {r['sparsity']:.4f}  {r['dtype']:>8}  {'x'.join(map(str, r['shape'])):>11}  {r['name']}"
+                  for r in info["layers"]]
+    return "\n".join(lines)
