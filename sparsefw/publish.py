@@ -216,7 +216,7 @@ def build_model_card(report: dict, folder: str | Path | None = None, repo_id: st
     label = _pattern_label(report)
     pat = str(report.get("pattern"))
     name = repo_id or f"{Path(str(report.get('model'))).name}-{method}-{label.replace(' ', '-').replace(':', 'of').replace('%', 'pct')}"
-    tags = ["sparse", "pruned", "sparsefw", method]
+    tags = list(dict.fromkeys(["sparse", "pruned", "sparsefw", method]))
     if ":" in pat:
         tags.append(pat)
     if report.get("reconstruct"):
@@ -276,7 +276,7 @@ def _card_body(report: dict, folder, name: str, label: str) -> str:
     if zs.get("mean_acc") is not None:
         lines.append(f"| zero-shot mean accuracy ({', '.join(zs.get('tasks', []))}) | | {zs['mean_acc']:.4f} |")
     if "achieved_sparsity" in report:
-        lines.append(f"| sparsity of the pruned Linear weights (counted on the saved tensors) | 0 | "
+        lines.append(f"| sparsity of the pruned Linear weights (counted on the saved tensors) | | "
                      f"{report['achieved_sparsity']:.4f} ({report.get('zeros', 0):,} of {report.get('total', 0):,}) |")
     layers = report.get("layers") or []
     errs = [float(l["error_final"]) for l in layers if l.get("error_final") is not None]

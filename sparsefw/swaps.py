@@ -50,12 +50,14 @@ def _candidates(W, Q, Ak, Ap, pattern: Pattern, K: int):
     prune_cost = torch.addcmul(Ap, W, Q, value=2.0)     # change of f when pruning l (kept now)
     r, d_in = W.shape
     if pattern.kind == "nm":
-        g = d_in // pattern.m
-        a, ja = keep_gain.view(r, g, pattern.m).min(-1)
-        c, lc = prune_cost.view(r, g, pattern.m).min(-1)
-        base = torch.arange(g, device=W.device) * pattern.m
-        grp = torch.topk(-(a + c), min(K, g), dim=1, sorted=False).indices
-        return torch.cat([(base + ja).gather(1, grp), (base + lc).gather(1, grp)], 1)
+        g, m = d_in // pattern.m, pattern.m
+        kg, pc = keep_gain.view(r, g, m), prune_cost.view(r, g, m)
+        # best pair per group by value only (amin is several times faster than min with
+        # indices here); the argmins only for the K chosen groups
+        grp = torch.topk(kg.amin(-1) + pc.amin(-1), min(K, g), dim=1, largest=False, sorted=False).indices
+        sel = grp.unsqueeze(2).expand(r, grp.shape[1], m)
+        base = grp * m
+        return torch.cat([base + kg.gather(1, sel).argmin(-1), base + pc.gather(1, sel).argmin(-1)], 1)
     return torch.cat([torch.topk(keep_gain, K, dim=1, largest=False, sorted=False).indices,
                       torch.topk(prune_cost, K, dim=1, largest=False, sorted=False).indices], 1)
 
