@@ -50,7 +50,7 @@ def main(argv=None):
             cell = {"wall_s": wall, "prune_s": rep["seconds"], "timings": rep["timings"],
                     "fw_iterations": rep["fw_iterations"], "layers_at_cap": rep["layers_at_iteration_cap"],
                     "mean_error_final": rep["mean_error_final"], "mean_error_wanda": rep["mean_error_wanda"],
-                    "swaps": rep["swaps"]}
+                    "swaps": rep["swaps_applied"]}
             res["cells"][f"{name} {pat}"] = cell
             tm = rep["timings"]
             print(f"{name:13s} {pat:4s} wall {wall:6.1f} s  prune {rep['seconds']:6.1f} s  err {rep['mean_error_final']:.5f}  "

@@ -464,6 +464,6 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
             "layers_fw_kept": sum(1 for r in reports if r.chosen == "fw"),
             "fw_iterations": _iteration_summary([r.iterations for r in reports]),
             "layers_at_iteration_cap": sum(1 for r in reports if r.at_cap > 0),
-            "swaps": sum(r.swaps for r in reports),
+            "swaps_applied": sum(r.swaps for r in reports),   # "swaps" is the config (rounds)
             "timings": _timings(timer, reports, time.perf_counter() - t0),
             "calibration_tokens": int(windows.numel()), "processes": ranks.world}

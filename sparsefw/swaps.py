@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from .errors import SparseFWError
 from .masks import Pattern
 
+INNER_STOP = 8      # a round's steps end when fewer than 1/INNER_STOP of its rows still improve
+
 
 @dataclass
 class SwapResult:
@@ -158,7 +160,7 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
             gain += (ch * okf).double()
             n_swaps += ok
             live = ok
-            if n_ok < r // 8:     # the few rows still swapping continue in the next round
+            if n_ok * INNER_STOP < r:     # the few rows still swapping continue in the next round
                 break
         n_swaps = n_swaps.squeeze(1)
         delta[ids] += gain.squeeze(1)

@@ -117,7 +117,7 @@ def test_card_of_real_24_prune(pruned_24):
 
 def test_card_names_the_repo_and_zero_shot(tmp_path):
     rep = {"model": "smollm2-135m", "method": "sparsefw", "pattern": "unstructured", "sparsity": 0.6,
-           "warmstart": "wanda", "alpha": 0.5, "calib": "austen", "nsamples": 8, "seqlen": 128, "seed": 0,
+           "warmstart": "wanda", "alpha": 0.5, "iterations": 0, "swaps": 50, "swaps_applied": 123456, "calib": "austen", "nsamples": 8, "seqlen": 128, "seed": 0,
            "source": {"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
            "zeroshot": {"tasks": {"boolq": {"acc": 0.61234}, "rte": {"acc": 0.5}}, "mean_acc": 0.55617},
            "layers": [{"error_final": 0.1, "error_wanda": 0.2}, {"error_final": 0.3, "error_wanda": 0.4}]}
@@ -127,7 +127,7 @@ def test_card_names_the_repo_and_zero_shot(tmp_path):
     assert [(e.task_name, e.metric_value) for e in d.eval_results] == [("Zero-shot boolq", 0.6123),
                                                                        ("Zero-shot rte", 0.5)]
     assert 'from_pretrained("me/smol-60")' in card.text and "60% unstructured" in card.text
-    assert "mean 0.2000" in card.text and "--alpha 0.5" in card.text
+    assert "mean 0.2000" in card.text and "--alpha 0.5 --iterations 0 --swaps 50 " in card.text
 
 
 # ---------------------------------------------------------------------------- inspect
