@@ -30,7 +30,8 @@ class Pattern:
     """A sparsity pattern.
 
     Attributes:
-        kind: ``"unstructured"`` (k kept per output row, Wanda's convention), ``"per-matrix"``
+        kind: ``"unstructured"`` (k kept per output row: Wanda's per-output comparison group, with
+            k = round((1-s) d_in), see :meth:`kept_per_row`), ``"per-matrix"``
             (k kept over the whole matrix) or ``"nm"`` (n kept in every group of m consecutive
             input columns).
         sparsity: fraction of weights removed, in [0, 1). For N:M it is ``1 - n/m``.
@@ -46,7 +47,14 @@ class Pattern:
         return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
 
     def kept_per_row(self, d_in: int) -> int:
-        """Kept entries per row, ``round((1 - sparsity) * d_in)`` (``n * d_in / m`` for N:M)."""
+        """Kept entries per row, ``round((1 - sparsity) * d_in)`` (``n * d_in / m`` for N:M).
+
+        This is the nearest count to the asked sparsity. Wanda's code (Sun et al. 2023,
+        ``prune_wanda``) prunes ``int(sparsity * d_in)`` per row instead, i.e. keeps
+        ``d_in - int(sparsity * d_in)``: one more whenever ``(1 - sparsity) * d_in`` has a fraction
+        below 0.5 (60% of 576: 230.4, we keep 230, Wanda keeps 231). Every method here uses
+        this same count, so comparisons between them are like for like.
+        """
         if self.kind == "nm":
             return self.n * (d_in // self.m)
         return int(round((1.0 - self.sparsity) * d_in))

@@ -80,7 +80,8 @@ def test_unstructured_and_per_matrix_2x8():
 
 
 def test_kept_per_row_rounding():
-    # Wanda's convention: k = round((1 - s) d_in)
+    # k = round((1 - s) d_in), the nearest count (Wanda's code would keep 576 - int(0.6 * 576) = 231)
+    assert Pattern("unstructured", 0.6).kept_per_row(576) == 230
     assert Pattern("unstructured", 0.6).kept_per_row(10) == 4
     assert Pattern("unstructured", 0.5).kept_per_row(7) == 4  # round(3.5) -> 4 (banker's: 4)
     assert parse_pattern("2:4").kept_per_row(12) == 6
