@@ -58,19 +58,21 @@ def nm_violations(W: torch.Tensor, n: int, m: int) -> tuple[int, tuple[int, int]
     return count, (r, g * m)
 
 
-def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
+def inspect_checkpoint(path: str | Path, pattern: str | None = None, names=None) -> dict:
     """Sparsity of every pruned layer of a saved checkpoint, from its safetensors files.
 
     Args:
         path: a folder with ``*.safetensors`` (``save_pretrained`` output) or a hub id.
         pattern: ``"N:M"`` to check in every pruned layer (e.g. ``"2:4"``), or None.
+        names: the state-dict names of the pruned tensors when known (the pipeline passes them);
+            None = every 2-D ``*.weight`` inside a numbered block (see the module docstring).
     Returns: JSON-able dict {"path", "files", "bytes" (size on disk of the safetensors), "dtypes"
         {dtype: tensors}, "layers": [{"name", "shape", "dtype", "zeros", "numel", "sparsity"
         [, "nm_violations", "nm_first"]}], "pruned_layers", "zeros", "total", "sparsity" (over the
         pruned layers), "other_tensors", "other_sparsity", "pattern", "pattern_holds" (bool or
         None), "pattern_failing_layers"}.
-    Raises: SparseFWError: no such folder / hub id, no safetensors in it, bad pattern, or a
-        pattern that does not divide a layer's d_in.
+    Raises: SparseFWError: no such folder / hub id, no safetensors in it, bad pattern, a
+        pattern that does not divide a layer's d_in, or a name of ``names`` not in the files.
     """
     from safetensors import safe_open
 
@@ -84,6 +86,7 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
         if p is None:
             raise SparseFWError(f"--pattern for inspect must be N:M (e.g. 2:4), got '{pattern}'")
         nm = (p.n, p.m)
+    want = None if names is None else set(names)
     layers, dtypes = [], {}
     other = other_zeros = 0
     for f in files:
@@ -92,7 +95,9 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
                 t = fh.get_tensor(name)
                 dt = str(t.dtype).replace("torch.", "")
                 dtypes[dt] = dtypes.get(dt, 0) + 1
-                if t.dim() == 2 and name.endswith(".weight") and _BLOCK.search(name):
+                pruned = (name in want) if want is not None else \
+                    (t.dim() == 2 and name.endswith(".weight") and _BLOCK.search(name) is not None)
+                if pruned:
                     z = int((t == 0).sum())
                     row = {"name": name, "shape": list(t.shape), "dtype": dt, "zeros": z, "numel": t.numel(),
                            "sparsity": z / max(t.numel(), 1)}
@@ -102,6 +107,9 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
                 else:
                     other += t.numel()
                     other_zeros += int((t == 0).sum())
+    missing = (want or set()) - {r["name"] for r in layers}
+    if missing:
+        raise SparseFWError(f"{len(missing)} pruned tensors are missing from the saved files, e.g. {sorted(missing)[0]}")
     zeros = sum(r["zeros"] for r in layers)
     total = sum(r["numel"] for r in layers)
     failing = [r["name"] for r in layers if r.get("nm_violations")]
@@ -110,6 +118,12 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
             "sparsity": zeros / max(total, 1), "other_tensors": other,
             "other_sparsity": other_zeros / max(other, 1), "pattern": pattern,
             "pattern_holds": (not failing) if nm else None, "pattern_failing_layers": failing}
+
+
+def inspection_summary(info: dict) -> dict:
+    """:func:`inspect_checkpoint`'s result without the per-layer list and the local path (what
+    report.json keeps under ``"checkpoint"``, and the model card shows)."""
+    return {k: v for k, v in info.items() if k not in ("layers", "path")}
 
 
 def format_inspection(info: dict, per_layer: bool = True) -> str:
@@ -124,10 +138,11 @@ def format_inspection(info: dict, per_layer: bool = True) -> str:
             lines.append(f"{info['pattern']} holds in all {info['pruned_layers']} layers")
         else:
             bad = info["pattern_failing_layers"]
-            lines.append(f"{info['pattern']} FAILS in {len(bad)} of {info['pruned_layers']} layers: " + ", ".join(
-                f"{r['name']} ({r['nm_violations']} groups, first at row {r['nm_first'][0]}, column "
-                f"{r['nm_first'][1]})" for r in info["layers"] if r.get("nm_violations")))
-    if per_layer:
+            detail = {r["name"]: f" ({r['nm_violations']} groups, first at row {r['nm_first'][0]}, column "
+                                 f"{r['nm_first'][1]})" for r in info.get("layers", []) if r.get("nm_violations")}
+            lines.append(f"{info['pattern']} FAILS in {len(bad)} of {info['pruned_layers']} layers: "
+                         + ", ".join(n + detail.get(n, "") for n in bad))
+    if per_layer and "layers" in info:
         lines += [f"  {r['sparsity']:.4f}  {r['dtype']:>8}  {'x'.join(map(str, r['shape'])):>11}  {r['name']}"
                   for r in info["layers"]]
     return "\n".join(lines)

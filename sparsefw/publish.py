@@ -204,8 +204,8 @@ def build_model_card(report: dict, folder: str | Path | None = None, repo_id: st
     Args:
         report: the run's report (report.json: config fields, "source", "ppl", "zeroshot",
             "layers", "achieved_sparsity", ...).
-        folder: the saved checkpoint; when given, the per-layer sparsity and the N:M check are
-            counted on its safetensors (:func:`sparsefw.inspection.inspect_checkpoint`).
+        folder: the saved checkpoint, read (:func:`sparsefw.inspection.inspect_checkpoint`) only
+            when ``report`` has no ``"checkpoint"`` summary (report.json written by the pipeline has one).
         repo_id: the hub repo the card is for (model name in the metadata and load snippet).
     Returns: ``huggingface_hub.ModelCard`` (``str(card)`` is README.md; ``card.data`` the metadata).
     """
@@ -287,11 +287,15 @@ def _card_body(report: dict, folder, name: str, label: str) -> str:
                   f"calibration inputs: mean {statistics.fmean(errs):.4f}, median {statistics.median(errs):.4f}, "
                   f"max {max(errs):.4f}" + (f" (Wanda's mask on the same inputs: mean {statistics.fmean(wanda):.4f})"
                                             if wanda else "") + ". Every layer is in `report.json`."]
-    if folder is not None:
-        from .inspection import format_inspection, inspect_checkpoint
+    info = report.get("checkpoint")
+    if info is None and folder is not None:
+        from .inspection import inspect_checkpoint
 
         pat = str(report.get("pattern"))
         info = inspect_checkpoint(folder, pattern=pat if ":" in pat else None)
+    if info is not None:
+        from .inspection import format_inspection
+
         lines += ["", "## Checkpoint", "", "```", format_inspection(info, per_layer=False), "```"]
     lines += ["", "## Reproduce", "", "```bash", reproduce_command(report), "```",
               "", "## Load", "", "```python",
@@ -334,11 +338,16 @@ def hub_token() -> str:
     return tok
 
 
+def _check_repo_id(repo_id: str) -> None:
+    """Raise SparseFWError unless ``repo_id`` is USER/NAME (or ORG/NAME)."""
+    if not HUB_ID.match(str(repo_id)):
+        raise SparseFWError(f"repo id '{repo_id}' is not of the form USER/NAME (or ORG/NAME)")
+
+
 def check_hub_access(repo_id: str) -> str:
     """Before any work: a valid repo id, a token, and the Hub reachable with it (``whoami``).
     Returns the token. Raises SparseFWError with what to do."""
-    if not HUB_ID.match(str(repo_id)):
-        raise SparseFWError(f"repo id '{repo_id}' is not of the form USER/NAME (or ORG/NAME)")
+    _check_repo_id(repo_id)
     tok = hub_token()
     from huggingface_hub import HfApi
 
@@ -367,8 +376,7 @@ def push(folder: str | Path, repo_id: str, private: bool = False, revision: str 
     files = upload_plan(folder)
     if not any(f.endswith(".safetensors") for f, _ in files):
         raise SparseFWError(f"'{folder}' holds no .safetensors weights; give the output folder of 'sparsefw prune'")
-    if not HUB_ID.match(str(repo_id)):
-        raise SparseFWError(f"repo id '{repo_id}' is not of the form USER/NAME (or ORG/NAME)")
+    _check_repo_id(repo_id)
     out = {"repo_id": repo_id, "files": [list(f) for f in files], "bytes": sum(s for _, s in files),
            "dry_run": bool(dry_run), "private": bool(private), "revision": revision}
     if dry_run:

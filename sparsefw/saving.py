@@ -9,8 +9,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from safetensors import safe_open
-
 from .errors import SparseFWError
 
 
@@ -35,34 +33,12 @@ def check_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Path
     return out
 
 
-def count_sparsity(folder: str | os.PathLike, tensor_names: list[str]) -> dict:
-    """Count zeros of the given tensors in the saved safetensors files.
-
-    Args: folder with ``*.safetensors``; tensor_names: state-dict names (e.g. ``...q_proj.weight``).
-    Returns: {"zeros": int, "total": int, "achieved_sparsity": zeros / total}.
-    Raises: SparseFWError if a tensor is missing from the files.
-    """
-    want = set(tensor_names)
-    zeros = total = 0
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                if k in want:
-                    t = fh.get_tensor(k)
-                    zeros += int((t == 0).sum())
-                    total += t.numel()
-                    want.discard(k)
-    if want:
-        raise SparseFWError(f"{len(want)} pruned tensors are missing from the saved files, e.g. {sorted(want)[0]}")
-    return {"zeros": zeros, "total": total, "achieved_sparsity": zeros / max(total, 1)}
-
-
-def model_card(report: dict, folder: str | os.PathLike | None = None) -> str:
+def model_card(report: dict) -> str:
     """The model card (README.md text) of a pruned checkpoint: :func:`sparsefw.publish.build_model_card`
-    (huggingface_hub ``ModelCard`` with hub metadata), the N:M check counted on ``folder``'s tensors."""
+    (huggingface_hub ``ModelCard`` with hub metadata; the checkpoint summary from ``report``)."""
     from .publish import build_model_card
 
-    return str(build_model_card(report, folder))
+    return str(build_model_card(report))
 
 
 @contextlib.contextmanager
@@ -91,19 +67,28 @@ def staged_output(output: str | os.PathLike, overwrite: bool = False):
 
 
 def write_report(folder: Path, report: dict, pruned_tensors: list[str]) -> dict:
-    """Count the achieved sparsity on the saved tensors (added to ``report``), add the source
-    model's hub id and license (:func:`sparsefw.publish.source_info`, under ``"source"``), then
-    write ``report.json`` and the model card ``README.md`` into ``folder``. Returns the report."""
+    """Count the achieved sparsity on the saved tensors, in one read of the files
+    (:func:`sparsefw.inspection.inspect_checkpoint`: ``zeros``, ``total``, ``achieved_sparsity``
+    and, under ``"checkpoint"``, files, size, dtypes and the N:M check), add the source model's hub
+    id and license (:func:`sparsefw.publish.source_info`, under ``"source"``), then write
+    ``report.json`` and the model card ``README.md`` into ``folder``. Returns the report.
+
+    Raises: SparseFWError if a pruned tensor is missing from the saved files.
+    """
+    from .inspection import inspect_checkpoint, inspection_summary
     from .publish import source_info
 
-    report.update(count_sparsity(folder, pruned_tensors))
+    pat = str(report.get("pattern"))
+    info = inspect_checkpoint(folder, pattern=pat if ":" in pat else None, names=pruned_tensors)
+    report.update(zeros=info["zeros"], total=info["total"], achieved_sparsity=info["sparsity"],
+                  checkpoint=inspection_summary(info))
     if "source" not in report:
         report["source"] = source_info(str(report.get("model")))
     layers = report.pop("layers", None)          # keep the per-layer list last
     if layers is not None:
         report["layers"] = layers
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (folder / "README.md").write_text(model_card(report, folder))
+    (folder / "README.md").write_text(model_card(report))
     return report
 
 

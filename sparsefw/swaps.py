@@ -75,8 +75,8 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
     candidate with its best keep partner), cross term included (N:M: the best of the K group
     pairs); G r is updated on the working set only (a (2K x 2K) block of G), then on all columns
     with the applied swaps (a gather of 2 rows of G per swap). An entry swapped in a round stays
-    until the next round; a round's steps end when fewer than 1/8 of its rows still improve. A row
-    stops when its round finds no improving pair.
+    until the next round; a round's steps end when fewer than 1/INNER_STOP (1/8) of its rows still
+    improve. A row stops when its round finds no improving pair.
 
     Args:
         W: (d_out, d_in) float weights. G: (d_in, d_in) float Gram matrix X X^T.
@@ -108,9 +108,9 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
     Wr, Qr, Mr = W, Q, M                                  # Mr: updated in place (M is a copy)
     Akr, Apr = W2.masked_fill(M, math.inf), W2.masked_fill_(~M, math.inf)
     nm = pattern.kind == "nm"
-    if not nm:
-        kept = M.sum(1)
-        working_set = max(1, min(working_set, int(kept.min()), int((d_in - kept).min())))
+    if not nm:      # the working set cannot exceed a row's kept or pruned count (fixed per row)
+        n_kept = M.sum(1)
+        working_set = max(1, min(working_set, int(n_kept.min()), int((d_in - n_kept).min())))
     rounds = swaps = 0
     for rounds in range(1, max_rounds + 1):
         C = _candidates(Wr, Qr, Akr, Apr, pattern, working_set)
