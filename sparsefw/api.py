@@ -94,7 +94,7 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
             checked before pruning starts; a failed upload keeps the local output.
         **config: fields of :class:`sparsefw.pipeline.PruneConfig` (method, sparsity, pattern,
             warmstart, alpha, fix, iterations, step, tol, reconstruct, calib, nsamples, seqlen, seed,
-            bos, device, dtype). ``bos`` (``auto`` default, ``always``, ``never``) applies to the
+            bos, device, dtype, owl, owl_m, owl_lambda, true_sequential). ``bos`` (``auto`` default, ``always``, ``never``) applies to the
             calibration windows and the perplexity chunks alike; ``device`` (``auto`` = CUDA when
             present) and ``dtype`` (``auto`` = the checkpoint's) to pruning and evaluation. The
             checkpoint is saved in the dtype it was loaded with.

@@ -37,6 +37,15 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swaps", type=int, default=d.swaps, help="rounds of exact swap refinement (0 = off)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=d.reconstruct,
                    help="least-squares update of the kept weights after the mask is chosen")
+    p.add_argument("--owl", action=argparse.BooleanOptionalAction, default=d.owl,
+                   help="OWL: one sparsity per block from its outlier ratio, mean = --sparsity (unstructured)")
+    p.add_argument("--owl-m", dest="owl_m", type=float, default=d.owl_m,
+                   help="OWL's M: a Wanda score above M x the block's mean is an outlier")
+    p.add_argument("--owl-lambda", dest="owl_lambda", type=float, default=d.owl_lambda,
+                   help="OWL's lambda: block sparsities span 2 lambda around --sparsity")
+    p.add_argument("--true-sequential", dest="true_sequential", action=argparse.BooleanOptionalAction,
+                   default=d.true_sequential, help="prune q/k/v, o, gate/up, down in turn, each fitted to the "
+                   "block's inputs with the earlier ones pruned (slower)")
     p.add_argument("--percdamp", type=float, default=d.percdamp, help="dampening (fraction of mean diag G) for sparsegpt/reconstruction")
     p.add_argument("--blocksize", type=int, default=d.blocksize, help="SparseGPT column block size")
     p.add_argument("--calib", default=d.calib, help="wiki | austen | boolq | c4 | wikitext2 | FILE")

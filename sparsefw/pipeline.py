@@ -24,6 +24,7 @@ from .models import decoder_blocks, get_weight, prunable_layers, resolve_device,
 from .distributed import (GRAM_CHUNK, Ranks, assign_layers, broadcast_object, broadcast_tensor_, raise_if_any,
                           reduce_gram, two_sum_, window_range)
 from .onload import capture_block_inputs, module_device, on_device, place_embeddings
+from .owl import check_owl_lambda, outlier_ratio, owl_sparsities
 
 METHODS = ("magnitude", "wanda", "ria", "sparsefw", "sparsegpt")
 WARMSTARTS = ("wanda", "ria", "magnitude")
@@ -59,6 +60,10 @@ class PruneConfig:
     device: str = "auto"       # where blocks run and layers are solved: auto (CUDA if present) | cpu | cuda[:N]
     dtype: str = "auto"        # model dtype: auto (the checkpoint's) | float32 | bfloat16 | float16
     offload_activations: bool = False  # keep calibration activations on the CPU between blocks
+    owl: bool = False          # OWL per-block sparsities (Yin et al., ICML 2024), mean = sparsity: sparsefw/owl.py
+    owl_m: float = 5.0         # OWL's M: a Wanda score > M x the block's mean score is an outlier
+    owl_lambda: float = 0.08   # OWL's lambda: block sparsities span 2 lambda around the target
+    true_sequential: bool = False  # fit each layer group to the inputs of the block with the earlier groups pruned
 
     def validate(self) -> Pattern:
         """Check every field; return the parsed pattern. Raises SparseFWError with what to do."""
@@ -93,6 +98,16 @@ class PruneConfig:
             raise SparseFWError(f"unknown BOS mode '{self.bos}': use one of {', '.join(BOS_MODES)}")
         if int(self.nsamples) < 1 or int(self.seqlen) < 2:
             raise SparseFWError(f"nsamples must be >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
+        if self.owl:
+            if str(self.pattern) != "unstructured":
+                raise SparseFWError(f"--owl sets one sparsity per block for --pattern unstructured; the pattern "
+                                    f"'{self.pattern}' fixes the sparsity of every row or matrix (drop --owl)")
+            try:
+                owl_m = float(self.owl_m)
+            except (TypeError, ValueError):
+                owl_m = float("nan")
+            if not (math.isfinite(owl_m) and owl_m > 0):
+                raise SparseFWError(f"--owl-m must be a number > 0 (OWL uses 5), got {self.owl_m!r}")
         if ":" in str(self.pattern):
             pat = parse_pattern(self.pattern)
             if self.sparsity is not None and abs(float(self.sparsity) - pat.sparsity) > 1e-9:
@@ -102,7 +117,10 @@ class PruneConfig:
             return pat
         if self.sparsity is None:
             self.sparsity = 0.5
-        return parse_pattern(self.pattern, self.sparsity)
+        pat = parse_pattern(self.pattern, self.sparsity)
+        if self.owl:
+            check_owl_lambda(float(self.sparsity), float(self.owl_lambda))
+        return pat
 
     def report_fields(self) -> dict:
         """The fields as a report dict; the SparseFW-only ones are None for the other methods."""
@@ -110,6 +128,8 @@ class PruneConfig:
         if self.method != "sparsefw":
             for k in ("warmstart", "alpha", "fix", "iterations", "step", "tol", "swaps"):
                 d[k] = None
+        if not self.owl:
+            d["owl_m"] = d["owl_lambda"] = None
         return d
 
     def fix_mode(self, pattern: Pattern) -> str:
@@ -249,10 +269,17 @@ def solve_layer(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, cfg: PruneCo
     return W_new, mask, info
 
 
+class _StopForward(Exception):
+    """Raised by a hook once every layer asked for has seen its input (the rest of the block's
+    forward is not needed)."""
+
+
 @torch.no_grad()
 def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | None = None,
-                          first: int = 0, chunk: int = GRAM_CHUNK, timer: dict | None = None) -> dict:
-    """Run a block on its calibration inputs and accumulate every Linear layer's Gram matrix.
+                          first: int = 0, chunk: int = GRAM_CHUNK, timer: dict | None = None,
+                          layers: list[str] | None = None, diagonal: bool = False,
+                          outputs: list | None = None) -> dict:
+    """Run a block on its calibration inputs and accumulate its Linear layers' Gram matrices.
 
     G = sum over calibration tokens of x x^T, computed per sample in float32 and summed in float64
     (SOLVER_NOTES: float32 alone differs from float64 by ~1e-7 relative): plainly within chunks of
@@ -269,37 +296,49 @@ def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | Non
         chunk: windows per plain float64 chunk (:data:`sparsefw.distributed.GRAM_CHUNK`).
         timer: optional dict; its ``"gram"`` entry is increased by the seconds spent in the
             Gram products (the rest of the call is the block's forward).
-    Returns: {layer name within the block: (hi, lo)}, two (d_in, d_in) float64 tensors on the
-        layer's device (the same tensor objects for layers that share an input).
+        layers: names (within the block) of the layers to accumulate; default all. Unless
+            ``outputs`` is given, each window's forward stops once all of them have run
+            (true-sequential pruning, :func:`prune_model`).
+        diagonal: accumulate only diag(G) = ||X_j||^2 per input feature (OWL's pre-pass).
+        outputs: if a list, the block's (1, seqlen, hidden) outputs are appended to it (on each
+            input's device).
+    Returns: {layer name within the block: (hi, lo)}, two float64 tensors, (d_in, d_in) (or
+        (d_in,) with ``diagonal``) on the layer's device (the same tensor objects for layers that
+        share an input).
     Raises: SparseFWError on NaN/Inf activations.
     """
-    layers = prunable_layers(block)
+    layers = {n: l for n, l in prunable_layers(block).items() if layers is None or n in layers}
     group: dict[str, str] = {}        # layer -> first layer reading the same input (window 0)
     acc: dict[str, list] = {}         # group -> [chunk sum, hi, lo]
     seen: dict = {}                   # this window: id(x) -> (x, group)
+    ran: set = set()                  # this window: layers that have run
 
     def make_hook(lname):
         def hook(mod, inp, out):
             x = inp[0]
+            ran.add(lname)
+            stop = outputs is None and len(ran) == len(layers)
             # Same tensor object as an earlier layer's input (q/k/v, gate/up)? The cache holds a
             # reference to x, so its id cannot be reused by a later tensor while cached (keying by
             # data_ptr() was wrong: a freed input's address is reused by the next one).
             hit = seen.get(id(x))
             if hit is not None and hit[0] is x:
                 group.setdefault(lname, hit[1])
-                return
-            g = group.setdefault(lname, lname)
-            seen[id(x)] = (x, g)
-            t = time.perf_counter()
-            x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            _check_finite(x2, f"layer {(names or {}).get(id(mod), lname)}")
-            inc = (x2.t() @ x2).double()
-            if g not in acc:
-                acc[g] = [inc, torch.zeros_like(inc), torch.zeros_like(inc)]
             else:
-                acc[g][0] += inc
-            if timer is not None:
-                timer["gram"] = timer.get("gram", 0.0) + time.perf_counter() - t
+                g = group.setdefault(lname, lname)
+                seen[id(x)] = (x, g)
+                t = time.perf_counter()
+                x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                _check_finite(x2, f"layer {(names or {}).get(id(mod), lname)}")
+                inc = (x2 * x2).sum(0).double() if diagonal else (x2.t() @ x2).double()
+                if g not in acc:
+                    acc[g] = [inc, torch.zeros_like(inc), torch.zeros_like(inc)]
+                else:
+                    acc[g][0] += inc
+                if timer is not None:
+                    timer["gram"] = timer.get("gram", 0.0) + time.perf_counter() - t
+            if stop:
+                raise _StopForward
         return hook
 
     handles = [l.register_forward_hook(make_hook(n)) for n, l in layers.items()]
@@ -307,7 +346,13 @@ def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | Non
     try:
         for j, h in enumerate(inps):
             seen.clear()
-            _block_forward(block, h.to(dev), extra)
+            ran.clear()
+            try:
+                o = _block_forward(block, h.to(dev), extra)
+                if outputs is not None:
+                    outputs.append(o.to(h.device))
+            except _StopForward:
+                pass
             if (first + j + 1) % chunk == 0 or j == len(inps) - 1:   # end of a (global) chunk
                 for c, hi, lo in acc.values():
                     two_sum_(hi, lo, c)
@@ -318,7 +363,7 @@ def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | Non
     for n, l in layers.items():
         if n not in group:   # a layer that never ran (no windows on this rank)
             d = get_weight(l).shape[1]
-            z = torch.zeros(d, d, dtype=torch.float64, device=get_weight(l).device)
+            z = torch.zeros((d,) if diagonal else (d, d), dtype=torch.float64, device=get_weight(l).device)
             acc[n] = [z, z, z.clone()]
             group[n] = n
     return {n: (acc[group[n]][1], acc[group[n]][2]) for n in layers}
@@ -352,6 +397,118 @@ def check_prunable(model: nn.Module, pattern: Pattern) -> list[str]:
     return out
 
 
+def _layer_groups(block: nn.Module, inps: list, extra, ranks: Ranks) -> list[list[str]]:
+    """The block's Linear layers in the order its forward runs them, grouped by shared input
+    (Llama: [q, k, v], [o], [gate, up], [down]); found on one window of the last rank (which
+    always holds windows) and broadcast, so that every rank uses the same groups."""
+    src = ranks.world - 1
+    groups: list[list[str]] = []
+    if ranks.rank == src:
+        last: list = [None]
+
+        def make_hook(lname):
+            def hook(mod, inp, out):
+                if groups and inp[0] is last[0]:
+                    groups[-1].append(lname)
+                else:
+                    groups.append([lname])
+                    last[0] = inp[0]
+            return hook
+
+        handles = [l.register_forward_hook(make_hook(n)) for n, l in prunable_layers(block).items()]
+        try:
+            _block_forward(block, inps[0].to(module_device(block)), extra)
+        finally:
+            for hd in handles:
+                hd.remove()
+        seen: set = set()
+        groups = [[n for n in g if not (n in seen or seen.add(n))] for g in groups]   # first run only
+        groups = [g for g in groups if g]
+        missing = [n for n in prunable_layers(block) if n not in seen]
+        if missing:
+            groups.append(missing)                # layers the forward did not run: last, together
+    return broadcast_object(groups, src, ranks)
+
+
+def _prune_layers(block: nn.Module, group: list[str], inps: list, extra, pattern: Pattern, cfg: PruneConfig,
+                  ranks: Ranks, names: dict, first: int, timer: dict) -> list[LayerReport]:
+    """Accumulate the Gram matrices of the layers ``group`` of ``block`` on the current weights of
+    the block, reduce them onto the layers' owners, solve and set the layers, and broadcast the
+    results. Returns the layers' reports (the same on every rank). Raises SparseFWError (on every
+    rank) as :func:`solve_layer` and :func:`accumulate_gram_pairs` do."""
+    layers = {n: l for n, l in prunable_layers(block).items() if n in group}
+    error = None
+    try:
+        t1, g0 = time.perf_counter(), timer["gram"]
+        pairs = accumulate_gram_pairs(block, inps, extra, names, first=first, timer=timer, layers=list(layers))
+        timer["calibration_forward"] += time.perf_counter() - t1 - (timer["gram"] - g0)
+    except SparseFWError as e:
+        pairs, error = None, e
+    raise_if_any(error, ranks)
+    owner = assign_layers({n: tuple(get_weight(l).shape) for n, l in layers.items()}, ranks.world)
+    # one reduction per layer, in the same order on every rank (a rank without windows
+    # does not know which layers share an input, so no sharing here)
+    grams = {n: reduce_gram(*pairs.pop(n), owner[n], ranks) for n in layers}
+    infos, error = {}, None
+    for lname, layer in layers.items():
+        if owner[lname] != ranks.rank:
+            continue
+        try:
+            W_new, mask, infos[lname] = solve_layer(get_weight(layer).float().clone(), grams.pop(lname),
+                                                    pattern, cfg)
+            set_weight(layer, W_new)
+        except SparseFWError as e:
+            error = e
+            break
+    raise_if_any(error, ranks)
+    del grams
+    reports = []
+    for lname, layer in layers.items():
+        broadcast_tensor_(layer.weight.data, owner[lname], ranks)
+        info = broadcast_object(infos.get(lname), owner[lname], ranks)
+        reports.append(LayerReport(name=names[id(layer)], shape=list(get_weight(layer).shape), **info))
+    return reports
+
+
+@torch.no_grad()
+def owl_outlier_ratios(blocks, inps: list, extra: list, cfg: PruneConfig, ranks: Ranks, names: dict,
+                       first: int = 0, block_context=None, progress: bool = True) -> list[float]:
+    """OWL's dense pre-pass: every block's outlier ratio D (:func:`sparsefw.owl.outlier_ratio`)
+    from the Wanda scores |W| ||X_j|| of its Linear layers on the dense model's calibration
+    activations (Yin et al., ICML 2024, Sec. 3).
+
+    Args: blocks: the decoder blocks. inps: the first block's calibration inputs (this rank's,
+        not modified). extra: per-block (args, kwargs). cfg: for ``owl_m`` and the device.
+        ranks: the input norms are summed over ranks exactly (as the Gram matrices). names: module
+        id -> full name. first: global index of ``inps[0]``. block_context: as in
+        :func:`prune_model`, called with ``write=False``.
+    Returns: one D per block, the same on every rank.
+    Raises: SparseFWError on NaN/Inf activations (on every rank).
+    """
+    ratios = []
+    for bi, block in enumerate(tqdm(blocks, desc="OWL outlier ratios", unit="block",
+                                    disable=not (progress and ranks.is_main))):
+        ctx = block_context(bi, block, write=False) if block_context else on_device(block, ranks.device)
+        with ctx:
+            outs, error = [], None
+            try:
+                pairs = accumulate_gram_pairs(block, inps, extra[bi], names, first=first, diagonal=True,
+                                              outputs=outs)
+            except SparseFWError as e:
+                error = e
+            raise_if_any(error, ranks)
+            ratio = None
+            layers = prunable_layers(block)
+            norms = {n: reduce_gram(*pairs[n], 0, ranks) for n in layers}     # ||X_j||^2 on rank 0
+            if ranks.is_main:
+                scores = [wanda_scores(get_weight(l).float(), norms[n].clamp_min(0).sqrt().float())
+                          for n, l in layers.items()]
+                ratio = outlier_ratio(scores, float(cfg.owl_m))
+            ratios.append(broadcast_object(ratio, 0, ranks))
+            inps = outs
+    return ratios
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Tensor | None = None,
                 progress: bool = True, ranks: Ranks | None = None, block_context=None) -> dict:
@@ -359,7 +516,12 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
 
     One block at a time is moved to ``cfg.device`` (sequential onloading, :mod:`sparsefw.onload`);
     with several processes (``ranks``) the work is shared as :mod:`sparsefw.distributed` describes,
-    with the same masks and weights as one process.
+    with the same masks and weights as one process. ``cfg.owl``: a dense pre-pass first sets every
+    block's sparsity (:func:`owl_outlier_ratios`, :mod:`sparsefw.owl`). ``cfg.true_sequential``:
+    within a block the layer groups (q/k/v, o, gate/up, down) are pruned in the order the block
+    runs them, each fitted to the inputs the block produces with the earlier groups already
+    pruned (the SparseGPT/GPTQ reference scripts' ``--true-sequential``); by default every layer's
+    Gram matrix comes from one pass of the block as it enters (dense within the block).
 
     Args:
         model: a Hugging Face causal LM, any dtype, on the CPU or the compute device (the weights
@@ -371,13 +533,15 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
         progress: show a tqdm bar over blocks (main process only).
         ranks: this process's :class:`sparsefw.distributed.Ranks` (default: one process on
             ``cfg.device``).
-        block_context: ``f(index, block)`` -> a context manager around the work on one block
+        block_context: ``f(index, block, write=True)`` -> a context manager around the work on one
+            block (``write=False`` for OWL's read-only pre-pass)
             (default :func:`sparsefw.onload.on_device`: onto the device and back; streaming
             reads the block from the checkpoint and writes it out, :mod:`sparsefw.streaming`).
     Returns:
         dict with ``layers`` (list of LayerReport dicts), ``seconds``, summary means
         (``mean_error_final``, ``mean_error_wanda``, ``mean_error_warmstart``,
-        ``error_reduction_vs_wanda`` = 1 - mean(final)/mean(wanda)); the same on every rank.
+        ``error_reduction_vs_wanda`` = 1 - mean(final)/mean(wanda)), ``owl`` (None, or M, lambda,
+        ``outlier_ratios`` and ``block_sparsities`` per block); the same on every rank.
     Raises:
         SparseFWError: bad configuration, N:M not dividing some d_in, short calibration text,
         NaN/Inf activations (on every rank, whichever rank found it).
@@ -403,39 +567,24 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(blocks)), desc=f"{cfg.method} {pattern if pattern.kind == 'nm' else cfg.sparsity}",
                unit="block", disable=not (progress and ranks.is_main))
+    patterns = [pattern] * len(blocks)
+    owl = None
+    if cfg.owl:
+        t1 = time.perf_counter()
+        ratios = owl_outlier_ratios(blocks, inps, extra, cfg, ranks, names, mine.start, block_context, progress)
+        sps = owl_sparsities(ratios, float(cfg.sparsity), float(cfg.owl_lambda))
+        patterns = [parse_pattern(cfg.pattern, sp) for sp in sps]
+        owl = {"m": float(cfg.owl_m), "lambda": float(cfg.owl_lambda), "outlier_ratios": ratios,
+               "block_sparsities": sps}
+        timer["owl_prepass"] = time.perf_counter() - t1
     for bi, block in bar:
         layers = prunable_layers(block)
         ctx = block_context(bi, block) if block_context else on_device(block, device)
         with ctx:                             # sequential onloading: one block on the device
-            error = None
-            try:
-                t1, g0 = time.perf_counter(), timer["gram"]
-                pairs = accumulate_gram_pairs(block, inps, extra[bi], names, first=mine.start, timer=timer)
-                timer["calibration_forward"] += time.perf_counter() - t1 - (timer["gram"] - g0)
-            except SparseFWError as e:
-                pairs, error = None, e
-            raise_if_any(error, ranks)
-            owner = assign_layers({n: tuple(get_weight(l).shape) for n, l in layers.items()}, ranks.world)
-            # one reduction per layer, in the same order on every rank (a rank without windows
-            # does not know which layers share an input, so no sharing here)
-            grams = {n: reduce_gram(*pairs.pop(n), owner[n], ranks) for n in layers}
-            infos, error = {}, None
-            for lname, layer in layers.items():
-                if owner[lname] != ranks.rank:
-                    continue
-                try:
-                    W_new, mask, infos[lname] = solve_layer(get_weight(layer).float().clone(), grams.pop(lname),
-                                                            pattern, cfg)
-                    set_weight(layer, W_new)
-                except SparseFWError as e:
-                    error = e
-                    break
-            raise_if_any(error, ranks)
-            del grams
-            for lname, layer in layers.items():
-                broadcast_tensor_(layer.weight.data, owner[lname], ranks)
-                info = broadcast_object(infos.get(lname), owner[lname], ranks)
-                reports.append(LayerReport(name=names[id(layer)], shape=list(get_weight(layer).shape), **info))
+            groups = _layer_groups(block, inps, extra[bi], ranks) if cfg.true_sequential else [list(layers)]
+            for group in groups:              # true-sequential: each group sees the earlier ones pruned
+                reports += _prune_layers(block, group, inps, extra[bi], patterns[bi], cfg, ranks, names,
+                                         mine.start, timer)
             new_inps, error = [], None
             t1 = time.perf_counter()
             try:
@@ -465,5 +614,5 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
             "fw_iterations": _iteration_summary([r.iterations for r in reports]),
             "layers_at_iteration_cap": sum(1 for r in reports if r.at_cap > 0),
             "swaps_applied": sum(r.swaps for r in reports),   # "swaps" is the config (rounds)
-            "timings": _timings(timer, reports, time.perf_counter() - t0),
+            "timings": _timings(timer, reports, time.perf_counter() - t0), "owl": owl,
             "calibration_tokens": int(windows.numel()), "processes": ranks.world}

@@ -171,7 +171,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
         stage = stack.enter_context(staged_output(output, overwrite)) if ranks.is_main else None
 
         @contextlib.contextmanager
-        def block_context(bi, block):
+        def block_context(bi, block, write=True):   # write=False: a read-only pass (OWL)
             pre = block_prefix[id(block)]
             pnames = [f"{pre}.{n}" for n, _ in block.named_parameters()]
             _materialize(model, pnames, reader, device, dtype)
@@ -180,7 +180,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
                     raise SparseFWError(f"buffer {pre}.{n} cannot be streamed; use the in-memory run")
             block.to(device)
             yield block
-            if stage is not None:
+            if stage is not None and write:
                 sd = {f"{pre}.{n}": p.detach().to("cpu").contiguous() for n, p in block.named_parameters()}
                 save_file(sd, str(stage / shard(bi)), metadata={"format": "pt"})
                 out_map.update({n: shard(bi) for n in sd})

@@ -11,6 +11,8 @@ VARIANTS = {f"{m}{'+rec' if rec else ''}__{pat.replace(':', 'of')}": dict(method
             for m, rec in [("magnitude", False), ("wanda", False), ("ria", False), ("sparsegpt", False),
                            ("sparsefw", False), ("sparsefw", True)]
             for pat in ("unstructured", "2:4")}
+VARIANTS["sparsefw+owl+ts__unstructured"] = dict(method="sparsefw", owl=True, owl_lambda=0.1, true_sequential=True)
+VARIANTS["sparsegpt+ts__unstructured"] = dict(method="sparsegpt", true_sequential=True)
 
 if __name__ == "__main__":
     model, text, out = sys.argv[1:4]

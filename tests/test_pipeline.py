@@ -136,6 +136,9 @@ BAD = [
     (["--tol", "-1"], "tol must be"),
     (["--swaps", "-1"], "swaps must be"),
     (["--pattern", "2:4", "--sparsity", "0.9"], "fixes the sparsity at 50%"),
+    (["--owl", "--pattern", "2:4"], "unstructured"),
+    (["--owl", "--sparsity", "0.9"], "owl-lambda"),
+    (["--owl", "--owl-m", "-1"], "owl-m"),
 ]
 
 

@@ -187,6 +187,7 @@ def test_pushed_layout_reloads_with_plain_transformers(pruned_24, tmp_path):
             f"torch.save(m(torch.tensor({TOKEN_IDS})).logits.detach(), {str(dst)!r})\n"
             "assert not any(k.startswith('sparsefw') for k in sys.modules)\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"          # as in this process (conftest): same float summation order
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
     torch.testing.assert_close(torch.load(dst), logits, rtol=0, atol=1e-5)
     sent = {f for f, _ in upload_plan(out)}
