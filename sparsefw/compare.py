@@ -121,7 +121,10 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
                 "error_reduction_vs_wanda": rep["error_reduction_vs_wanda"],
                 "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": rep["seconds"],
                 "zeroshot_mean": (rep.get("zeroshot") or {}).get("mean_acc"),
-                "zeroshot": rep.get("zeroshot"), "cell_seconds": time.perf_counter() - t0}
+                "zeroshot": rep.get("zeroshot"), "cell_seconds": time.perf_counter() - t0,
+                "owl": rep.get("owl"), "timings": rep.get("timings"),
+                # per layer: [relative error of this cell, of Wanda's mask on the same inputs]
+                "layer_errors": {L["name"]: [L["error_final"], L["error_wanda"]] for L in rep["layers"]}}
         _write_json(f, cell)
         lock.unlink(missing_ok=True)
         results[cid] = cell
