@@ -36,13 +36,14 @@ from sparsefw.paths import cache_dir
 from . import fw_pruning as fwp
 from .data import load_split
 from .models import PaperCNN, prunable_parameters
-from .train import (channels_last, effective_weight_gradient, evaluate, nonzero_fractions,
+from .train import (apply_masks, channels_last, effective_weight_gradient, evaluate, nonzero_fractions,
                     per_example_latency, set_threads, train, with_sparse_linear)
 
 METHODS = ("magnitude", "fw", "fw_momentum")
-SECTIONS = ("main", "ablations", "sparsity_sweep", "fashion")
-METRICS = ("accuracy", "loss", "nonzero_prunable", "nonzero_all", "latency_ratio",
-           "latency_ratio_csr", "prune_seconds")
+BASES = METHODS + ("layerwise",)      # layerwise: cnn/layerwise.py (the LLM pipeline on the CNN)
+SECTIONS = ("main", "ablations", "sparsity_sweep", "fashion", "engine")
+METRICS = ("accuracy", "loss", "accuracy_noft", "loss_noft", "nonzero_prunable", "nonzero_all",
+           "latency_ratio", "latency_ratio_csr", "prune_seconds")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,6 +98,16 @@ def plan_runs(cfg: dict) -> list[dict]:
                 for m in sec["methods"]:
                     runs.append(dict(section="fashion", dataset=sec.get("dataset", "fashion-mnist"),
                                      budget=b, seed=seed, method=m, base=m, sparsity=s_main, over={}))
+    sec = cfg.get("engine")
+    if sec:     # issue 17: the LLM engine's method on the CNN (configs/cnn_engine.yaml)
+        for b in sec["budgets"]:
+            for sp in sec["sparsities"]:
+                for seed in sec["seeds"]:
+                    for label, over in sec["variants"].items():
+                        over = dict(over or {})
+                        base = over.pop("method", label)
+                        runs.append(dict(section="engine", dataset=sec.get("dataset", "mnist"), budget=b,
+                                         seed=seed, method=label, base=base, sparsity=float(sp), over=over))
     prio = cfg.get("run_order") or []
 
     def rank(r):
@@ -106,8 +117,8 @@ def plan_runs(cfg: dict) -> list[dict]:
         return len(prio)
     runs = sorted(runs, key=rank)  # stable: plan order within a priority class
     for r in runs:
-        if r["base"] not in METHODS:
-            raise SparseFWError(f"unknown pruning method '{r['base']}': use one of {', '.join(METHODS)}")
+        if r["base"] not in BASES:
+            raise SparseFWError(f"unknown pruning method '{r['base']}': use one of {', '.join(BASES)}")
         r["key"] = f"{r['section']}|{r['dataset']}|b{r['budget']}|s{r['seed']}|{r['method']}|{r['sparsity']}"
     return runs
 
@@ -198,10 +209,17 @@ def dense_checkpoints(name: str, seed: int, epochs: int, cfg: dict,
 def prune_run(run: dict, ckpt: dict, cfg: dict) -> dict:
     """Prune one checkpoint with one method, fine-tune with the mask fixed, measure everything.
 
-    Returns a flat dict (the row of results.csv): run identifiers, test accuracy (fraction),
-    test loss (nats), nonzero fractions, latency ratios vs the dense checkpoint (batch 1, masked
-    dense kernels and with a CSR kernel for the dense layer), pruning wall time (s, including
-    fine-tuning), fine-tuning steps, gradient evaluations and the mask's overlap with magnitude.
+    Methods (``run["base"]``): ``magnitude``, ``fw``, ``fw_momentum`` (``init: magnitude`` with
+    ``alpha`` = the engine's warmstart, :class:`cnn.fw_pruning.WarmBudget`; ``per_layer: true``
+    keeps the magnitude mask's per-layer counts), and ``layerwise`` (:mod:`cnn.layerwise` with
+    ``layerwise_method`` sparsefw | sparsefw+rec | sparsegpt on ``calib_samples`` training images,
+    each layer keeping the global-magnitude mask's count).
+
+    Returns a flat dict (the row of results.csv): run identifiers, test accuracy (fraction) and
+    loss (nats) after fine-tuning and right before the (last) fine-tuning (``*_noft``), nonzero
+    fractions, latency ratios vs the dense checkpoint (batch 1, masked dense kernels and with a
+    CSR kernel for the dense layer), pruning wall time (s, including fine-tuning), fine-tuning
+    steps, gradient evaluations and the mask's overlap with magnitude.
     """
     x, y, xt, yt = get_data(run["dataset"], cfg)
     p = {**cfg["prune"], **run["over"]}
@@ -219,7 +237,11 @@ def prune_run(run: dict, ckpt: dict, cfg: dict) -> dict:
     info = {"grad_evals": 0, "overlap_with_magnitude": None}
     t0 = time.perf_counter()
 
-    def finetune(masks: dict, steps: int) -> None:
+    def finetune(masks: dict, steps: int, last: bool = True) -> None:
+        if last:      # accuracy of the pruned network before its (last) fine-tuning
+            with torch.no_grad():
+                apply_masks(model, masks)
+            info["noft"] = evaluate(model, xt, yt)
         train(model, x, y, steps=steps, lr=ft["lr"], momentum=ft["momentum"],
               batch_size=ft.get("batch_size", 128), generator=gen_ft, masks=masks)
 
@@ -227,6 +249,18 @@ def prune_run(run: dict, ckpt: dict, cfg: dict) -> dict:
         masks = fwp.global_magnitude_mask(weights, run["sparsity"])
         finetune(masks, total_steps)
         info["overlap_with_magnitude"] = 1.0
+    elif run["base"] == "layerwise":
+        from .layerwise import prune_layerwise
+        mag = fwp.global_magnitude_mask(weights, run["sparsity"])
+        gen_cal = torch.Generator().manual_seed(300_000 + 100 * seed + budget)
+        cal = x[torch.randperm(x.shape[0], generator=gen_cal)[: int(p.get("calib_samples", 1024))]]
+        lw = p.get("layerwise", {}) or {}
+        masks, layer_info = prune_layerwise(model, cal, {k: int(v.sum()) for k, v in mag.items()},
+                                            p.get("layerwise_method", "sparsefw"), **lw)
+        info["overlap_with_magnitude"] = sum(int((masks[k] & mag[k]).sum()) for k in mag) / \
+            max(sum(int(v.sum()) for v in mag.values()), 1)
+        info["layers"] = layer_info
+        finetune(masks, total_steps)
     else:
         if run["base"] == "fw":
             schedule = [run["sparsity"]]
@@ -259,13 +293,16 @@ def prune_run(run: dict, ckpt: dict, cfg: dict) -> dict:
             with torch.no_grad():
                 for k, w in weights.items():
                     w.copy_(store[k] * masks[k])
-            finetune(masks, per_level[level])
+            finetune(masks, per_level[level], last=level == len(schedule) - 1)
             with torch.no_grad():
                 for k, w in weights.items():
                     store[k] = torch.where(masks[k], w.detach(), store[k])
 
+        alpha = p.get("alpha")
+        sizes = [w.numel() for w in weights.values()] if p.get("per_layer") else None
         res = fwp.fw_prune(grad_fn, finetune_level, n, schedule, iters, mu, p.get("reading", "mask"),
-                           p.get("init", "ones"), lambda: fwp.flatten(store))
+                           p.get("init", "ones"), lambda: fwp.flatten(store),
+                           alpha=None if alpha is None else float(alpha), sizes=sizes)
         info["grad_evals"] = res.history[-1]["grad_evals"]
         info["overlap_with_magnitude"] = res.history[0]["overlap_with_magnitude"] if len(res.history) == 1 \
             else res.history[-1]["overlap_with_magnitude"]
@@ -281,11 +318,13 @@ def prune_run(run: dict, ckpt: dict, cfg: dict) -> dict:
     return {"key": run["key"], "section": run["section"], "dataset": run["dataset"],
             "budget": budget, "seed": seed, "method": run["method"], "base_method": run["base"],
             "sparsity": run["sparsity"], "accuracy": acc, "loss": loss,
+            "accuracy_noft": info["noft"][0], "loss_noft": info["noft"][1],
             "nonzero_prunable": nz_p, "nonzero_all": nz_a, "latency_ratio": ratio,
             "latency_ratio_csr": ratio_csr, "prune_seconds": prune_seconds,
             "finetune_steps": total_steps, "grad_evals": info["grad_evals"],
             "overlap_with_magnitude": info["overlap_with_magnitude"],
-            "dense_accuracy": ckpt["accuracy"], "dense_loss": ckpt["loss"]}
+            "dense_accuracy": ckpt["accuracy"], "dense_loss": ckpt["loss"],
+            **({"layers": info["layers"]} if "layers" in info else {})}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,6 +370,24 @@ def summarize(rows: list[dict], dense_rows: list[dict]) -> dict:
     if acc.get("fw_momentum_90pct_budget2_accuracy") is not None and d10:
         acc["fw_momentum_budget2_minus_dense10_points"] = \
             100 * (acc["fw_momentum_90pct_budget2_accuracy"] - d10["accuracy_mean"])
+    eng = [e for e in out if e["section"] == "engine" and e["dataset"] == "mnist"]
+    if eng:     # issue 17's goals, against magnitude + fine-tuning of the same run
+        for b, s in ((2, 0.9), (2, 0.98)):
+            cell = [e for e in eng if e["budget"] == b and abs(e["sparsity"] - s) < 1e-9]
+            mag = next((e for e in cell if e["method"] == "magnitude"), None)
+            rest = [e for e in cell if e["method"] != "magnitude" and e["accuracy_mean"] is not None]
+            if not (mag and rest):
+                continue
+            tag = f"engine_{round(100 * s)}pct_budget{b}"
+            best_noft = max(rest, key=lambda e: e["accuracy_noft_mean"] or 0)
+            best_ft = max(rest, key=lambda e: e["accuracy_mean"])
+            acc[f"{tag}_magnitude_ft"] = mag["accuracy_mean"]
+            acc[f"{tag}_magnitude_noft"] = mag["accuracy_noft_mean"]
+            acc[f"{tag}_best_noft"] = f"{best_noft['method']}: {best_noft['accuracy_noft_mean']:.4f}"
+            acc[f"{tag}_best_noft_minus_magnitude_ft_points"] = \
+                100 * (best_noft["accuracy_noft_mean"] - mag["accuracy_mean"])
+            acc[f"{tag}_best_ft"] = f"{best_ft['method']}: {best_ft['accuracy_mean']:.4f}"
+            acc[f"{tag}_best_ft_minus_magnitude_ft_points"] = 100 * (best_ft["accuracy_mean"] - mag["accuracy_mean"])
     return {"groups": out, "acceptance": acc}
 
 
@@ -433,15 +490,41 @@ def make_figures(summary: dict, out: Path) -> list[str]:
         fig.savefig(out / "fig4_sparsity_sweep.png", dpi=110)
         plt.close(fig)
         files.append("fig4_sparsity_sweep.png")
+    eng = [e for e in G if e["section"] == "engine"]
+    if eng:
+        budgets = sorted({e["budget"] for e in eng})
+        labels = list(dict.fromkeys(e["method"] for e in sorted(eng, key=lambda e: e["method"] != "magnitude")))
+        cmap = plt.get_cmap("tab10")
+        fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+        for ax, b in zip(axes[0], budgets):
+            for i, m in enumerate(labels):
+                es = sorted([e for e in eng if e["budget"] == b and e["method"] == m], key=lambda e: e["sparsity"])
+                xs = [100 * e["sparsity"] for e in es]
+                for key, ls, suffix in (("accuracy", "-", " + FT"), ("accuracy_noft", "--", "")):
+                    if all(e[key + "_mean"] is not None for e in es):
+                        ax.errorbar(xs, [100 * e[key + "_mean"] for e in es],
+                                    yerr=[100 * e[key + "_std"] for e in es], ls=ls, marker="o", capsize=3,
+                                    color=cmap(i), label=m + suffix)
+            ax.set_title(f"{b}-epoch checkpoint")
+            ax.set_xlabel("sparsity (%)")
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=6)
+        fig.suptitle("MNIST: the LLM engine on the CNN (dashed: no fine-tuning; solid: 100 steps)")
+        fig.tight_layout()
+        fig.savefig(out / "fig6_engine.png", dpi=110)
+        plt.close(fig)
+        files.append("fig6_engine.png")
     return files
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
     if not rows:
         return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "layers"]   # per-layer: runs.jsonl
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 
@@ -519,9 +602,24 @@ def markdown_tables(summary: dict) -> str:
         d = get("dense", "mnist", "dense", b)
         if d:
             lines.append(f"| dense ({b} ep) | {cell(d, 'accuracy')} (all sparsities) |" + " |" * (len(sps) - 1))
+    eng = [e for e in G if e["section"] == "engine"]
+    if eng:
+        sps = sorted({e["sparsity"] for e in eng})
+        labels = list(dict.fromkeys(e["method"] for e in sorted(eng, key=lambda e: e["method"] != "magnitude")))
+        for b in sorted({e["budget"] for e in eng}):
+            lines.append(f"\n**Engine on the CNN (MNIST, {b}-epoch checkpoint): test accuracy (%) without / with "
+                         "fine-tuning, mean ± std over seeds, same per-layer kept counts as global magnitude**\n")
+            lines.append("| variant | " + " | ".join(f"{100 * s:.0f}% no FT | {100 * s:.0f}% FT" for s in sps) + " |")
+            lines.append("|---|" + "---|---|" * len(sps))
+            for m in labels:
+                row = []
+                for s in sps:
+                    e = get("engine", eng[0]["dataset"], m, b, s)
+                    row += [cell(e, "accuracy_noft"), cell(e, "accuracy")]
+                lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines.append("\n**Acceptance numbers**\n")
     for k, v in summary["acceptance"].items():
-        lines.append(f"- {k}: {v if v is None else round(v, 5)}")
+        lines.append(f"- {k}: {v if v is None or isinstance(v, str) else round(v, 5)}")
     return "\n".join(lines) + "\n"
 
 

@@ -54,7 +54,7 @@ import torch
 
 from sparsefw.errors import SparseFWError
 from sparsefw.fw import fw_update, lmo, round_mask
-from sparsefw.masks import Pattern
+from sparsefw.masks import Pattern, select
 
 READINGS = ("mask", "literal")
 RAMPS = ("linear", "cubic")
@@ -251,6 +251,70 @@ def step_size(t: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# Warmstart with alpha-fixing and per-layer budgets (issue 17: the LLM engine's method on the CNN)
+# ----------------------------------------------------------------------------------------------
+def _as_rows(x: torch.Tensor, sizes: list[int], fill) -> torch.Tensor:
+    """(1, N) -> (L, max n_l): layer l's entries in row l, padded with ``fill``."""
+    out = torch.full((len(sizes), max(sizes)), fill, dtype=x.dtype, device=x.device)
+    pos = 0
+    for i, n in enumerate(sizes):
+        out[i, :n] = x[0, pos:pos + n]
+        pos += n
+    return out
+
+
+def _as_flat(X: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Inverse of :func:`_as_rows`: (L, max n_l) -> (1, N)."""
+    return torch.cat([X[i, :n] for i, n in enumerate(sizes)]).unsqueeze(0)
+
+
+class WarmBudget:
+    """The SparseFW warmstart on the global problem: the global-magnitude mask at k kept (a vertex),
+    its alpha fraction with the largest |W| fixed in every layer (SparseFW Sec. 3.3, the alpha
+    trick), and every layer keeping the magnitude mask's count k_l, so that FW only re-chooses
+    which weights, not how many per layer. Layer l is row l of a padded (L, max n_l) matrix, so
+    the engine's ``select`` / ``lmo`` / ``round_mask`` with per-row budgets do the work.
+
+    Args:
+        W: (1, N) float current weights (all prunable layers, in ``sizes`` order). k: total kept.
+        sizes: n_l per layer (sum N); ``None`` = one layer (the budget is global only).
+        alpha: fraction of each layer's magnitude-kept weights fixed, in [0, 1].
+    Attributes: start: (1, N) float32 magnitude mask. kept: (L,) int64 k_l.
+    Raises: SparseFWError on alpha outside [0, 1] or sizes that do not sum to N.
+    """
+
+    def __init__(self, W: torch.Tensor, k: int, sizes: list[int] | None, alpha: float):
+        n = W.shape[1]
+        self.sizes = list(sizes) if sizes else [n]
+        if sum(self.sizes) != n:
+            raise SparseFWError(f"layer sizes sum to {sum(self.sizes)}, not to the {n} prunable weights")
+        if not (0.0 <= float(alpha) <= 1.0):
+            raise SparseFWError(f"alpha must be in [0, 1] (fraction of warmstart weights fixed), got {alpha!r}")
+        mag = round_relaxed(W.abs(), k, W.abs())
+        self.start = mag.float()
+        self.pattern = Pattern("unstructured", 1.0 - k / n if n else 0.0)
+        self.tie = _as_rows(W.abs().float(), self.sizes, 0.0)
+        warm = _as_rows(mag, self.sizes, False)
+        self.kept = warm.sum(1)
+        nfix = torch.round(float(alpha) * self.kept.double()).long()
+        self.fixed = select(self.tie, self.pattern, eligible=warm, budget=nfix)
+        self.free = _as_rows(torch.ones_like(mag), self.sizes, False) & ~self.fixed
+        self.budget = self.kept - nfix
+
+    def lmo(self, grad: torch.Tensor) -> torch.Tensor:
+        """(1, N) bool vertex: the fixed entries plus, per layer, the budget's free entries with the
+        most negative ``grad`` (engine :func:`sparsefw.fw.lmo`)."""
+        V = lmo(_as_rows(grad.float(), self.sizes, 0.0), self.pattern, self.free, self.budget)
+        return _as_flat(V | self.fixed, self.sizes)
+
+    def round(self, m: torch.Tensor) -> torch.Tensor:
+        """(1, N) bool: the fixed entries plus, per layer, the budget's largest free entries of the
+        relaxed ``m``, ties by |W| (engine :func:`sparsefw.fw.round_mask`)."""
+        M = round_mask(_as_rows(m.float(), self.sizes, 0.0), self.tie, self.pattern, self.free, self.budget)
+        return _as_flat(M | self.fixed, self.sizes)
+
+
+# ----------------------------------------------------------------------------------------------
 # Algorithms 3-4: the loop
 # ----------------------------------------------------------------------------------------------
 GradFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -275,7 +339,8 @@ INITS = ("ones", "magnitude")
 
 def fw_prune(grad_fn: GradFn, finetune_fn: FinetuneFn, n: int, schedule: list[float],
              iterations: int, momentum: float = 0.0, reading: str = "mask",
-             init: str = "ones", weights_fn: Callable[[], torch.Tensor] | None = None) -> FWPruneResult:
+             init: str = "ones", weights_fn: Callable[[], torch.Tensor] | None = None,
+             alpha: float | None = None, sizes: list[int] | None = None) -> FWPruneResult:
     """FW pruning (Algorithm 3: ``schedule=[s]``, ``momentum=0``) and FW + momentum
     (Algorithm 4: a ramp and ``momentum > 0``) of arXiv 2512.01147, in the reading described in
     the module docstring.
@@ -293,6 +358,11 @@ def fw_prune(grad_fn: GradFn, finetune_fn: FinetuneFn, n: int, schedule: list[fl
             first level, as in the paper, then the previous level's rounded mask) or ``"magnitude"`` (the global-magnitude mask at the level's k, a vertex of the
             polytope, like SparseFW's warmstart).
         weights_fn: ``weights_fn() -> W`` (1, N) current weights; needed for ``init="magnitude"``.
+        alpha, sizes: the LLM engine's warmstart (:class:`WarmBudget`, issue 17): with
+            ``init="magnitude"`` and alpha given, every level fixes the alpha fraction of the
+            magnitude mask in each layer, keeps each layer's magnitude count k_l (``sizes`` = the
+            layers' n_l; None = one global budget), and FW re-chooses the rest. alpha = 1 returns
+            the global-magnitude mask exactly.
     Returns: :class:`FWPruneResult`.
     Raises: SparseFWError on bad arguments.
     """
@@ -304,6 +374,8 @@ def fw_prune(grad_fn: GradFn, finetune_fn: FinetuneFn, n: int, schedule: list[fl
         raise SparseFWError(f"unknown FW start '{init}': use 'ones' or 'magnitude'")
     if init == "magnitude" and weights_fn is None:
         raise SparseFWError("init='magnitude' needs weights_fn (the current weights)")
+    if alpha is not None and init != "magnitude":
+        raise SparseFWError("alpha-fixing needs the magnitude warmstart: use init='magnitude'")
     G = None
     M = None
     evals = 0
@@ -311,16 +383,24 @@ def fw_prune(grad_fn: GradFn, finetune_fn: FinetuneFn, n: int, schedule: list[fl
     for level, s in enumerate(schedule):
         k = kept_count(n, s)
         m = torch.ones(1, n, dtype=torch.float32) if M is None else M.float()
+        warm = None
         if init == "magnitude":
             W0 = weights_fn()
-            m = round_relaxed(W0.abs(), k, W0.abs()).float()
+            if alpha is None:
+                m = round_relaxed(W0.abs(), k, W0.abs()).float()
+            else:
+                warm = WarmBudget(W0, k, sizes, alpha)
+                m = warm.start.clone()
         W = None
         for t in range(1, int(iterations) + 1):
             W, gW = grad_fn(m)
             evals += 1
             G = ema_update(G, mask_gradient(W, gW, reading), momentum)
-            fw_step(m, G, k, step_size(t))
-        M = round_relaxed(m, k, W.abs())
+            if warm is None:
+                fw_step(m, G, k, step_size(t))
+            else:
+                fw_update(m, warm.lmo(G), step_size(t))
+        M = round_relaxed(m, k, W.abs()) if warm is None else warm.round(m)
         mag = round_relaxed(W.abs(), k, W.abs())
         history.append({"level": level, "sparsity": float(s), "kept": int(k), "grad_evals": evals,
                         "overlap_with_magnitude": float((M & mag).sum()) / max(k, 1)})

@@ -110,6 +110,11 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
     nm = pattern.kind == "nm"
     if not nm:      # the working set cannot exceed a row's kept or pruned count (fixed per row)
         n_kept = M.sum(1)
+        can = (n_kept > 0) & (n_kept < d_in)    # a row with nothing kept (or pruned) has no pair
+        if not bool(can.all()):
+            if not bool(can.any()):
+                return SwapResult(M, delta, 0, 0)
+            ids, Wr, Qr, Mr, Akr, Apr, n_kept = ids[can], Wr[can], Qr[can], Mr[can], Akr[can], Apr[can], n_kept[can]
         working_set = max(1, min(working_set, int(n_kept.min()), int((d_in - n_kept).min())))
     rounds = swaps = 0
     for rounds in range(1, max_rounds + 1):

@@ -7,7 +7,7 @@ import torch
 
 from sparsefw.errors import SparseFWError
 from sparsefw.fw import row_errors
-from sparsefw.masks import parse_pattern, prune_mask, wanda_scores
+from sparsefw.masks import Pattern, parse_pattern, prune_mask, wanda_scores
 from sparsefw.swaps import swap_refine
 
 
@@ -70,3 +70,20 @@ def test_per_matrix_unchanged_and_bad_shapes():
     assert torch.equal(swap_refine(W, G, M, p).mask, M)
     with pytest.raises(SparseFWError, match="shapes"):
         swap_refine(W, G[:4, :4], M, p)
+
+
+def test_rows_with_all_kept_or_all_pruned_keep_their_counts():
+    """Rows may keep different counts (a per-matrix mask refined within rows): rows with nothing
+    kept or nothing pruned have no pair to swap and stay as they are; the others keep their
+    counts. Regression: such a row gave its kept entries as keep candidates and lost one."""
+    torch.manual_seed(0)
+    X = torch.randn(64, 6)
+    G = X.t() @ X
+    W = torch.randn(4, 6)
+    M = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    r = swap_refine(W, G, M, Pattern("unstructured", 0.5))
+    assert r.mask.sum(1).tolist() == [6, 0, 2, 3]
+    assert torch.equal(r.mask[:2], M[:2])
+    R0, R1 = W * ~M, W * ~r.mask
+    f0, f1 = ((R0 @ G) * R0).sum(1), ((R1 @ G) * R1).sum(1)
+    assert bool((f1 <= f0 + 1e-5).all()) and torch.allclose(f1 - f0, r.delta.float(), atol=1e-4)
