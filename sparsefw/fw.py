@@ -395,6 +395,32 @@ def _check_solver_args(W, G, pattern, step, tol, iterations):
     return W, G
 
 
+def _warmstart_and_swaps(W, G, warm, pattern, t0, dense_norm, swaps, working_set) -> FWResult:
+    """:func:`fw_solve` with ``iterations=0``: the warmstart mask refined by the swaps, without
+    the FW set-up (alpha fixing, compact coordinates), which would not change the result."""
+    d_out = W.shape[0]
+    R0 = W * ~warm
+    Q0 = R0 @ G                                              # the one d_out x d_in x d_in GEMM
+    f_rows = (R0 * Q0).sum(1, dtype=torch.float64)
+    del R0
+    denom = max(dense_output_norm(W, G) if dense_norm is None else float(dense_norm), 1e-300)
+    f_warm = float(f_rows.sum()) / denom
+    t_swaps = time.perf_counter()
+    mask, f_final, swap = warm, f_warm, None
+    if swaps > 0 and pattern.kind != "per-matrix" and bool(f_rows.gt(0).any()):
+        swap = swap_refine(W, G, warm, pattern, Q=Q0, max_rounds=swaps, working_set=working_set)
+        mask, f_final = swap.mask, float((f_rows + swap.delta).sum()) / denom
+    t1 = time.perf_counter()
+    changed = int((mask != warm).any(dim=1).sum())
+    return FWResult(mask=mask, error_warmstart=f_warm, error_final=f_final, error_rounded=f_warm,
+                    relaxed_error=f_warm, iterations=0, fw_gap=0.0,
+                    chosen="warmstart" if changed == 0 else ("fw" if changed == d_out else f"fw in {changed}/{d_out} rows"),
+                    seconds=t1 - t0, loop_seconds=0.0, setup_seconds=t_swaps - t0, swap_seconds=t1 - t_swaps,
+                    history=[], row_iterations=torch.zeros(d_out, dtype=torch.int64, device=W.device), at_cap=0,
+                    error_before_swaps=f_warm, swaps=swap.swaps if swap else 0,
+                    swap_rounds=swap.iterations if swap else 0)
+
+
 def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, pattern: Pattern,
              alpha: float = 0.5, iterations: int = 100, step: str = "linesearch",
              tol: float = 1e-2, fix: str = "row", record_at=(), round_at=None,
@@ -450,6 +476,8 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
     per_row = pattern.kind != "per-matrix"
     pairwise = step == "pairwise" and per_row
     warm = select(warm_scores, pattern)
+    if int(iterations) == 0:        # no FW iteration: the warmstart, then the swaps (alpha plays no part)
+        return _warmstart_and_swaps(W, G, warm, pattern, t0, dense_norm, swaps, working_set)
     fixed, budget = split_fixed(warm, warm_scores, pattern, alpha, fix)
     view = _CompactView.build(~fixed, pattern, budget, fix)
     d_out, d_in = W.shape
