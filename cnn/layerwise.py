@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsefw.errors import SparseFWError
-from sparsefw.fw import fw_solve, reconstruction_error, weight_error
-from sparsefw.masks import Pattern, magnitude_scores, wanda_scores
+from sparsefw.fw import dense_output_norm, fw_solve, reconstruction_error, weight_error
+from sparsefw.masks import Pattern, magnitude_scores, select, wanda_scores
 from sparsefw.reconstruct import reconstruct_weights
 from sparsefw.sparsegpt_sparsify import sparsegpt_prune
 from sparsefw.swaps import swap_refine
@@ -93,15 +93,13 @@ def prune_layer(W: torch.Tensor, G: torch.Tensor, kept: int, method: str, warmst
     if not (0 <= kept <= W.numel()):
         raise SparseFWError(f"kept must be in [0, {W.numel()}] for a {tuple(W.shape)} layer, got {kept}")
     Gf = G.float()
-    dense = max(float((W @ Gf * W).sum()), 1e-300)
+    dense = max(dense_output_norm(W, Gf), 1e-300)
     if kept in (0, W.numel()):       # nothing to choose: the whole layer pruned (or kept)
         mask = torch.full(W.shape, kept > 0, dtype=torch.bool)
         err = weight_error(W, Gf, W * mask) / dense
         return W * mask, mask, {"error_magnitude": err, "error_final": err}
     pattern = Pattern("per-matrix", 1.0 - kept / W.numel())
-    mag = torch.zeros(W.numel(), dtype=torch.bool)
-    mag[torch.topk(W.abs().flatten(), kept).indices] = True
-    info = {"error_magnitude": reconstruction_error(W, Gf, mag.view_as(W)) / dense}
+    info = {"error_magnitude": reconstruction_error(W, Gf, select(magnitude_scores(W), pattern)) / dense}
     if method == "sparsegpt":
         W_new, mask = sparsegpt_prune(W, G, pattern)
     else:

@@ -395,6 +395,16 @@ def _check_solver_args(W, G, pattern, step, tol, iterations):
     return W, G
 
 
+def _chosen(mask: torch.Tensor, warm: torch.Tensor, per_row: bool) -> str:
+    """FWResult.chosen: ``"warmstart"`` if no row changed, ``"fw"`` if every row did (or the
+    per-matrix mask changed), else ``"fw in a/b rows"``."""
+    d_out = mask.shape[0]
+    changed = int((mask != warm).any(dim=1).sum())
+    if changed == 0:
+        return "warmstart"
+    return "fw" if not per_row or changed == d_out else f"fw in {changed}/{d_out} rows"
+
+
 def _warmstart_and_swaps(W, G, warm, pattern, t0, dense_norm, swaps, working_set) -> FWResult:
     """:func:`fw_solve` with ``iterations=0``: the warmstart mask refined by the swaps, without
     the FW set-up (alpha fixing, compact coordinates), which would not change the result."""
@@ -411,10 +421,8 @@ def _warmstart_and_swaps(W, G, warm, pattern, t0, dense_norm, swaps, working_set
         swap = swap_refine(W, G, warm, pattern, Q=Q0, max_rounds=swaps, working_set=working_set)
         mask, f_final = swap.mask, float((f_rows + swap.delta).sum()) / denom
     t1 = time.perf_counter()
-    changed = int((mask != warm).any(dim=1).sum())
     return FWResult(mask=mask, error_warmstart=f_warm, error_final=f_final, error_rounded=f_warm,
-                    relaxed_error=f_warm, iterations=0, fw_gap=0.0,
-                    chosen="warmstart" if changed == 0 else ("fw" if changed == d_out else f"fw in {changed}/{d_out} rows"),
+                    relaxed_error=f_warm, iterations=0, fw_gap=0.0, chosen=_chosen(mask, warm, True),
                     seconds=t1 - t0, loop_seconds=0.0, setup_seconds=t_swaps - t0, swap_seconds=t1 - t_swaps,
                     history=[], row_iterations=torch.zeros(d_out, dtype=torch.int64, device=W.device), at_cap=0,
                     error_before_swaps=f_warm, swaps=swap.swaps if swap else 0,
@@ -627,9 +635,7 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
         mask = swap.mask
         best_err = best_err + swap.delta
     t_swaps = time.perf_counter() - t_swaps
-    changed = int((mask != warm).any(dim=1).sum())
-    chosen = "warmstart" if changed == 0 else ("fw" if not per_row or changed == d_out else
-                                               f"fw in {changed}/{d_out} rows")
+    chosen = _chosen(mask, warm, per_row)
     ri = row_iters if per_row else row_iters.expand(d_out).clone()
     return FWResult(mask=mask, error_warmstart=float(f_warm_rows.sum()) / denom,
                     error_final=float(best_err.sum()) / denom, error_rounded=float(f_round.sum()) / denom,

@@ -53,3 +53,26 @@ def tiny_model(arch: str, vocab: int, hidden: int = 32, layers: int = 2, seed: i
 
 
 ARCHS = ("llama", "qwen2", "gemma3", "opt", "gpt2")
+
+
+def have_mnist() -> bool:
+    """True if the offline MNIST files are installed (bash scripts/setup.sh)."""
+    from cnn.data import load_split
+    from sparsefw.errors import SparseFWError
+
+    try:
+        load_split("mnist", "test")
+        return True
+    except SparseFWError:
+        return False
+
+
+def tiny_sweep_config(path: str, tmp_path) -> dict:
+    """A cnn sweep config shrunk for a smoke test: checkpoints under tmp_path, 1500 / 300 images,
+    4 fine-tuning steps."""
+    from cnn.experiments import load_config
+
+    cfg = load_config(path)
+    cfg.update(ckpt_dir=str(tmp_path / "ckpt"), data={"train_subset": 1500, "test_subset": 300})
+    cfg["finetune"]["steps"] = 4
+    return cfg

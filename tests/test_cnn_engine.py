@@ -10,6 +10,7 @@ from torch import nn
 from cnn import fw_pruning as fwp
 from cnn.layerwise import layer_gram, layer_inputs, prune_layer, prune_layerwise
 from cnn.models import PaperCNN, prunable_parameters
+from conftest import have_mnist, tiny_sweep_config
 from sparsefw.errors import SparseFWError
 
 
@@ -115,21 +116,10 @@ def test_prune_layerwise_papercnn_keeps_magnitude_counts_and_fits_pruned_inputs(
     assert torch.allclose(seen["x"], h)
 
 
-def _have_mnist():
-    from cnn.data import load_split
-    try:
-        load_split("mnist", "test")
-        return True
-    except SparseFWError:
-        return False
-
-
-@pytest.mark.skipif(not _have_mnist(), reason="MNIST not installed (bash scripts/setup.sh)")
+@pytest.mark.skipif(not have_mnist(), reason="MNIST not installed (bash scripts/setup.sh)")
 def test_engine_quick_config_smoke(tmp_path):
-    from cnn.experiments import load_config, run_sweep
-    cfg = load_config("configs/cnn_engine_quick.yaml")
-    cfg.update(ckpt_dir=str(tmp_path / "ckpt"), data={"train_subset": 1500, "test_subset": 300})
-    cfg["finetune"]["steps"] = 4
+    from cnn.experiments import run_sweep
+    cfg = tiny_sweep_config("configs/cnn_engine_quick.yaml", tmp_path)
     cfg["prune"].update(subsample=32, fw_iterations=2, ramp_iterations=2, calib_samples=64,
                         layerwise={"iterations": 5, "swaps": 2})
     cfg["engine"]["sparsities"] = [0.9]

@@ -13,6 +13,7 @@ from cnn import fw_pruning as fwp
 from cnn.models import PaperCNN, prunable_parameters
 from cnn.train import (SparseLinear, apply_masks, effective_weight_gradient, evaluate,
                        nonzero_fractions, train, with_sparse_linear)
+from conftest import have_mnist, tiny_sweep_config
 from sparsefw.errors import SparseFWError
 
 
@@ -199,21 +200,10 @@ def test_sparse_linear_and_evaluate():
 
 
 # ---------------------------------------------------------------- smoke test of the sweep
-def _have_mnist() -> bool:
-    try:
-        from cnn.data import load_split
-        load_split("mnist", "test")
-        return True
-    except SparseFWError:
-        return False
-
-
-@pytest.mark.skipif(not _have_mnist(), reason="MNIST not installed (bash scripts/setup.sh)")
+@pytest.mark.skipif(not have_mnist(), reason="MNIST not installed (bash scripts/setup.sh)")
 def test_quick_config_smoke(tmp_path):
-    from cnn.experiments import load_config, run_sweep
-    cfg = load_config("configs/cnn_mnist_quick.yaml")
-    cfg.update(ckpt_dir=str(tmp_path / "ckpt"), data={"train_subset": 1500, "test_subset": 300})
-    cfg["finetune"]["steps"] = 4
+    from cnn.experiments import run_sweep
+    cfg = tiny_sweep_config("configs/cnn_mnist_quick.yaml", tmp_path)
     cfg["prune"].update(subsample=32, fw_iterations=2, ramp_steps=2, ramp_iterations=1)
     cfg["latency"] = {"examples": 3, "repeats": 1}
     cfg["main"]["budgets"] = [1]
