@@ -74,7 +74,7 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
           ppl_source: str = "boolq", ppl_seqlen: int | None = None, ppl_chunks: int | None = 64,
           zeroshot: list[str] | None = None, zeroshot_limit: int | None = None, progress: bool = True,
           stream: bool = False, max_shard_size: str | int = "5GB", push_to_hub: str | None = None,
-          private: bool = False, **config) -> PruneResult:
+          private: bool = False, ppl_validation: str | None = None, **config) -> PruneResult:
     """Load, prune (sequential layerwise), optionally evaluate and save a causal LM.
 
     Args:
@@ -84,6 +84,9 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
         eval_ppl: evaluate dense and pruned perplexity on ``ppl_source`` (default the BoolQ
             Wikipedia passages, never the calibration text) in ``ppl_chunks`` non-overlapping
             chunks of ``ppl_seqlen`` tokens (default: the calibration seqlen).
+        ppl_validation: a second held-out text (e.g. ``austen``), evaluated like ``ppl_source``
+            (dense and pruned, same seqlen and chunks) into ``report["ppl_validation"]``: for
+            choosing hyper-parameters on text that is neither calibration nor test (optional).
         zeroshot: lm-eval task names to evaluate the pruned model on (optional).
         stream: never hold the whole checkpoint in memory: read each block from the safetensors
             when it is reached and write it to ``output`` (:mod:`sparsefw.streaming`); needs
@@ -118,7 +121,7 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
         res = prune(model, output=output, overwrite=overwrite, eval_ppl=eval_ppl, ppl_source=ppl_source,
                     ppl_seqlen=ppl_seqlen, ppl_chunks=ppl_chunks, zeroshot=zeroshot,
                     zeroshot_limit=zeroshot_limit, progress=progress, stream=stream,
-                    max_shard_size=max_shard_size, **config)
+                    max_shard_size=max_shard_size, ppl_validation=ppl_validation, **config)
         if int(os.environ.get("RANK", "0")) == 0:
             from .publish import push
 
@@ -127,7 +130,7 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     if stream:
         if output is None:
             raise SparseFWError("--stream writes each pruned block as it goes: give --output")
-        if eval_ppl or zeroshot:
+        if eval_ppl or zeroshot or ppl_validation:
             raise SparseFWError("--stream does not evaluate (the model is never whole in memory); "
                                 "evaluate the saved checkpoint afterwards with sparsefw eval-ppl")
         from .streaming import stream_prune
@@ -147,20 +150,22 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     bos_id = bos_token_id(tok, cfg.bos)
     report["bos_token"] = None if bos_id is None else tok.convert_ids_to_tokens(bos_id)
     pseq = int(ppl_seqlen or cfg.seqlen)
-    if eval_ppl:
-        with placed_for_eval(mdl, device, block_class):
-            d = dense_ppl(model, mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos,
-                          ranks=ranks)
+    texts = ([ppl_source] if eval_ppl else []) + ([ppl_validation] if ppl_validation else [])
+    dense = {}
+    with placed_for_eval(mdl, device, block_class):
+        for src in texts:
+            dense[src] = dense_ppl(model, mdl, tok, src, pseq, ppl_chunks, progress=progress, bos=cfg.bos,
+                                   ranks=ranks)
     res = prune_model(mdl, tok, cfg, progress=progress, ranks=ranks)
     mdl.to("cpu")
     report["seconds"] = res.pop("seconds")
     report.update(res)
-    if eval_ppl:
-        with placed_for_eval(mdl, device, block_class):
-            p = _eval_ppl(mdl, tok, ppl_source, pseq, ppl_chunks, progress=progress, bos=cfg.bos, ranks=ranks)
-        report["ppl"] = {"dense": d["ppl"], "pruned": p["ppl"], "source": ppl_source, "seqlen": pseq,
-                         "chunks": p["chunks"], "tokens": p["tokens"], "targets": p["targets"],
-                         "bos": cfg.bos}
+    with placed_for_eval(mdl, device, block_class):
+        for src, key in zip(texts, ["ppl", "ppl_validation"] if eval_ppl else ["ppl_validation"]):
+            p = _eval_ppl(mdl, tok, src, pseq, ppl_chunks, progress=progress, bos=cfg.bos, ranks=ranks)
+            report[key] = {"dense": dense[src]["ppl"], "pruned": p["ppl"], "source": src, "seqlen": pseq,
+                           "chunks": p["chunks"], "tokens": p["tokens"], "targets": p["targets"],
+                           "bos": cfg.bos}
     if zeroshot:   # the main process scores, the others wait
         from .zeroshot import evaluate_zeroshot
 

@@ -18,6 +18,7 @@ Config (YAML)::
     seed: 0
     bos: auto              # optional: BOS per calibration window and perplexity chunk
     ppl: {source: boolq, seqlen: 512, chunks: 64}
+    validation: austen     # optional: a second held-out text (same seqlen/chunks) -> ppl_val per cell
     zeroshot: {tasks: [boolq, rte], limit: 100}      # optional
     sparsities: ["0.5", "0.6", "2:4"]
     methods:                                         # label -> PruneConfig fields
@@ -81,6 +82,7 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
     shared = {k: c[k] for k in ("calib", "nsamples", "seqlen", "seed", "bos", "device", "dtype") if k in c}
     ppl = {"source": "boolq", "seqlen": int(c.get("seqlen", 512)), "chunks": 64, **(c.get("ppl") or {})}
     zs = c.get("zeroshot") or None
+    val = c.get("validation")
     save = set(c.get("save") or [])
     cells = []
     for label, opts in c["methods"].items():
@@ -99,10 +101,10 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
         cid = _cell_id(label, sp)
         f = out / "cells" / f"{cid}.json"
         bar.set_postfix(cell=cid)
-        done, lock = _finished(f, zs), None
+        done, lock = _finished(f, zs, val), None
         if not done and not report_only:
             lock = claim(f)  # None: another `sparsefw compare` process runs this cell
-            done = lock and _finished(f, zs)  # it may have finished between the two looks
+            done = lock and _finished(f, zs, val)  # it may have finished between the two looks
             if done:
                 lock.unlink(missing_ok=True)
         if done:
@@ -113,10 +115,12 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
         res = api.prune(c["model"], output=str(out / "models" / cid) if label in save else None,
                         overwrite=True, eval_ppl=True, ppl_source=ppl["source"], ppl_seqlen=int(ppl["seqlen"]),
                         ppl_chunks=ppl["chunks"], zeroshot=(zs or {}).get("tasks"),
-                        zeroshot_limit=(zs or {}).get("limit"), progress=True, **kw)
+                        zeroshot_limit=(zs or {}).get("limit"), progress=True, ppl_validation=val, **kw)
         rep = res.report
         cell = {"label": label, "sparsity": sp, "method": kw.get("method"), "options": kw,
                 "ppl": rep["ppl"]["pruned"], "ppl_dense": rep["ppl"]["dense"],
+                "ppl_val": (rep.get("ppl_validation") or {}).get("pruned"),
+                "ppl_val_dense": (rep.get("ppl_validation") or {}).get("dense"), "validation": val,
                 "mean_error": rep["mean_error_final"], "mean_error_wanda": rep["mean_error_wanda"],
                 "error_reduction_vs_wanda": rep["error_reduction_vs_wanda"],
                 "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": rep["seconds"],
@@ -131,7 +135,7 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
         del res
     for lab, sp, _ in cells:  # cells another process finished while this one ran
         cid = _cell_id(lab, sp)
-        if cid not in results and (done := _finished(out / "cells" / f"{cid}.json", zs)):
+        if cid not in results and (done := _finished(out / "cells" / f"{cid}.json", zs, val)):
             results[cid] = done
     missing = [_cell_id(lab, sp) for lab, sp, _ in cells if _cell_id(lab, sp) not in results]
     if missing and report_only:
@@ -159,12 +163,14 @@ def _write_json(f: Path, obj: dict) -> None:
     write_atomic(f, json.dumps(obj, indent=1))
 
 
-def _finished(f: Path, zs: dict | None) -> dict | None:
-    """The finished cell stored in ``f``, or ``None`` if absent or lacking the asked zero-shot."""
+def _finished(f: Path, zs: dict | None, val: str | None = None) -> dict | None:
+    """The finished cell stored in ``f``, or ``None`` if absent or lacking the asked zero-shot or
+    validation perplexity."""
     if not f.exists():
         return None
     cell = json.loads(f.read_text())
-    return cell if _has_zeroshot(cell, zs) else None
+    ok = _has_zeroshot(cell, zs) and (not val or cell.get("validation") == val)
+    return cell if ok else None
 
 
 def _has_zeroshot(cell: dict, zs: dict | None) -> bool:

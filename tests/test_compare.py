@@ -129,3 +129,16 @@ def test_zeroshot_is_added_to_finished_cells_and_dense(tmp_path, tiny_dir, monke
     head = (tmp_path / "out" / "comparison.md").read_text().splitlines()
     assert "| 0-shot 50% | 0-shot 2:4 |" in head[0]
     assert f"| {100 * comp['zeroshot_dense']['mean_acc']:.2f} |" in head[2]
+
+
+def test_validation_text_is_scored_per_cell_and_required_for_resume(tmp_path, tiny_dir):
+    cfg = _config(tmp_path, tiny_dir)
+    first = compare.run_compare(str(cfg))
+    assert all(c["ppl_val"] is None for c in first["cells"].values())
+    # the same text as the test perplexity: the validation numbers must be the same numbers
+    cfg.write_text(cfg.read_text().replace("sparsities:", "validation: boolq\nsparsities:", 1))
+    comp = compare.run_compare(str(cfg))
+    for cell in comp["cells"].values():   # cells without the validation text were pruned again
+        assert cell["validation"] == "boolq"
+        assert cell["ppl_val"] == pytest.approx(cell["ppl"], rel=1e-9)
+        assert cell["ppl_val_dense"] == pytest.approx(cell["ppl_dense"], rel=1e-9)
