@@ -649,6 +649,52 @@ def print_summary(summary: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
+def _worker_init(threads: int) -> None:
+    set_threads(threads)
+
+
+def _dense_task(args: tuple) -> tuple:
+    name, seed, epochs, cfg = args
+    dense_checkpoints(name, seed, epochs, cfg)
+    return name, seed
+
+
+_WORKER_CKPTS: dict = {}
+
+
+def _run_task(args: tuple) -> tuple[dict, dict]:
+    run, cfg = args
+    k, b = (run["dataset"], run["seed"]), int(run["budget"])
+    if b not in _WORKER_CKPTS.get(k, {}):
+        _WORKER_CKPTS[k] = dense_checkpoints(run["dataset"], run["seed"], b, cfg, train_missing=False)
+    return run, prune_run(run, _WORKER_CKPTS[k][b], cfg)
+
+
+def _run_parallel(todo: list[dict], need: dict, cfg: dict, workers: int, record) -> None:
+    """Run ``todo`` in ``workers`` processes of ``threads // workers`` (at least 1) threads each:
+    first the missing dense checkpoints (one (dataset, seed) per task), then the pruning runs in
+    any order; ``record(run, row)`` is called in this process as each run finishes (so runs.jsonl
+    has one writer). Several single-thread processes use 2 CPU cores better than one process with
+    2 threads on this small CNN. Results equal the sequential ones up to float summation order."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, int(cfg.get("threads", 1)) // workers)
+    ctx = mp.get_context("spawn")   # no fork of a process whose OpenMP pool already started
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as ex:
+        dense = {(r["dataset"], r["seed"]): need[(r["dataset"], r["seed"])] for r in todo}
+        pending = {ex.submit(_dense_task, (ds, seed, ep, cfg)) for (ds, seed), ep in dense.items()}
+        while pending:   # a seed's runs are queued as soon as its dense checkpoints exist
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                res = f.result()
+                if isinstance(res[1], dict):     # a pruning run: (run, row)
+                    record(*res)
+                else:                            # dense checkpoints of (dataset, seed) are cached
+                    pending |= {ex.submit(_run_task, (r, cfg)) for r in todo
+                                if (r["dataset"], r["seed"]) == res}
+
+
 def run_sweep(cfg: dict, out_dir: str | Path | None = None, progress: bool = True,
               report_only: bool = False) -> dict:
     """Run (or resume) the whole sweep of a config and write the outputs.
@@ -681,18 +727,25 @@ def run_sweep(cfg: dict, out_dir: str | Path | None = None, progress: bool = Tru
     dense_rows = []
     bar = tqdm(total=len(runs), desc="pruning runs", disable=not progress, file=sys.stdout)
     bar.update(sum(1 for r in runs if r["key"] in done))
-    for r in runs:
-        if r["key"] in done or report_only:
-            continue
-        k, b = (r["dataset"], r["seed"]), int(r["budget"])
-        if b not in ckpts.get(k, {}):
-            ckpts[k] = dense_checkpoints(r["dataset"], r["seed"], b, cfg)
-        row = prune_run(r, ckpts[k][b], cfg)
+    todo = [] if report_only else [r for r in runs if r["key"] not in done]
+    workers = int(cfg.get("workers", 1) or 1)
+    if workers < 1:
+        raise SparseFWError(f"workers must be >= 1, got {workers}")
+
+    def record(r: dict, row: dict) -> None:
         with open(jsonl, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         done[r["key"]] = row
         bar.update(1)
         bar.set_postfix_str(f"{r['method']} b{r['budget']} acc {row['accuracy']:.4f}")
+
+    if workers > 1 and todo:
+        _run_parallel(todo, need, cfg, workers, record)
+    for r in todo if workers == 1 else []:
+        k, b = (r["dataset"], r["seed"]), int(r["budget"])
+        if b not in ckpts.get(k, {}):
+            ckpts[k] = dense_checkpoints(r["dataset"], r["seed"], b, cfg)
+        record(r, prune_run(r, ckpts[k][b], cfg))
     bar.close()
     for k in need:  # the dense rows: every cached epoch up to the largest budget needed
         ckpts[k] = dense_checkpoints(k[0], k[1], need[k], cfg, train_missing=False)
@@ -724,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="YAML config, e.g. configs/cnn_mnist.yaml")
     ap.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes sharing the threads (default: the config's, else 1)")
     ap.add_argument("--report-only", action="store_true",
                     help="only summarize finished runs (runs.jsonl) and cached dense checkpoints")
     a = ap.parse_args(argv)
@@ -731,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(a.config)
         if a.threads:
             cfg["threads"] = a.threads
+        if a.workers:
+            cfg["workers"] = a.workers
         run_sweep(cfg, a.out, report_only=a.report_only)
     except SparseFWError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -134,3 +134,25 @@ def test_engine_quick_config_smoke(tmp_path):
     assert (tmp_path / "out" / "fig6_engine.png").exists()
     assert "engine_90pct_budget2_magnitude_ft" not in s["acceptance"]   # budget 1 only here
     assert "Engine on the CNN" in (tmp_path / "out" / "tables.md").read_text()
+
+
+@pytest.mark.skipif(not have_mnist(), reason="MNIST not installed (bash scripts/setup.sh)")
+def test_two_worker_processes_give_the_sequential_rows(tmp_path):
+    from cnn.experiments import run_sweep
+    cfg = tiny_sweep_config("configs/cnn_engine_quick.yaml", tmp_path)
+    cfg["prune"].update(subsample=32, fw_iterations=2, ramp_iterations=2, calib_samples=64,
+                        layerwise={"iterations": 5, "swaps": 2})
+    cfg["engine"].update(sparsities=[0.9], seeds=[0, 1], variants={
+        "magnitude": {}, "fw_warm": {"method": "fw", "init": "magnitude", "alpha": 0.5, "per_layer": True},
+        "lw_sparsefw_rec": {"method": "layerwise", "layerwise_method": "sparsefw+rec"}})
+    rows = {}
+    for workers in (1, 2):   # one thread per process either way: the same arithmetic
+        c = {**cfg, "threads": 1, "workers": workers, "ckpt_dir": str(tmp_path / f"ckpt{workers}")}
+        run_sweep(c, tmp_path / f"out{workers}", progress=False)
+        lines = (tmp_path / f"out{workers}" / "runs.jsonl").read_text().splitlines()
+        rows[workers] = {r["key"]: r for r in map(json.loads, lines)}
+    assert len(rows[1]) == 6 and rows[1].keys() == rows[2].keys()
+    for k, r in rows[1].items():   # dense training and every run repeated exactly in the workers
+        for m in ("dense_accuracy", "accuracy_noft", "accuracy", "loss", "nonzero_prunable",
+                  "overlap_with_magnitude"):
+            assert rows[2][k][m] == r[m], (k, m)
