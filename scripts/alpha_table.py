@@ -54,7 +54,7 @@ def build(folder: Path) -> tuple[str, dict]:
         v = seed0[k]
         lines.append(f"| {k} | " + " | ".join(f"{v[s]['ppl_val']:.2f}" for s in sps) + f" | {rank[k]:.2f} | "
                      + " | ".join(f"{v[s]['ppl']:.2f}" for s in sps) + " | "
-                     + " | ".join(f"{100 * v[s]['error_reduction_vs_wanda']:+.1f}%" for s in sps) + " |")
+                     + " | ".join(f"{-100 * v[s]['error_reduction_vs_wanda']:+.1f}%" for s in sps) + " |")
     spread = {}
     for (k, s), cs in sorted(by_seed.items()):
         if len(cs) < 2:

@@ -9,7 +9,8 @@ Statistics (documents are the units): a model's accuracy on a task is the mean o
 0/1 scores, its standard error s/√n (s the sample standard deviation); the 7-task mean is the mean
 of the task accuracies with standard error √(Σ SE_t²)/7. A paired difference between models A and B
 is the mean of d_i = a_i − b_i over the same documents, with standard error sd(d)/√n (for the
-7-task mean, combined as above); z = difference / SE (|z| > 2: unlikely to be noise).
+7-task mean, combined as above; "pooled" treats all documents of the seven tasks as one sample);
+z = difference / SE (|z| > 2: unlikely to be noise).
 
     python scripts/zeroshot_paired.py            # the folders of scripts/zeroshot60.sh
 """
@@ -66,23 +67,30 @@ def build(models: dict[str, Path], base: str, others: list[str]) -> tuple[str, d
         out["acc"][name] = {"tasks": dict(zip(TASKS, accs)), "se": dict(zip(TASKS, ses)), "mean": mean, "mean_se": se}
         lines.append(f"| {name} | " + " | ".join(row) + f" | **{100 * mean:.2f} ± {100 * se:.2f}** |")
     lines += ["", f"Paired per-document differences, {base} minus each other model (percentage points, ± SE; z):", "",
-              "| metric | vs | " + " | ".join(TASKS) + " | mean of 7 |", "|---" * (len(TASKS) + 3) + "|"]
+              "| metric | vs | " + " | ".join(TASKS) + " | mean of 7 | pooled documents |",
+              "|---" * (len(TASKS) + 4) + "|"]
     for metric in ("acc", "acc_norm"):
         for other in others:
-            row, ds, ses = [], [], []
+            row, ds, ses, pooled = [], [], [], []
             for t in TASKS:
                 a, b = scores(models[base], t, metric), scores(models[other], t, metric)
                 if a is None or b is None:   # no acc_norm: the task's acc
                     a, b = scores(models[base], t, "acc"), scores(models[other], t, "acc")
-                d, se = mean_se([x - y for x, y in zip(a, b)])
+                diff = [x - y for x, y in zip(a, b)]
+                pooled += diff
+                d, se = mean_se(diff)
                 ds.append(d)
                 ses.append(se)
                 row.append(f"{100 * d:+.1f} ± {100 * se:.1f}")
             d, se = statistics.fmean(ds), math.sqrt(sum(s * s for s in ses)) / len(ses)
-            out["paired"][f"{metric}: {base} - {other}"] = {"tasks": dict(zip(TASKS, ds)), "se": dict(zip(TASKS, ses)),
-                                                          "mean": d, "mean_se": se, "z": d / se if se else None}
+            pd, pse = mean_se(pooled)
+            out["paired"][f"{metric}: {base} - {other}"] = {
+                "tasks": dict(zip(TASKS, ds)), "se": dict(zip(TASKS, ses)), "mean": d, "mean_se": se,
+                "z": d / se if se else None, "pooled": pd, "pooled_se": pse, "pooled_n": len(pooled),
+                "pooled_z": pd / pse if pse else None}
             lines.append(f"| {metric} | {other} | " + " | ".join(row)
-                         + f" | **{100 * d:+.2f} ± {100 * se:.2f}** (z = {d / se:+.1f}) |")
+                         + f" | **{100 * d:+.2f} ± {100 * se:.2f}** (z = {d / se:+.1f}) "
+                         f"| {100 * pd:+.2f} ± {100 * pse:.2f} (z = {pd / pse:+.1f}, n = {len(pooled)}) |")
     return "\n".join(lines) + "\n", out
 
 

@@ -548,7 +548,10 @@ def format_zeroshot_table(result: dict) -> str:
                      f"{_pm(result.get('mean_acc_norm'), None)} | |")
     notes = [f"{name} perplexity: {r['perplexity']:.2f}" for name, r in result["tasks"].items()
              if r.get("perplexity") is not None]
-    if result.get("limit"):
+    if result.get("limit") and result["limit"] < 500:
         notes.append(f"(first {result['limit']} documents per task: a smoke test, not a "
                      "reportable number)")
+    elif result.get("limit"):
+        notes.append(f"(first {result['limit']} documents per task, the same for every model: compare "
+                     "models by paired per-document differences, scripts/zeroshot_paired.py)")
     return "\n".join(lines + ([""] + notes if notes else []))
