@@ -48,13 +48,14 @@ def build(folder: Path) -> tuple[str, dict]:
     lines = [f"Dense: validation (Austen) {dense['ppl_val_dense']:.2f}, test (BoolQ) {dense['ppl_dense']:.2f}.", "",
              "| setting | " + " | ".join(f"val {_sp(s)}" for s in sps) + " | val geo-mean | "
              + " | ".join(f"test {_sp(s)}" for s in sps) + " | "
-             + " | ".join(f"err vs Wanda {_sp(s)}" for s in sps) + " |",
-             "|---" * (1 + 3 * len(sps) + 1) + "|"]
+             + " | ".join(f"err vs Wanda {_sp(s)}" for s in sps) + " | prune s (mean) |",
+             "|---" * (1 + 3 * len(sps) + 2) + "|"]
     for k in order:
         v = seed0[k]
         lines.append(f"| {k} | " + " | ".join(f"{v[s]['ppl_val']:.2f}" for s in sps) + f" | {rank[k]:.2f} | "
                      + " | ".join(f"{v[s]['ppl']:.2f}" for s in sps) + " | "
-                     + " | ".join(f"{-100 * v[s]['error_reduction_vs_wanda']:+.1f}%" for s in sps) + " |")
+                     + " | ".join(f"{-100 * v[s]['error_reduction_vs_wanda']:+.1f}%" for s in sps)
+                     + f" | {statistics.fmean(v[s]['prune_seconds'] for s in sps):.0f} |")
     spread = {}
     for (k, s), cs in sorted(by_seed.items()):
         if len(cs) < 2:

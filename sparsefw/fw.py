@@ -430,7 +430,7 @@ def _warmstart_and_swaps(W, G, warm, pattern, t0, dense_norm, swaps, working_set
 
 
 def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, pattern: Pattern,
-             alpha: float = 0.5, iterations: int = 100, step: str = "linesearch",
+             alpha: float = 0.9, iterations: int = 100, step: str = "linesearch",
              tol: float = 1e-2, fix: str = "row", record_at=(), round_at=None,
              record_rounded: bool = False, incremental: bool = True,
              dense_above: float = DENSE_ABOVE, dense_norm: float | None = None,
