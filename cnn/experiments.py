@@ -653,21 +653,26 @@ def _worker_init(threads: int) -> None:
     set_threads(threads)
 
 
-def _dense_task(args: tuple) -> tuple:
+def _checkpoint(ckpts: dict, run: dict, cfg: dict, train_missing: bool = True) -> dict:
+    """The dense checkpoint a run prunes, loaded (or trained) once per (dataset, seed) into
+    ``ckpts``."""
+    k, b = (run["dataset"], run["seed"]), int(run["budget"])
+    if b not in ckpts.get(k, {}):
+        ckpts[k] = dense_checkpoints(run["dataset"], run["seed"], b, cfg, train_missing=train_missing)
+    return ckpts[k][b]
+
+
+def _dense_task(args: tuple) -> None:
     name, seed, epochs, cfg = args
     dense_checkpoints(name, seed, epochs, cfg)
-    return name, seed
 
 
 _WORKER_CKPTS: dict = {}
 
 
 def _run_task(args: tuple) -> tuple[dict, dict]:
-    run, cfg = args
-    k, b = (run["dataset"], run["seed"]), int(run["budget"])
-    if b not in _WORKER_CKPTS.get(k, {}):
-        _WORKER_CKPTS[k] = dense_checkpoints(run["dataset"], run["seed"], b, cfg, train_missing=False)
-    return run, prune_run(run, _WORKER_CKPTS[k][b], cfg)
+    run, cfg = args   # the parent queues a run only after its dense checkpoints are cached
+    return run, prune_run(run, _checkpoint(_WORKER_CKPTS, run, cfg, train_missing=False), cfg)
 
 
 def _run_parallel(todo: list[dict], need: dict, cfg: dict, workers: int, record) -> None:
@@ -682,17 +687,18 @@ def _run_parallel(todo: list[dict], need: dict, cfg: dict, workers: int, record)
     threads = max(1, int(cfg.get("threads", 1)) // workers)
     ctx = mp.get_context("spawn")   # no fork of a process whose OpenMP pool already started
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as ex:
-        dense = {(r["dataset"], r["seed"]): need[(r["dataset"], r["seed"])] for r in todo}
-        pending = {ex.submit(_dense_task, (ds, seed, ep, cfg)) for (ds, seed), ep in dense.items()}
+        seeds = {(r["dataset"], r["seed"]) for r in todo}
+        dense = {ex.submit(_dense_task, (ds, seed, need[(ds, seed)], cfg)): (ds, seed) for ds, seed in seeds}
+        pending = set(dense)
         while pending:   # a seed's runs are queued as soon as its dense checkpoints exist
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in finished:
                 res = f.result()
-                if isinstance(res[1], dict):     # a pruning run: (run, row)
-                    record(*res)
-                else:                            # dense checkpoints of (dataset, seed) are cached
+                if f in dense:
                     pending |= {ex.submit(_run_task, (r, cfg)) for r in todo
-                                if (r["dataset"], r["seed"]) == res}
+                                if (r["dataset"], r["seed"]) == dense[f]}
+                else:
+                    record(*res)
 
 
 def run_sweep(cfg: dict, out_dir: str | Path | None = None, progress: bool = True,
@@ -741,11 +747,9 @@ def run_sweep(cfg: dict, out_dir: str | Path | None = None, progress: bool = Tru
 
     if workers > 1 and todo:
         _run_parallel(todo, need, cfg, workers, record)
-    for r in todo if workers == 1 else []:
-        k, b = (r["dataset"], r["seed"]), int(r["budget"])
-        if b not in ckpts.get(k, {}):
-            ckpts[k] = dense_checkpoints(r["dataset"], r["seed"], b, cfg)
-        record(r, prune_run(r, ckpts[k][b], cfg))
+    elif todo:
+        for r in todo:
+            record(r, prune_run(r, _checkpoint(ckpts, r, cfg), cfg))
     bar.close()
     for k in need:  # the dense rows: every cached epoch up to the largest budget needed
         ckpts[k] = dense_checkpoints(k[0], k[1], need[k], cfg, train_missing=False)

@@ -150,22 +150,26 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
     bos_id = bos_token_id(tok, cfg.bos)
     report["bos_token"] = None if bos_id is None else tok.convert_ids_to_tokens(bos_id)
     pseq = int(ppl_seqlen or cfg.seqlen)
-    texts = ([ppl_source] if eval_ppl else []) + ([ppl_validation] if ppl_validation else [])
+    # report key -> text: the test perplexity and, optionally, the validation text's
+    texts = {**({"ppl": ppl_source} if eval_ppl else {}),
+             **({"ppl_validation": ppl_validation} if ppl_validation else {})}
     dense = {}
-    with placed_for_eval(mdl, device, block_class):
-        for src in texts:
-            dense[src] = dense_ppl(model, mdl, tok, src, pseq, ppl_chunks, progress=progress, bos=cfg.bos,
-                                   ranks=ranks)
+    if texts:
+        with placed_for_eval(mdl, device, block_class):
+            for key, src in texts.items():
+                dense[key] = dense_ppl(model, mdl, tok, src, pseq, ppl_chunks, progress=progress, bos=cfg.bos,
+                                       ranks=ranks)
     res = prune_model(mdl, tok, cfg, progress=progress, ranks=ranks)
     mdl.to("cpu")
     report["seconds"] = res.pop("seconds")
     report.update(res)
-    with placed_for_eval(mdl, device, block_class):
-        for src, key in zip(texts, ["ppl", "ppl_validation"] if eval_ppl else ["ppl_validation"]):
-            p = _eval_ppl(mdl, tok, src, pseq, ppl_chunks, progress=progress, bos=cfg.bos, ranks=ranks)
-            report[key] = {"dense": dense[src]["ppl"], "pruned": p["ppl"], "source": src, "seqlen": pseq,
-                           "chunks": p["chunks"], "tokens": p["tokens"], "targets": p["targets"],
-                           "bos": cfg.bos}
+    if texts:
+        with placed_for_eval(mdl, device, block_class):
+            for key, src in texts.items():
+                p = _eval_ppl(mdl, tok, src, pseq, ppl_chunks, progress=progress, bos=cfg.bos, ranks=ranks)
+                report[key] = {"dense": dense[key]["ppl"], "pruned": p["ppl"], "source": src, "seqlen": pseq,
+                               "chunks": p["chunks"], "tokens": p["tokens"], "targets": p["targets"],
+                               "bos": cfg.bos}
     if zeroshot:   # the main process scores, the others wait
         from .zeroshot import evaluate_zeroshot
 
