@@ -243,8 +243,8 @@ def test_sfw_init_learns_scales_and_ends_feasible():
         assert in_ksparse(p, g["K"], g["radius"], rtol=1e-6)
         # still a positive multiple of the initial tensor
         n = [k for k, q in model.named_parameters() if q is p][0]
-        c = float((p * theta0[n]).sum() / (theta0[n] ** 2).sum())
-        assert c > 0 and torch.allclose(p, c * theta0[n], atol=1e-6)
+        c = float((p.detach() * theta0[n]).sum() / (theta0[n] ** 2).sum())
+        assert c > 0 and torch.allclose(p.detach(), c * theta0[n], atol=1e-6)
 
 
 # ------------------------------------------------------------------------- experiment script
