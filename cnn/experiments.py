@@ -776,6 +776,8 @@ def run_sweep(cfg: dict, out_dir: str | Path | None = None, progress: bool = Tru
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m cnn.experiments --config configs/cnn_mnist.yaml`` (or ``cnn_engine.yaml``): run
+    the sweep of :func:`run_sweep`. Returns the exit code (2 with one ``error:`` line on bad input)."""
     ap = argparse.ArgumentParser(description="MNIST magnitude / FW / FW+momentum pruning sweep "
                                              "over pre-training budgets (arXiv 2512.01147)")
     ap.add_argument("--config", required=True, help="YAML config, e.g. configs/cnn_mnist.yaml")

@@ -137,12 +137,29 @@ def milestones(c, epochs):
 
 
 def make_sgd(model, c, epochs):
+    """SGD baseline: ``torch.optim.SGD`` (lr, momentum, weight decay from ``c``) with the same
+    step-decay schedule as SFW at ``milestones(c, epochs)`` (factor ``gamma``, default 0.1).
+
+    Returns ``(optimizer, SFWSchedule)``; ``schedule.step()`` once per epoch.
+    """
     opt = torch.optim.SGD(model.parameters(), lr=c["lr"], momentum=c["momentum"],
                           weight_decay=c.get("weight_decay", 0.0))
     return opt, SFWSchedule(opt, milestones(c, epochs), c.get("gamma", 0.1), dynamic=False)
 
 
 def make_sfw(model, c, epochs, k_frac=None, tau=None):
+    """Stochastic Frank-Wolfe under K-sparse polytope constraints (Lu et al., ICLR 2022, Alg. 1;
+    Pokutta et al. 2020, Alg. 1).
+
+    Every parameter tensor (weights and biases) gets its own K-sparse polytope:
+    K = max(``k_min``, ``k_frac`` × numel), radius τ·E‖θ₀‖₂/√K (``ksparse_param_groups``);
+    ``k_frac`` / ``tau`` override the config's values (the ablation grid). The learning rate
+    decays at ``milestones(c, epochs)``; with ``dynamic`` (default) also by Pokutta et al.'s
+    ×0.7 / ×1.06 rule on the 5- vs 10-epoch mean training loss.
+
+    Returns ``(SFW optimizer, SFWSchedule, param groups)``. Raises ``SparseFWError`` (from
+    ``ksparse_param_groups``) for a bad k_frac, k_min or τ.
+    """
     groups = ksparse_param_groups(model, k_frac=c["k_frac"] if k_frac is None else k_frac,
                                   k_min=c.get("k_min", 1), tau=c["tau"] if tau is None else tau)
     opt = SFW(groups, lr=c["lr"], momentum=c["momentum"], rescale=c.get("rescale", "gradient"))
@@ -170,6 +187,12 @@ def weight_magnitudes(model) -> torch.Tensor:
 # Experiment driver
 # ----------------------------------------------------------------------------------------------
 def load_data(name, subset, seed):
+    """Train and test split of ``name`` (``mnist``, ``fashion_mnist``; offline packages, see
+    ``cnn.data.load_split``), normalised with the training mean and std.
+
+    ``subset``: keep that many training images (a seeded random subset), or all when falsy.
+    Returns ``((x_train, y_train), (x_test, y_test))``: x float32 (N, 1, 28, 28), y int64 (N,).
+    """
     xtr, ytr = load_split(name, "train")
     xte, yte = load_split(name, "test")
     if subset:
@@ -235,6 +258,14 @@ def run_setting(ds, arch, cfg, data, test, out, on_method=lambda res: None):
 
 
 def run_ablation(cfg, data_cache, out, over=lambda: False, skipped=None):
+    """The SFW ablation over K (``k_fracs``) and τ (``taus``) of the config's ``ablation`` block
+    (Lu et al., ICLR 2022, ablation of K and τ): train with SFW per grid point, then one-shot global
+    magnitude pruning at every keep ratio without retraining.
+
+    Stops starting new points once ``over()`` is true (their names go to ``skipped``).
+    Returns one row per point: ``k_frac``, ``tau``, ``seconds`` (training wall time) and
+    ``keep_<ratio>``: test accuracy (%) after pruning to that keep ratio.
+    """
     a = cfg["ablation"]
     data, test = data_cache[a["dataset"]]
     seed, bs, keeps = cfg["seed"], cfg["batch_size"], cfg["keep_ratios"]
@@ -262,6 +293,9 @@ def run_ablation(cfg, data_cache, out, over=lambda: False, skipped=None):
 
 
 def plot_all(results, ablation, cfg, out):
+    """Write the PNG figures to ``out``: ``weight_histograms.png`` (SGD vs SFW weights, paper
+    Fig. 1), ``accuracy_vs_pruning.png`` (accuracy vs pruning ratio per setting, Fig. 2) and, with
+    an ablation, ``ablation.png`` (one curve per (K, τ))."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -326,6 +360,8 @@ def plot_all(results, ablation, cfg, out):
 
 
 def write_csv(results, ablation, cfg, out):
+    """Write ``pruning.csv`` (one row per dataset / model / method, accuracy % per keep ratio)
+    and, with an ablation, ``ablation.csv`` (the rows of :func:`run_ablation`) to ``out``."""
     keeps = cfg["keep_ratios"]
     with open(out / "pruning.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -404,6 +440,7 @@ def run(cfg: dict, max_minutes: float | None = None) -> dict:
 
 
 def print_summary(results, cfg):
+    """Print the accuracy (%) per keep ratio of every setting and the ablation rows (stdout)."""
     keeps = cfg["keep_ratios"]
     print("\n=== one-shot global magnitude pruning, test accuracy (%) by keep ratio ===")
     print(f"{'setting':28s}" + "".join(f"{k:>7.2f}" for k in keeps))
@@ -424,6 +461,8 @@ def print_summary(results, cfg):
 
 
 def main(argv=None):
+    """``python -m cnn.sfw_experiments --config configs/cnn_sfw.yaml``: run the SFW-pruning
+    experiments. Returns the exit code (2 with one ``error:`` line on a bad config)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="YAML config, e.g. configs/cnn_sfw.yaml")
     ap.add_argument("--out-dir", help="override the config's out_dir")

@@ -76,6 +76,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sparsefw`` argument parser: subcommands prune, eval-ppl, eval-zeroshot, push,
+    inspect, compare (options in README.md, "CLI")."""
     ap = argparse.ArgumentParser(prog="sparsefw", description="Prune causal LMs with Frank-Wolfe (SparseFW).")
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -153,6 +155,8 @@ def _print_summary(rep: dict) -> None:
 
 
 def main(argv=None) -> int:
+    """Entry point of the ``sparsefw`` command. Returns the exit code: 0 on success, 2 with one
+    ``error: …`` line for bad input (``SparseFWError``), 1 for a failed ``inspect --pattern`` check."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -190,6 +190,7 @@ def all_sum(values: list[float], ranks: Ranks) -> list[float]:
 
 
 def barrier(ranks: Ranks) -> None:
+    """Wait for every rank (``torch.distributed.barrier``); a no-op with one process."""
     if ranks.world > 1:
         import torch.distributed as dist
 
