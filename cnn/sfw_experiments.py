@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -475,8 +476,10 @@ def main(argv=None):
             cfg["out_dir"] = a.out_dir
         run(cfg, a.max_minutes)
     except SparseFWError as e:
-        raise SystemExit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -292,3 +292,11 @@ def test_smoke_experiment_runs(tmp_path):
               "ablation.csv"):
         assert (tmp_path / f).exists()
     assert len(res["ablation"]) == 1
+
+
+def test_experiment_bad_config_is_one_error_line_exit_2(tmp_path, capsys):
+    from cnn.sfw_experiments import main
+
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: config file") and "missing.yaml" in err[0]
