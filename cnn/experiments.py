@@ -152,10 +152,19 @@ def new_model(seed: int) -> torch.nn.Module:
     return PaperCNN().to(memory_format=torch.channels_last)
 
 
+def _process_threads(cfg: dict) -> int:
+    """Threads of each process that trains or prunes: ``threads`` // ``workers`` (at least 1)."""
+    workers = int(cfg.get("workers", 1) or 1)
+    return max(1, int(cfg.get("threads", 1)) // workers) if workers > 1 else int(cfg.get("threads", 1))
+
+
 def _ckpt_dir(name: str, seed: int, cfg: dict) -> Path:
     dn, d = cfg["dense"], cfg.get("data", {}) or {}
+    # the training thread count is part of the key: CPU kernels sum in a thread-dependent order,
+    # so 1- and 2-thread training drift apart (2e-5 in the weights after 50 steps, other 10-epoch
+    # models); with it, a config reproduces its own checkpoints on a fresh machine
     tag = (f"{name}_seed{seed}_lr{dn['lr']}_mom{dn['momentum']}_bs{dn.get('batch_size', 128)}"
-           f"_n{d.get('train_subset') or 'all'}")
+           f"_n{d.get('train_subset') or 'all'}_t{_process_threads(cfg)}")
     root = Path(cfg["ckpt_dir"]) if cfg.get("ckpt_dir") else cache_dir() / "cnn_ckpt"
     p = root / tag
     p.mkdir(parents=True, exist_ok=True)
@@ -684,7 +693,7 @@ def _run_parallel(todo: list[dict], need: dict, cfg: dict, workers: int, record)
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    threads = max(1, int(cfg.get("threads", 1)) // workers)
+    threads = _process_threads(cfg)
     ctx = mp.get_context("spawn")   # no fork of a process whose OpenMP pool already started
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as ex:
         seeds = {(r["dataset"], r["seed"]) for r in todo}

@@ -156,3 +156,19 @@ def test_two_worker_processes_give_the_sequential_rows(tmp_path):
         for m in ("dense_accuracy", "accuracy_noft", "accuracy", "loss", "nonzero_prunable",
                   "overlap_with_magnitude"):
             assert rows[2][k][m] == r[m], (k, m)
+
+
+def test_dense_cache_is_keyed_by_the_training_thread_count(tmp_path):
+    """1- and 2-thread training sum in another order (different 10-epoch models), so they must not
+    share cached checkpoints; the parent of a worker pool must find the workers' checkpoints."""
+    from cnn.experiments import _ckpt_dir, _process_threads
+
+    base = {"dense": {"lr": 0.05, "momentum": 0.9, "batch_size": 128}, "ckpt_dir": str(tmp_path)}
+    assert _process_threads({**base, "threads": 2}) == 2
+    assert _process_threads({**base, "threads": 2, "workers": 2}) == 1
+    assert _process_threads({**base, "threads": 1, "workers": 2}) == 1
+    assert _process_threads({**base, "threads": 4, "workers": 2}) == 2
+    d2 = _ckpt_dir("mnist", 0, {**base, "threads": 2})
+    d1 = _ckpt_dir("mnist", 0, {**base, "threads": 2, "workers": 2})
+    assert d1 != d2 and d1.name.endswith("_t1") and d2.name.endswith("_t2")
+    assert _ckpt_dir("mnist", 0, {**base, "threads": 1}) == d1
