@@ -154,8 +154,7 @@ def new_model(seed: int) -> torch.nn.Module:
 
 def _process_threads(cfg: dict) -> int:
     """Threads of each process that trains or prunes: ``threads`` // ``workers`` (at least 1)."""
-    workers = int(cfg.get("workers", 1) or 1)
-    return max(1, int(cfg.get("threads", 1)) // workers) if workers > 1 else int(cfg.get("threads", 1))
+    return max(1, int(cfg.get("threads", 1)) // int(cfg.get("workers", 1) or 1))
 
 
 def _ckpt_dir(name: str, seed: int, cfg: dict) -> Path:

@@ -188,7 +188,7 @@ def weight_magnitudes(model) -> torch.Tensor:
 # Experiment driver
 # ----------------------------------------------------------------------------------------------
 def load_data(name, subset, seed):
-    """Train and test split of ``name`` (``mnist``, ``fashion_mnist``; offline packages, see
+    """Train and test split of ``name`` (``mnist``, ``fashion-mnist``; offline packages, see
     ``cnn.data.load_split``), normalised with the training mean and std.
 
     ``subset``: keep that many training images (a seeded random subset), or all when falsy.
