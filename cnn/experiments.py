@@ -99,7 +99,7 @@ def plan_runs(cfg: dict) -> list[dict]:
                     runs.append(dict(section="fashion", dataset=sec.get("dataset", "fashion-mnist"),
                                      budget=b, seed=seed, method=m, base=m, sparsity=s_main, over={}))
     sec = cfg.get("engine")
-    if sec:     # issue 17: the LLM engine's method on the CNN (configs/cnn_engine.yaml)
+    if sec:     # the LLM engine's method on the CNN (configs/cnn_engine.yaml)
         for b in sec["budgets"]:
             for sp in sec["sparsities"]:
                 for seed in sec["seeds"]:
@@ -379,7 +379,7 @@ def summarize(rows: list[dict], dense_rows: list[dict]) -> dict:
         acc["fw_momentum_budget2_minus_dense10_points"] = \
             100 * (acc["fw_momentum_90pct_budget2_accuracy"] - d10["accuracy_mean"])
     eng = [e for e in out if e["section"] == "engine" and e["dataset"] == "mnist"]
-    if eng:     # issue 17's goals, against magnitude + fine-tuning of the same run
+    if eng:     # the engine sweep's goals, against magnitude + fine-tuning of the same run
         for b, s in ((2, 0.9), (2, 0.98)):
             cell = [e for e in eng if e["budget"] == b and abs(e["sparsity"] - s) < 1e-9]
             mag = next((e for e in cell if e["method"] == "magnitude"), None)

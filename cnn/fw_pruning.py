@@ -251,7 +251,7 @@ def step_size(t: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Warmstart with alpha-fixing and per-layer budgets (issue 17: the LLM engine's method on the CNN)
+# Warmstart with alpha-fixing and per-layer budgets (the LLM engine's method on the CNN)
 # ----------------------------------------------------------------------------------------------
 def _as_rows(x: torch.Tensor, sizes: list[int], fill) -> torch.Tensor:
     """(1, N) -> (L, max n_l): layer l's entries in row l, padded with ``fill``."""
@@ -358,7 +358,7 @@ def fw_prune(grad_fn: GradFn, finetune_fn: FinetuneFn, n: int, schedule: list[fl
             first level, as in the paper, then the previous level's rounded mask) or ``"magnitude"`` (the global-magnitude mask at the level's k, a vertex of the
             polytope, like SparseFW's warmstart).
         weights_fn: ``weights_fn() -> W`` (1, N) current weights; needed for ``init="magnitude"``.
-        alpha, sizes: the LLM engine's warmstart (:class:`WarmBudget`, issue 17): with
+        alpha, sizes: the LLM engine's warmstart (:class:`WarmBudget`, ): with
             ``init="magnitude"`` and alpha given, every level fixes the alpha fraction of the
             magnitude mask in each layer, keeps each layer's magnitude count k_l (``sizes`` = the
             layers' n_l; None = one global budget), and FW re-chooses the rest. alpha = 1 returns

@@ -9,15 +9,15 @@ pruned layer's output to the next layer (so every layer is fitted to the inputs 
 layers produce). Each layer keeps a given number k_l of weights (``per-matrix`` pattern: the count
 of the global-magnitude mask, so that only the choice of weights differs between methods).
 
-Methods (all engine functions, no copy of their loops):
-* ``sparsefw``: :func:`sparsefw.fw.fw_solve` (warmstart magnitude or Wanda, alpha trick, FW with
-  exact line search over the per-matrix polytope, rounding, never worse than the warmstart), then
-  :func:`sparsefw.swaps.swap_refine` on the rounded mask (exact 1-swaps within each row, so the
-  layer count stays k_l). Source: SparseFW, arXiv 2510.13713, Algorithm 1 and Eq. 2.
+Methods (the LLM engine's registry, :mod:`sparsefw.methods`, called with the per-matrix pattern):
+* ``sparsefw``: the registry's ``sparsefw`` (warmstart magnitude or Wanda, alpha trick, FW with
+  exact line search over the per-matrix polytope, rounding, never worse than the warmstart, then
+  exact 1-swaps within each row, so the layer count stays k_l). Source: SparseFW, arXiv
+  2510.13713, Algorithm 1 and Eq. 2.
 * ``sparsefw+rec``: the same mask, then the least-squares update of the kept weights
-  (:func:`sparsefw.reconstruct.reconstruct_weights`).
-* ``sparsegpt``: :func:`sparsefw.sparsegpt_sparsify.sparsegpt_prune` (Frantar & Alistarh 2023,
-  Algorithm 1; OBC-style one-shot pruning with OBS updates), per-matrix budget.
+  (``reconstruct=True`` of :func:`sparsefw.methods.solve_layer`).
+* ``sparsegpt``: the registry's ``sparsegpt`` (Frantar & Alistarh 2023, Algorithm 1; OBS
+  updates), per-matrix budget.
 """
 from __future__ import annotations
 
@@ -26,11 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsefw.errors import SparseFWError
-from sparsefw.fw import dense_output_norm, fw_solve, reconstruction_error, weight_error
-from sparsefw.masks import Pattern, magnitude_scores, select, wanda_scores
-from sparsefw.reconstruct import reconstruct_weights
-from sparsefw.sparsegpt_sparsify import sparsegpt_prune
-from sparsefw.swaps import swap_refine
+from sparsefw.fw import dense_output_norm, reconstruction_error, weight_error
+from sparsefw.masks import Pattern, magnitude_scores, select
+from sparsefw.methods import solve_layer
 
 LAYERWISE_METHODS = ("sparsefw", "sparsefw+rec", "sparsegpt")
 
@@ -77,8 +75,8 @@ def prune_layer(W: torch.Tensor, G: torch.Tensor, kept: int, method: str, warmst
         W: (c_out, d_in) float weights. G: (d_in, d_in) float64 Gram matrix of its inputs.
         kept: weights to keep in the matrix (0 <= kept <= numel). method: see LAYERWISE_METHODS.
         warmstart: ``magnitude`` or ``wanda`` (sparsefw). alpha: fraction of the warmstart fixed.
-        iterations: FW iterations (per-matrix FW has no swaps of its own). swaps: rounds of
-            :func:`sparsefw.swaps.swap_refine` after FW (within rows; 0 = off).
+        iterations: FW iterations. swaps: rounds of exact 1-swaps within rows after FW
+            (:func:`sparsefw.swaps.swap_refine`; 0 = off).
     Returns:
         (W_new (c_out, d_in) float32 with pruned entries 0, mask (c_out, d_in) bool, info with
         the relative errors ||(W - W_new) X||^2 / ||W X||^2 of the magnitude mask and the result).
@@ -100,18 +98,11 @@ def prune_layer(W: torch.Tensor, G: torch.Tensor, kept: int, method: str, warmst
         return W * mask, mask, {"error_magnitude": err, "error_final": err}
     pattern = Pattern("per-matrix", 1.0 - kept / W.numel())
     info = {"error_magnitude": reconstruction_error(W, Gf, select(magnitude_scores(W), pattern)) / dense}
-    if method == "sparsegpt":
-        W_new, mask = sparsegpt_prune(W, G, pattern)
-    else:
-        scores = magnitude_scores(W) if warmstart == "magnitude" else \
-            wanda_scores(W, torch.diagonal(G).clamp_min(0).sqrt().float())
-        mask = fw_solve(W, Gf, scores, pattern, alpha=alpha, iterations=iterations).mask
-        if swaps > 0:   # exact 1-swaps within rows: every row (so the layer) keeps its count
-            mask = swap_refine(W, Gf, mask, Pattern("unstructured", pattern.sparsity), max_rounds=swaps).mask
-        W_new = W * mask
-        if method == "sparsefw+rec":
-            W_new = reconstruct_weights(W, G, mask).float() * mask
-    info["error_final"] = weight_error(W, Gf, W_new) / dense
+    name = "sparsegpt" if method == "sparsegpt" else "sparsefw"
+    opts = {} if name == "sparsegpt" else {"warmstart": warmstart, "alpha": alpha, "iterations": iterations,
+                                           "swaps": swaps}
+    W_new, mask, res = solve_layer(W, G, pattern, name, opts, reconstruct=method == "sparsefw+rec")
+    info["error_final"] = res["error_final"]
     return W_new, mask, info
 
 

@@ -32,7 +32,7 @@ from cnn.models import MLP, PaperCNN, prunable_parameters
 from sparsefw.config import load_yaml
 from sparsefw.errors import SparseFWError
 from sparsefw.masks import Pattern, select
-from sparsefw.sfw import SFW, SFWSchedule, ksparse_param_groups, sfw_init
+from cnn.sfw import SFW, SFWSchedule, ksparse_param_groups, sfw_init
 
 MODELS = {"cnn": PaperCNN, "mlp": MLP}
 

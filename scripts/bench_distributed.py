@@ -1,4 +1,4 @@
-"""1 vs 2 processes on the CPU (issue 13): SmolLM2-135M, 60%, SparseFW, 32 x 512 calibration.
+"""1 vs 2 processes on the CPU: SmolLM2-135M, 60%, SparseFW, 32 x 512 calibration.
 
 Runs the same prune three times in one go, each in fresh processes: 1 process x 1 thread,
 1 process x 2 threads, 2 processes x 1 thread (torchrun, gloo); prints the wall times, the ratios

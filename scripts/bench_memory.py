@@ -1,4 +1,4 @@
-"""Peak resident memory of a SparseFW prune: streaming vs whole model (issue 13).
+"""Peak resident memory of a SparseFW prune: streaming vs whole model.
 
 Generates (once) a randomly initialised Llama-architecture checkpoint with ~1 GB of float32 decoder
 weights and a small vocabulary, so the decoder dominates; then prunes it twice, each in a fresh

@@ -1,4 +1,4 @@
-"""Where a prune's time goes, per method, in one run (issue 14): SmolLM2-135M, 64 x 512 calibration,
+"""Where a prune's time goes, per method, in one run: SmolLM2-135M, 64 x 512 calibration,
 60% and 2:4, wanda / sparsegpt / sparsefw / sparsefw + --reconstruct, library defaults.
 
 Prints per method and pattern: wall seconds split into calibration forward, Gram accumulation,

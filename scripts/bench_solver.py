@@ -12,7 +12,7 @@ Results are also written as JSON (--out).
 
 ``--scaling SHAPES`` instead times one synthetic layer per shape (random W, correlated heavy-tailed
 inputs), SparseFW with the library defaults vs SparseGPT in one run, and fits the growth exponent
-of time vs d_in (issue 14, acceptance 3):
+of time vs d_in:
 
     python scripts/bench_solver.py --threads 1 --scaling 1536x576,576x1536,896x4864,4096x14336
 """
@@ -30,8 +30,8 @@ from sparsefw.fw import fw_solve
 from sparsefw.masks import parse_pattern, wanda_scores
 from sparsefw.models import decoder_blocks, load_model
 from sparsefw.paths import cache_dir
-from sparsefw.onload import capture_block_inputs
-from sparsefw.pipeline import _block_forward, accumulate_grams
+from sparsefw.capture import capture_block_inputs
+from sparsefw.capture import accumulate_grams, block_forward
 
 
 def real_layers(model_name: str, blocks: list[int], nsamples: int, seqlen: int, seed: int = 0) -> dict:
@@ -52,7 +52,7 @@ def real_layers(model_name: str, blocks: list[int], nsamples: int, seqlen: int, 
                 for n, l in bl[i].named_modules():
                     if n in grams:
                         out[f"{i}.{n}"] = (l.weight.detach().float().clone(), grams[n])
-            inps = [_block_forward(bl[i], h, extra[i]) for h in inps]
+            inps = [block_forward(bl[i], h, extra[i]) for h in inps]
     torch.save(out, key)
     return out
 
@@ -77,11 +77,11 @@ def scaling(shapes: list, pattern, tokens: int) -> dict:
 
     from sparsefw.fw import dense_output_norm, relative_error
     from sparsefw.masks import select
-    from sparsefw.pipeline import PruneConfig
+    from sparsefw.config import PruneConfig
     from sparsefw.sparsegpt_sparsify import sparsegpt_prune
     from sparsefw.fw import weight_error
 
-    d = PruneConfig()
+    d = PruneConfig(method="sparsefw").method_options()
     out = {}
     for d_out, d_in in shapes:
         W, G = synthetic_layer(d_out, d_in, tokens)
@@ -89,8 +89,8 @@ def scaling(shapes: list, pattern, tokens: int) -> dict:
         sc = wanda_scores(W, G.diagonal().clamp_min(0).sqrt())
         t = time.perf_counter()
         dn = dense_output_norm(W, Gf)
-        r = fw_solve(W, Gf, sc, pattern, alpha=d.alpha, iterations=d.iterations, step=d.step, tol=d.tol,
-                     swaps=d.swaps, dense_norm=dn)
+        r = fw_solve(W, Gf, sc, pattern, alpha=d["alpha"], iterations=d["iterations"], step=d["step"],
+                     tol=d["tol"], swaps=d["swaps"], dense_norm=dn)
         t_fw = time.perf_counter() - t
         t = time.perf_counter()
         W_s, _ = sparsegpt_prune(W, G, pattern)

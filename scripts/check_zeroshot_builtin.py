@@ -1,4 +1,4 @@
-"""Issue 3, acceptance 1: our offline zero-shot tasks vs lm-eval's built-in tasks on the same documents.
+"""our offline zero-shot tasks vs lm-eval's built-in tasks on the same documents.
 
 The offline ARC-Easy / ARC-Challenge / OpenBookQA tasks are rebuilt from OLMES request files
 (``sparsefw.zeroshot``), while lm-eval's built-in tasks read the raw Hugging Face rows. For the

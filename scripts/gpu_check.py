@@ -1,4 +1,4 @@
-"""GPU check (issue 13): SparseFW and the baselines on random-weight Llama-architecture models at
+"""GPU check: SparseFW and the baselines on random-weight Llama-architecture models at
 SmolLM2-135M's and Llama-3-8B's layer shapes, in bf16, on one device.
 
 Needs only torch, transformers, accelerate, safetensors, huggingface_hub (no lm-eval, no datasets,
@@ -24,7 +24,8 @@ import torch
 from sparsefw.fw import fw_solve
 from sparsefw.masks import parse_pattern, wanda_scores
 from sparsefw.models import resolve_device
-from sparsefw.pipeline import PruneConfig, prune_model
+from sparsefw.config import PruneConfig
+from sparsefw.pipeline import prune_model
 
 METHODS = {"wanda": dict(method="wanda"), "sparsegpt": dict(method="sparsegpt"),
            "sparsefw": dict(method="sparsefw"), "sparsefw+rec": dict(method="sparsefw", reconstruct=True)}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 13): run from the repository root on any machine with an NVIDIA GPU and
+# GPU check: run from the repository root on any machine with an NVIDIA GPU and
 # torch + transformers + accelerate + safetensors (no lm-eval, no datasets, no pip install):
 #   bash scripts/gpu_check.sh [--json results.json]
 # Small shapes on the CPU (what the test suite runs):  bash scripts/gpu_check.sh --device cpu --small

@@ -1,4 +1,4 @@
-"""Per-layer error reduction vs Wanda of SparseFW and SparseFW + reconstruction (issue 16, part 4).
+"""Per-layer error reduction vs Wanda of SparseFW and SparseFW + reconstruction.
 
 Reads the per-layer errors that every comparison cell keeps (``layer_errors``: layer name ->
 [relative error of the cell's method, relative error of the Wanda mask on the same inputs]) and

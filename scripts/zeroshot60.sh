@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 16, part 5: the first 500 documents of each of the seven zero-shot tasks for Wanda, SparseGPT
-# and SparseFW + reconstruction at 60% on SmolLM2-135M (the calibration of configs/owl_smollm2.yaml:
+# The first 500 documents of each of the seven zero-shot tasks for Wanda, SparseGPT
+# and warmstart + swaps + reconstruction (`swaps --reconstruct`) at 60% on SmolLM2-135M (the calibration of configs/owl_smollm2.yaml:
 # 32 x 512 wiki windows, seed 0), scored shard by shard so that an interrupted run resumes.
 # The dense model's shards are results/zeroshot_dense_smollm2 (full splits; its first 500 documents
 # per task are the same documents). Then: python scripts/zeroshot_paired.py
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/sparsefw}
 CAL="--model smollm2-135m --sparsity 0.6 --calib wiki --nsamples 32 --seqlen 512 --seed 0"
 declare -A OPTS=([wanda]="--method wanda" [sparsegpt]="--method sparsegpt"
-                 [sparsefw_rec]="--method sparsefw --reconstruct")
+                 [sparsefw_rec]="--method swaps --reconstruct")   # label from when sparsefw ran warmstart + swaps
 for m in ${METHODS:-wanda sparsegpt sparsefw_rec}; do
   ckpt=runs/zeroshot60/$m
   if [ ! -f "$ckpt/report.json" ]; then

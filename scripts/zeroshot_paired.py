@@ -1,4 +1,4 @@
-"""Issue 16, part 5: zero-shot accuracy on the same first 500 documents of each task, with standard
+"""zero-shot accuracy on the same first 500 documents of each task, with standard
 errors and paired per-document differences.
 
 Reads the per-document shards written by ``sparsefw eval-zeroshot --resume-dir`` (one folder per

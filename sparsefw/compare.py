@@ -64,26 +64,12 @@ def load_config(path: str) -> dict:
     return c
 
 
-def run_compare(config_path: str, output: str | None = None, report_only: bool = False) -> dict:
-    """Run (or resume) every cell of a comparison config and write the table, JSON and plot.
+def _cells(c: dict) -> list[tuple[str, str, dict]]:
+    """(label, sparsity, prune options) of every cell of config ``c``, each checked.
+    Raises SparseFWError for bad options (before any cell runs)."""
+    from .config import PruneConfig
 
-    Args: config_path: YAML file (see module docstring). output: overrides the config's folder.
-        report_only: prune nothing (not even the dense zero-shot cell); write the table, JSON and
-            plot from the cells finished so far (to look at a long run while workers continue).
-    Returns: the comparison dict written to ``comparison.json``.
-    Raises: SparseFWError for a bad config or bad cell options (before any cell runs).
-    """
-    from . import api
-    from .pipeline import PruneConfig
-
-    c = load_config(config_path)
-    out = Path(output or c.get("output") or "runs/compare")
-    (out / "cells").mkdir(parents=True, exist_ok=True)
     shared = {k: c[k] for k in ("calib", "nsamples", "seqlen", "seed", "bos", "device", "dtype") if k in c}
-    ppl = {"source": "boolq", "seqlen": int(c.get("seqlen", 512)), "chunks": 64, **(c.get("ppl") or {})}
-    zs = c.get("zeroshot") or None
-    val = c.get("validation")
-    save = set(c.get("save") or [])
     cells = []
     for label, opts in c["methods"].items():
         opts = dict(opts or {})
@@ -94,6 +80,65 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
             kw = {**shared, **opts, **_sp_args(sp)}
             PruneConfig(**kw).validate()  # fail early on a typo
             cells.append((label, str(sp), kw))
+    return cells
+
+
+def _run_cell(c: dict, out: Path, label: str, sp: str, kw: dict, ppl: dict, zs, val, save: set) -> dict:
+    """Prune and evaluate one cell; its JSON record."""
+    from . import api
+
+    t0 = time.perf_counter()
+    cid = _cell_id(label, sp)
+    rep = api.prune(c["model"], output=str(out / "models" / cid) if label in save else None,
+                    overwrite=True, eval_ppl=True, ppl_source=ppl["source"], ppl_seqlen=int(ppl["seqlen"]),
+                    ppl_chunks=ppl["chunks"], zeroshot=(zs or {}).get("tasks"),
+                    zeroshot_limit=(zs or {}).get("limit"), progress=True, ppl_validation=val, **kw).report
+    return {"label": label, "sparsity": sp, "method": kw.get("method"), "options": kw,
+            "ppl": rep["ppl"]["pruned"], "ppl_dense": rep["ppl"]["dense"],
+            "ppl_val": (rep.get("ppl_validation") or {}).get("pruned"),
+            "ppl_val_dense": (rep.get("ppl_validation") or {}).get("dense"), "validation": val,
+            "mean_error": rep["mean_error_final"], "mean_error_wanda": rep["mean_error_wanda"],
+            "error_reduction_vs_wanda": rep["error_reduction_vs_wanda"],
+            "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": rep["seconds"],
+            "zeroshot_mean": (rep.get("zeroshot") or {}).get("mean_acc"),
+            "zeroshot": rep.get("zeroshot"), "cell_seconds": time.perf_counter() - t0,
+            "owl": rep.get("owl"), "timings": rep.get("timings"),
+            # per layer: [relative error of this cell, of Wanda's mask on the same inputs]
+            "layer_errors": {L["name"]: [L["error_final"], L["error_wanda"]] for L in rep["layers"]}}
+
+
+def _write_outputs(c: dict, out: Path, results: dict, dense: dict) -> dict:
+    """comparison.json, comparison.md and comparison.png from the finished cells."""
+    comp = {"config": c, "cells": results,
+            "ppl_dense": next((r["ppl_dense"] for r in results.values()), None),
+            "zeroshot_dense": dense.get("zeroshot")}
+    _write_json(out / "comparison.json", json.loads(json.dumps(comp, default=str)))
+    md = format_table(comp, [str(s) for s in c["sparsities"]], list(c["methods"]))
+    write_atomic(out / "comparison.md", md)
+    try:
+        plot(comp, [str(s) for s in c["sparsities"]], list(c["methods"]), out / "comparison.png")
+    except Exception as e:  # noqa: BLE001 - a missing display backend must not lose the results
+        print(f"(plot skipped: {e})")
+    print("\n" + md)
+    print(f"wrote {out / 'comparison.md'}, comparison.json, comparison.png")
+    return comp
+
+
+def run_compare(config_path: str, output: str | None = None, report_only: bool = False) -> dict:
+    """Run (or resume) every cell of a comparison config and write the table, JSON and plot.
+
+    Args: config_path: YAML file (see module docstring). output: overrides the config's folder.
+        report_only: prune nothing (not even the dense zero-shot cell); write the table, JSON and
+            plot from the cells finished so far (to look at a long run while workers continue).
+    Returns: the comparison dict written to ``comparison.json``.
+    Raises: SparseFWError for a bad config or bad cell options (before any cell runs).
+    """
+    c = load_config(config_path)
+    out = Path(output or c.get("output") or "runs/compare")
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    ppl = {"source": "boolq", "seqlen": int(c.get("seqlen", 512)), "chunks": 64, **(c.get("ppl") or {})}
+    zs, val, save = c.get("zeroshot") or None, c.get("validation"), set(c.get("save") or [])
+    cells = _cells(c)
     results = {}
     dense = _dense_cell(c["model"], out, None if report_only else zs)
     bar = tqdm(cells, desc="comparison", unit="cell")
@@ -111,28 +156,9 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
             results[cid] = done
         if done or lock is None:
             continue
-        t0 = time.perf_counter()
-        res = api.prune(c["model"], output=str(out / "models" / cid) if label in save else None,
-                        overwrite=True, eval_ppl=True, ppl_source=ppl["source"], ppl_seqlen=int(ppl["seqlen"]),
-                        ppl_chunks=ppl["chunks"], zeroshot=(zs or {}).get("tasks"),
-                        zeroshot_limit=(zs or {}).get("limit"), progress=True, ppl_validation=val, **kw)
-        rep = res.report
-        cell = {"label": label, "sparsity": sp, "method": kw.get("method"), "options": kw,
-                "ppl": rep["ppl"]["pruned"], "ppl_dense": rep["ppl"]["dense"],
-                "ppl_val": (rep.get("ppl_validation") or {}).get("pruned"),
-                "ppl_val_dense": (rep.get("ppl_validation") or {}).get("dense"), "validation": val,
-                "mean_error": rep["mean_error_final"], "mean_error_wanda": rep["mean_error_wanda"],
-                "error_reduction_vs_wanda": rep["error_reduction_vs_wanda"],
-                "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": rep["seconds"],
-                "zeroshot_mean": (rep.get("zeroshot") or {}).get("mean_acc"),
-                "zeroshot": rep.get("zeroshot"), "cell_seconds": time.perf_counter() - t0,
-                "owl": rep.get("owl"), "timings": rep.get("timings"),
-                # per layer: [relative error of this cell, of Wanda's mask on the same inputs]
-                "layer_errors": {L["name"]: [L["error_final"], L["error_wanda"]] for L in rep["layers"]}}
-        _write_json(f, cell)
+        results[cid] = _run_cell(c, out, label, sp, kw, ppl, zs, val, save)
+        _write_json(f, results[cid])
         lock.unlink(missing_ok=True)
-        results[cid] = cell
-        del res
     for lab, sp, _ in cells:  # cells another process finished while this one ran
         cid = _cell_id(lab, sp)
         if cid not in results and (done := _finished(out / "cells" / f"{cid}.json", zs, val)):
@@ -143,19 +169,7 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
     elif missing:
         print(f"{len(missing)} cell(s) still running in another process: {', '.join(missing)}; "
               "run the command again when they finish to write the complete table")
-    comp = {"config": c, "cells": results,
-            "ppl_dense": next((r["ppl_dense"] for r in results.values()), None),
-            "zeroshot_dense": dense.get("zeroshot")}
-    _write_json(out / "comparison.json", json.loads(json.dumps(comp, default=str)))
-    md = format_table(comp, [str(s) for s in c["sparsities"]], list(c["methods"]))
-    write_atomic(out / "comparison.md", md)
-    try:
-        plot(comp, [str(s) for s in c["sparsities"]], list(c["methods"]), out / "comparison.png")
-    except Exception as e:  # noqa: BLE001 - a missing display backend must not lose the results
-        print(f"(plot skipped: {e})")
-    print("\n" + md)
-    print(f"wrote {out / 'comparison.md'}, comparison.json, comparison.png")
-    return comp
+    return _write_outputs(c, out, results, dense)
 
 
 def _write_json(f: Path, obj: dict) -> None:
@@ -214,7 +228,7 @@ def format_table(comp: dict, sparsities: list[str], labels: list[str]) -> str:
     lines = [head, "|" + "---|" * ncol]
     if comp.get("ppl_dense"):
         zd = (comp.get("zeroshot_dense") or {}).get("mean_acc")
-        lines.append(f"| dense | " + " | ".join(f"{comp['ppl_dense']:.2f}" for _ in sparsities)
+        lines.append("| dense | " + " | ".join(f"{comp['ppl_dense']:.2f}" for _ in sparsities)
                      + (" | " + " | ".join(f"{100 * zd:.2f}" if zd is not None else ""
                                            for _ in sparsities) if has_zs else "")
                      + " | " + " | ".join("" for _ in sparsities) + " | |")

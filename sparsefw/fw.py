@@ -10,7 +10,7 @@ over the convex hull of binary masks M that meet the sparsity pattern. The FW it
 (the paper's Algorithm 1) is M <- (1 - eta) M + eta V with V = LMO(grad f(M)), followed by a
 rounding of the relaxed M back to a binary mask.
 
-Implementation notes (see ../shared/SOLVER_NOTES.md and the README's Solver section):
+Implementation notes (measurements in docs/solver.md):
 * alpha trick (paper Sec. 3.3): the alpha fraction of the warmstart's kept entries with the highest
   warmstart scores is fixed to 1 (mask F); FW runs over the remaining "free" budget only, with
   M = F + Z, Z supported on the free entries (compact (d_out, c) coordinates where every row has
@@ -22,7 +22,8 @@ Implementation notes (see ../shared/SOLVER_NOTES.md and the README's Solver sect
 * Rows are independent (unstructured, N:M): every row takes its own exact line search step
   eta_i = <W⊙D, (W⊙(1-M))G>_i / <W⊙D, (W⊙D)G>_i and stops when its FW gap is below tol times its
   own warmstart error; finished rows leave the iteration.
-* The final mask goes through exact swap refinement (:mod:`sparsefw.swaps`).
+* The final mask goes through exact swap refinement (:mod:`sparsefw.swaps`; per-matrix: swaps
+  within rows, so that every row and the matrix keep their counts).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SparseFWError
-from .masks import Pattern, _group_rank, select
+from .masks import Pattern, group_rank, select
 from .swaps import swap_refine
 
 STEP_RULES = ("pairwise", "linesearch", "harmonic")
@@ -297,7 +298,7 @@ class _CompactView:
                 return torch.ones(r, c, dtype=torch.bool, device=scores.device)
             local = torch.topk(scores, k, dim=1, sorted=False).indices
             return torch.zeros(r, c, dtype=torch.bool, device=scores.device).scatter_(1, local, True)
-        return _group_rank(scores, self.m_c) < self.b_c
+        return group_rank(scores, self.m_c) < self.b_c
 
     def lmo(self, sc):
         """FW vertex (see :func:`lmo`) given sc = W ⊙ Q = -grad/2 on the compact coordinates."""
@@ -417,8 +418,8 @@ def _warmstart_and_swaps(W, G, warm, pattern, t0, dense_norm, swaps, working_set
     f_warm = float(f_rows.sum()) / denom
     t_swaps = time.perf_counter()
     mask, f_final, swap = warm, f_warm, None
-    if swaps > 0 and pattern.kind != "per-matrix" and bool(f_rows.gt(0).any()):
-        swap = swap_refine(W, G, warm, pattern, Q=Q0, max_rounds=swaps, working_set=working_set)
+    if swaps > 0 and bool(f_rows.gt(0).any()):
+        swap = swap_refine(W, G, warm, _swap_pattern(pattern), Q=Q0, max_rounds=swaps, working_set=working_set)
         mask, f_final = swap.mask, float((f_rows + swap.delta).sum()) / denom
     t1 = time.perf_counter()
     return FWResult(mask=mask, error_warmstart=f_warm, error_final=f_final, error_rounded=f_warm,
@@ -429,220 +430,257 @@ def _warmstart_and_swaps(W, G, warm, pattern, t0, dense_norm, swaps, working_set
                     swap_rounds=swap.iterations if swap else 0)
 
 
+def _swap_pattern(pattern: Pattern) -> Pattern:
+    """The pattern the swaps keep: the pattern itself, or for ``per-matrix`` swaps within rows
+    (every row keeps its count, so the matrix keeps its count)."""
+    return Pattern("unstructured", pattern.sparsity) if pattern.kind == "per-matrix" else pattern
+
+
+class _FWRun:
+    """One :func:`fw_solve` with FW iterations: the set-up (alpha fixing, compact coordinates, the
+    one dense product), the iterations, the rounding and the result. Every row (per-matrix: the
+    matrix, one segment) keeps its best candidate mask, the warmstart included."""
+
+    def __init__(self, W, G, warm_scores, warm, pattern, alpha, iterations, step, tol, fix, incremental,
+                 dense_above, dense_norm, record_at, round_at, record_rounded):
+        self.W, self.G, self.warm, self.pattern = W, G, warm, pattern
+        self.iterations, self.step, self.tol = iterations, step, tol
+        self.incremental, self.dense_above = incremental, dense_above
+        self.record_at, self.record_rounded = record_at, record_rounded
+        self.per_row = pattern.kind != "per-matrix"
+        self.pairwise = step == "pairwise" and self.per_row
+        self.fixed, budget = split_fixed(warm, warm_scores, pattern, alpha, fix)
+        self.view = view = _CompactView.build(~self.fixed, pattern, budget, fix)
+        d_out, dev = W.shape[0], W.device
+        R0 = W * ~warm                                       # residual of the warmstart
+        self.Q0 = R0 @ G                                     # the one d_out x d_in x d_in GEMM
+        self.f_warm_rows = (R0 * self.Q0).sum(1, dtype=torch.float64)
+        self.denom = max(dense_output_norm(W, G) if dense_norm is None else float(dense_norm), 1e-300)
+        del R0
+        Wc = view.gather(W * ~self.fixed)                    # zero on fixed entries (identity view)
+        tie = view.gather(warm_scores.float())
+        Z0 = view.gather((warm & ~self.fixed).float())
+        f_warm = self.f_warm_rows if self.per_row else self.f_warm_rows.sum().view(1)   # per segment
+        self.st = st = _Rows(ids=torch.arange(d_out, device=dev), W=Wc, Z0=Z0, Z=Z0.clone(), Q0=view.gather(self.Q0),
+                             P=torch.zeros_like(Wc), fw=f_warm, view=view)
+        if not self.pairwise:
+            st.S, st.V = torch.zeros_like(Wc), Z0.clone()
+        self.best_err = f_warm.clone()
+        self.best_free = Z0.bool()
+        self.full = _Rows(ids=st.ids, W=Wc, Z0=Z0, Q0=st.Q0, fw=f_warm, view=view, tie=tie)  # all rows, for rounding
+        n_seg = d_out if self.per_row else 1
+        self.Z_out = st.Z.clone()                            # final relaxed Z of every row
+        self.f_relaxed = st.fw.clone()                       # relaxed errors, per segment
+        self.gap_rel = torch.zeros(n_seg, dtype=torch.float64, device=dev)
+        self.row_iters = torch.full((n_seg,), iterations, dtype=torch.int64, device=dev)
+        self.round_at = set(round_at) if round_at is not None else \
+            {2 ** j for j in range(0, 20) if 2 ** j <= iterations}
+        self.history: list = []
+        self.trivial = view.width == 0 or not bool(st.fw.gt(0).any())
+        self.steps = 0
+        self.live = torch.ones(st.W.shape[0] if self.per_row else 1, dtype=torch.bool, device=dev)
+
+    def seg_sum(self, T):
+        """Per-row sums (per-matrix: one sum), float64."""
+        return T.sum(1, dtype=torch.float64) if self.per_row else T.sum(dtype=torch.float64).view(1)
+
+    def product(self, E, cols, dense=False):
+        return gram_product(E, self.G, cols, 0.0 if dense or not self.incremental else self.dense_above)
+
+    def evaluate(self, rows: _Rows, Mc: torch.Tensor) -> torch.Tensor:
+        """Errors of candidate free masks Mc for ``rows``: f = f_warm + 2 <d, Q0> + d^T G d with
+        the sparse change d = W ⊙ (Z0 - Mc) of the residual."""
+        dlt = rows.W * (rows.Z0 - Mc.float())
+        return rows.fw + self.seg_sum(dlt * (2.0 * rows.Q0 + self.product(dlt, rows.view.idx)))
+
+    def keep_better(self, rows: _Rows, Mc: torch.Tensor):
+        e = self.evaluate(rows, Mc)
+        if self.per_row:
+            better = e < self.best_err[rows.ids]
+            ids = rows.ids[better]
+            self.best_err[ids] = e[better]
+            self.best_free[ids] = Mc[better]
+        elif bool(e[0] < self.best_err[0]):
+            self.best_err[0], self.best_free = e[0], Mc
+        return e
+
+    def run(self) -> None:
+        """The FW iterations (each row stops at its gap tolerance or the cap)."""
+        for it in range(1, self.iterations + 1):
+            if self.trivial:
+                self.row_iters.zero_()
+                break
+            if self.iterate(it):
+                break
+
+    def iterate(self, it: int) -> bool:
+        """One FW iteration of the rows still live; True when every row has finished."""
+        st, dev = self.st, self.W.device
+        Q = st.Q0 - st.P
+        sc = st.W * Q                                        # -grad / 2 on the free coordinates
+        V = st.view.lmo(sc).float()
+        gap = 2.0 * self.seg_sum(sc * (V - st.Z))
+        finished = self.live & (gap <= self.tol * st.fw)
+        gid = st.ids if self.per_row else torch.zeros(1, dtype=torch.int64, device=dev)
+        self.gap_rel[gid] = gap / st.fw.clamp_min(1e-300)
+        if bool(finished.any()):
+            live = self.live
+            self.row_iters[gid[finished]] = it - 1
+            live &= ~finished
+            if not bool(live.any()):
+                return True
+            if self.per_row and int((~live).sum()) >= max(1, live.numel() // 10):  # drop finished rows
+                self.Z_out[st.ids[~live]] = st.Z[~live]
+                self.f_relaxed[st.ids[~live]] = self.seg_sum(st.W * (1.0 - st.Z) * Q)[~live]
+                sc, V = sc[live], V[live]
+                st.keep(live)
+                self.live = torch.ones(st.W.shape[0], dtype=torch.bool, device=dev)
+        self._step(it, sc, V)
+        self.steps = it
+        er = None
+        if it in self.round_at or (it in self.record_at and self.record_rounded):
+            er = self.keep_better(st, st.view.round(st.Z, self.full.tie[st.ids]))
+        if it in self.record_at:
+            self._record(it, er)
+        return False
+
+    def _step(self, it: int, sc, V) -> None:
+        """Direction, step size (exact line search, or 2/(t+2)) and the update of Z and P."""
+        st = self.st
+        if self.pairwise:
+            D = V - st.view.away(sc, st.Z).float()
+            gmax = torch.minimum(torch.where(D > 0, 1.0 - st.Z, 2.0).amin(1),
+                                 torch.where(D < 0, st.Z, 2.0).amin(1)).double().clamp_max(1.0)
+            E = st.W * D
+            H = self.product(E, st.view.idx)
+        else:
+            D = V - st.Z
+            E = st.W * D
+            if self.incremental:                             # S += (W ⊙ (V - V_prev)) G
+                st.S += self.product(st.W * (V - st.V), st.view.idx)
+                st.V = V
+                H = st.S - st.P                              # (W ⊙ (V - Z)) G
+            else:
+                H = self.product(E, st.view.idx, dense=True)
+            gmax = torch.ones(st.W.shape[0] if self.per_row else 1, dtype=torch.float64, device=self.W.device)
+        if self.step == "harmonic":
+            eta = torch.full_like(gmax, 2.0 / (it + 1))
+        else:
+            num, den = self.seg_sum(sc * D), self.seg_sum(E * H)
+            eta = torch.where(den > 0, (num / den.clamp_min(1e-300)).clamp(min=0.0),
+                              torch.where(num > 0, 1.0, 0.0))
+            eta = torch.minimum(eta, gmax)
+        eta = torch.where(self.live, eta, 0.0).float().view(-1, 1)
+        st.Z.add_(eta * D)
+        if self.pairwise:                                    # entries that reached a bound sit on it
+            st.Z.clamp_(0.0, 1.0).masked_fill_(st.Z >= _ONE, 1.0)
+        if self.incremental:
+            st.P.add_(eta * H)
+        else:
+            st.P = self.product(st.W * (st.Z - st.Z0), st.view.idx, dense=True)
+
+    def _record(self, it: int, er) -> None:
+        st = self.st
+        fr = self.f_relaxed.clone()
+        fr[st.ids if self.per_row else 0] = self.seg_sum(st.W * (1.0 - st.Z) * (st.Q0 - st.P))
+        rr = None
+        if self.record_rounded:
+            ee = self.best_err.clone()
+            ee[st.ids if self.per_row else 0] = er
+            rr = float(ee.sum()) / self.denom
+        self.history.append((it, float(fr.sum()) / self.denom, rr))
+
+    def finish(self):
+        """The relaxed errors, the rounded last iterate as a candidate, and the best mask.
+        Returns (mask, f_round per segment, at_cap)."""
+        st = self.st
+        if not self.trivial:
+            self.Z_out[st.ids] = st.Z
+            self.f_relaxed[st.ids if self.per_row else 0] = self.seg_sum(st.W * (1.0 - st.Z) * (st.Q0 - st.P))
+        if self.per_row:
+            self.row_iters[st.ids[self.live]] = self.steps
+        if self.steps > 0:                                   # the last iterate of every row, rounded
+            f_round = self.keep_better(self.full, self.full.view.round(self.Z_out, self.full.tie))
+        else:                                                # no iteration: the warmstart itself
+            f_round = self.best_err.clone()
+        at_cap = int((self.row_iters >= self.iterations).sum()) if self.iterations > 0 and not self.trivial else 0
+        return self.fixed | self.view.scatter(self.best_free), f_round, at_cap
+
+    def swap(self, mask, swaps: int, working_set: int):
+        """Exact swap refinement of the rounded mask; returns (mask, SwapResult or None) and adds
+        the swaps' change to the best errors."""
+        if swaps <= 0 or (self.per_row and self.trivial):
+            return mask, None
+        if self.per_row:
+            Qm = self.Q0 - gram_product(self.W * (mask.float() - self.warm.float()), self.G, None, self.dense_above)
+            res = swap_refine(self.W, self.G, mask, self.pattern, Q=Qm, max_rounds=swaps, working_set=working_set)
+            self.best_err = self.best_err + res.delta
+        else:
+            res = swap_refine(self.W, self.G, mask, _swap_pattern(self.pattern), max_rounds=swaps,
+                              working_set=working_set)
+            self.best_err = self.best_err + res.delta.sum()
+        return res.mask, res
+
+
 def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, pattern: Pattern,
              alpha: float = 0.9, iterations: int = 100, step: str = "linesearch",
              tol: float = 1e-2, fix: str = "row", record_at=(), round_at=None,
              record_rounded: bool = False, incremental: bool = True,
              dense_above: float = DENSE_ABOVE, dense_norm: float | None = None,
              swaps: int = 50, working_set: int = 8) -> FWResult:
-    """SparseFW mask for one layer: warmstart, alpha trick, FW iterations, rounding, safeguard.
+    """SparseFW mask for one layer: warmstart, alpha trick, FW iterations, rounding, swaps.
 
-    Algorithm 1 of arXiv 2510.13713 with the alpha trick (Sec. 3.3). Our additions: the objective
-    and the constraints separate by output row (unstructured, N:M), so every row takes its own
-    exact line-search step and leaves the iteration when its FW gap is below ``tol`` times its
-    own warmstart error; the default direction is pairwise FW (Lacoste-Julien & Jaggi, NeurIPS
-    2015, Algorithm 2; the face-based away vertex of Garber & Meshi, NeurIPS 2016), which moves
-    mass between two vertices and converges linearly where vanilla FW is sublinear. Products with
-    G are updated by the sparse change of the iterate (:func:`gram_product`), so an iteration
-    costs O(d_out * d_in) plus nnz(change) * d_in, not a d_out x d_in x d_in GEMM.
-    ``step="harmonic"`` with ``tol=0`` is the paper's rule.
+    Algorithm 1 of arXiv 2510.13713 with the alpha trick (Sec. 3.3). Our additions: rows separate
+    (unstructured, N:M), so every row takes its own exact line-search step and stops when its FW
+    gap is below ``tol`` times its warmstart error; products with G are updated by the sparse
+    change of the iterate (:func:`gram_product`); the result is never worse than the warmstart in
+    any row; then exact swap refinement (:func:`sparsefw.swaps.swap_refine`; per-matrix: within
+    rows). ``step="harmonic"``, ``tol=0``, ``swaps=0`` is the paper's rule.
 
     Args:
-        W: (d_out, d_in) float weights (any float dtype; computed in float32 on W's device).
-        G: (d_in, d_in) float Gram matrix X X^T of the layer's calibration inputs.
-        warm_scores: (d_out, d_in) float warmstart saliency (Wanda or RIA); the warmstart mask is
-            its top-k under ``pattern``.
-        pattern: sparsity pattern (see :func:`sparsefw.masks.parse_pattern`).
-        alpha: fraction of the warmstart's kept weights fixed, in [0, 1] (the paper uses 0.9).
-        iterations: cap on the FW iterations of a row (a safety net: rows normally stop at ``tol``).
-        step: ``"pairwise"`` (pairwise FW, exact line search), ``"linesearch"`` (vanilla FW,
-            exact line search) or ``"harmonic"`` (vanilla FW, eta_t = 2/(t+2), t >= 0).
-            ``per-matrix`` always uses a vanilla direction (its LMO is not a fixed-size vertex).
-        tol: a row stops when its FW gap <-grad f(M), V - M> <= tol * (its warmstart error)
-            (per-matrix: of the whole matrix); 0 runs to the cap.
-        fix: ``"row"`` or ``"group"`` (N:M only), see :func:`split_fixed`.
-        record_at: iterations at which to record the relaxed error in ``history``.
-        round_at: iterations whose rounded iterate is a candidate mask (default 1, 2, 4, 8, ...;
-            the last iterate always is). Each row keeps its best candidate, the warmstart
-            included, so the result is never worse than the warmstart in any row.
-        record_rounded: also round and evaluate at each record.
-        incremental: update the products by the sparse change (default); False recomputes
-            (W ⊙ (Z - Z0)) G with a dense GEMM every iteration (the reference for tests and
-            benchmarks; same iterates up to float rounding).
-        dense_above: see :func:`gram_product`.
-        dense_norm: ||W X||_F^2 if the caller has it (saves one GEMM), else computed.
-        swaps: rounds of exact swap refinement of the final mask (:func:`sparsefw.swaps.swap_refine`;
-            0 = the FW mask as is; not for ``per-matrix``). working_set: its K.
-    Returns:
-        :class:`FWResult`.
-    Raises:
-        SparseFWError: bad step rule, tol, iterations, alpha, fix mode, shapes, N:M not dividing
-            d_in, or non-finite W/G.
+        W: (d_out, d_in) float weights (computed in float32 on W's device).
+        G: (d_in, d_in) float Gram matrix X X^T. warm_scores: (d_out, d_in) float warmstart
+            saliency (Wanda, RIA, magnitude); the warmstart mask is its top-k under ``pattern``.
+        pattern: :func:`sparsefw.masks.parse_pattern`. alpha: fraction of the warmstart's kept
+            weights fixed, in [0, 1]. iterations: cap on a row's FW iterations (0: the warmstart
+            and the swaps only). step: ``linesearch`` (vanilla FW, exact line search),
+            ``pairwise`` (Lacoste-Julien & Jaggi 2015, Algorithm 2) or ``harmonic`` (2/(t+2)).
+        tol: a row stops when its FW gap <= tol * its warmstart error (0: run to the cap).
+        fix: ``row`` or ``group`` (N:M only), :func:`split_fixed`.
+        record_at / record_rounded: iterations at which ``history`` records the relaxed (and
+            rounded) error. round_at: iterations whose rounded iterate is a candidate (default
+            1, 2, 4, ...; the last always is). incremental: sparse product updates (False: dense
+            GEMM each iteration, the reference). dense_above: :func:`gram_product`.
+        dense_norm: ||W X||_F^2 if known. swaps: rounds of swap refinement (0 = off).
+            working_set: the swaps' K.
+    Returns: :class:`FWResult`.
+    Raises: SparseFWError: bad step rule, tol, iterations, alpha, fix mode, shapes, N:M not
+        dividing d_in, or non-finite W/G.
     """
     t0 = time.perf_counter()
     W, G = _check_solver_args(W, G, pattern, step, tol, iterations)
-    per_row = pattern.kind != "per-matrix"
-    pairwise = step == "pairwise" and per_row
     warm = select(warm_scores, pattern)
     if int(iterations) == 0:        # no FW iteration: the warmstart, then the swaps (alpha plays no part)
         return _warmstart_and_swaps(W, G, warm, pattern, t0, dense_norm, swaps, working_set)
-    fixed, budget = split_fixed(warm, warm_scores, pattern, alpha, fix)
-    view = _CompactView.build(~fixed, pattern, budget, fix)
-    d_out, d_in = W.shape
-    dev = W.device
-
-    def seg_sum(T):  # per-row sums (per-matrix: one sum), float64
-        return T.sum(1, dtype=torch.float64) if per_row else T.sum(dtype=torch.float64).view(1)
-
-    def product(E, cols, dense=False):
-        return gram_product(E, G, cols, 0.0 if dense or not incremental else dense_above)
-
-    R0 = W * ~warm                                           # residual of the warmstart
-    Q0 = R0 @ G                                              # the one d_out x d_in x d_in GEMM
-    f_warm_rows = (R0 * Q0).sum(1, dtype=torch.float64)
-    denom = max(dense_output_norm(W, G) if dense_norm is None else float(dense_norm), 1e-300)
-    del R0
-    Wc = view.gather(W * ~fixed)                             # zero on fixed entries (identity view)
-    tie = view.gather(warm_scores.float())
-    Z0 = view.gather((warm & ~fixed).float())
-    f_warm = f_warm_rows if per_row else f_warm_rows.sum().view(1)   # per segment
-    st = _Rows(ids=torch.arange(d_out, device=dev), W=Wc, Z0=Z0, Z=Z0.clone(), Q0=view.gather(Q0),
-               P=torch.zeros_like(Wc), fw=f_warm, view=view)
-    if not pairwise:
-        st.S, st.V = torch.zeros_like(Wc), Z0.clone()
-    # every row keeps its best candidate mask (per-matrix: the whole matrix)
-    best_err = f_warm.clone()
-    best_free = Z0.bool()
-    full = _Rows(ids=st.ids, W=Wc, Z0=Z0, Q0=st.Q0, fw=f_warm, view=view, tie=tie)  # all rows, for rounding
-
-    def evaluate(rows: _Rows, Mc: torch.Tensor) -> torch.Tensor:
-        """Errors of candidate free masks Mc for ``rows``: f = f_warm + 2 <d, Q0> + d^T G d with
-        the sparse change d = W ⊙ (Z0 - Mc) of the residual."""
-        dlt = rows.W * (rows.Z0 - Mc.float())
-        return rows.fw + seg_sum(dlt * (2.0 * rows.Q0 + product(dlt, rows.view.idx)))
-
-    def keep_better(rows: _Rows, Mc: torch.Tensor):
-        nonlocal best_free
-        e = evaluate(rows, Mc)
-        if per_row:
-            better = e < best_err[rows.ids]
-            ids = rows.ids[better]
-            best_err[ids] = e[better]
-            best_free[ids] = Mc[better]
-        elif bool(e[0] < best_err[0]):
-            best_err[0], best_free = e[0], Mc
-        return e
-
-    n_seg = d_out if per_row else 1
-    Z_out = st.Z.clone()                                     # final relaxed Z of every row
-    f_relaxed = st.fw.clone()                                # relaxed errors, per segment
-    gap_rel = torch.zeros(n_seg, dtype=torch.float64, device=dev)
-    row_iters = torch.full((n_seg,), iterations, dtype=torch.int64, device=dev)
-    round_at = set(round_at) if round_at is not None else {2 ** j for j in range(0, 20) if 2 ** j <= iterations}
-    history: list = []
-    trivial = view.width == 0 or not bool(st.fw.gt(0).any())
-
+    run = _FWRun(W, G, warm_scores, warm, pattern, alpha, iterations, step, tol, fix, incremental, dense_above,
+                 dense_norm, record_at, round_at, record_rounded)
     t_loop = time.perf_counter()
     setup_seconds = t_loop - t0
-    steps = 0
-    live = torch.ones(st.W.shape[0] if per_row else 1, dtype=torch.bool, device=dev)
-    for it in range(1, iterations + 1):
-        if trivial:
-            row_iters.zero_()
-            break
-        Q = st.Q0 - st.P
-        sc = st.W * Q                                        # -grad / 2 on the free coordinates
-        V = st.view.lmo(sc).float()
-        gap = 2.0 * seg_sum(sc * (V - st.Z))
-        finished = live & (gap <= tol * st.fw)
-        gid = st.ids if per_row else torch.zeros(1, dtype=torch.int64, device=dev)
-        gap_rel[gid] = gap / st.fw.clamp_min(1e-300)
-        if bool(finished.any()):
-            row_iters[gid[finished]] = it - 1
-            live &= ~finished
-            if not bool(live.any()):
-                break
-            if per_row and int((~live).sum()) >= max(1, live.numel() // 10):  # drop finished rows
-                Z_out[st.ids[~live]] = st.Z[~live]
-                f_relaxed[st.ids[~live]] = seg_sum(st.W * (1.0 - st.Z) * Q)[~live]
-                sc, V = sc[live], V[live]
-                st.keep(live)
-                live = torch.ones(st.W.shape[0], dtype=torch.bool, device=dev)
-        if pairwise:
-            D = V - st.view.away(sc, st.Z).float()
-            gmax = torch.minimum(torch.where(D > 0, 1.0 - st.Z, 2.0).amin(1),
-                                 torch.where(D < 0, st.Z, 2.0).amin(1)).double().clamp_max(1.0)
-            E = st.W * D
-            H = product(E, st.view.idx)
-        else:
-            D = V - st.Z
-            E = st.W * D
-            if incremental:                                  # S += (W ⊙ (V - V_prev)) G
-                st.S += product(st.W * (V - st.V), st.view.idx)
-                st.V = V
-                H = st.S - st.P                              # (W ⊙ (V - Z)) G
-            else:
-                H = product(E, st.view.idx, dense=True)
-            gmax = torch.ones(st.W.shape[0] if per_row else 1, dtype=torch.float64, device=dev)
-        if step == "harmonic":
-            eta = torch.full_like(gmax, 2.0 / (it + 1))
-        else:
-            num, den = seg_sum(sc * D), seg_sum(E * H)
-            eta = torch.where(den > 0, (num / den.clamp_min(1e-300)).clamp(min=0.0),
-                              torch.where(num > 0, 1.0, 0.0))
-            eta = torch.minimum(eta, gmax)
-        eta = torch.where(live, eta, 0.0).float().view(-1, 1)
-        st.Z.add_(eta * D)
-        if pairwise:                                         # entries that reached a bound sit on it
-            st.Z.clamp_(0.0, 1.0).masked_fill_(st.Z >= _ONE, 1.0)
-        if incremental:
-            st.P.add_(eta * H)
-        else:
-            st.P = product(st.W * (st.Z - st.Z0), st.view.idx, dense=True)
-        steps = it
-        if it in round_at or (it in record_at and record_rounded):
-            Mc = st.view.round(st.Z, full.tie[st.ids])
-            er = keep_better(st, Mc)
-        if it in record_at:
-            fr = f_relaxed.clone()
-            fr_live = seg_sum(st.W * (1.0 - st.Z) * (st.Q0 - st.P))
-            fr[st.ids if per_row else 0] = fr_live
-            rr = None
-            if record_rounded:
-                ee = best_err.clone()
-                ee[st.ids if per_row else 0] = er
-                rr = float(ee.sum()) / denom
-            history.append((it, float(fr.sum()) / denom, rr))
+    run.run()
     t_loop = time.perf_counter() - t_loop
-    if not trivial:
-        Z_out[st.ids] = st.Z
-        f_relaxed[st.ids if per_row else 0] = seg_sum(st.W * (1.0 - st.Z) * (st.Q0 - st.P))
-    if per_row:
-        row_iters[st.ids[live]] = steps
-    # the last iterate of every row is a candidate; rows that finished early were frozen
-    if steps > 0:                                            # the last iterate, rounded
-        f_round = keep_better(full, full.view.round(Z_out, full.tie))
-    else:                                                    # no iteration: the warmstart itself
-        f_round = best_err.clone()
-    at_cap = int((row_iters >= iterations).sum()) if iterations > 0 and not trivial else 0
-    mask = fixed | view.scatter(best_free)
-    f_before_swaps = float(best_err.sum())
+    mask, f_round, at_cap = run.finish()
+    f_before_swaps = float(run.best_err.sum())
     t_swaps = time.perf_counter()
-    swap = None
-    if swaps > 0 and per_row and not trivial:                # exact swap refinement of the mask
-        Qm = Q0 - gram_product(W * (mask.float() - warm.float()), G, None, dense_above)
-        swap = swap_refine(W, G, mask, pattern, Q=Qm, max_rounds=swaps, working_set=working_set)
-        mask = swap.mask
-        best_err = best_err + swap.delta
+    mask, swap = run.swap(mask, swaps, working_set)
     t_swaps = time.perf_counter() - t_swaps
-    chosen = _chosen(mask, warm, per_row)
-    ri = row_iters if per_row else row_iters.expand(d_out).clone()
-    return FWResult(mask=mask, error_warmstart=float(f_warm_rows.sum()) / denom,
-                    error_final=float(best_err.sum()) / denom, error_rounded=float(f_round.sum()) / denom,
-                    relaxed_error=float(f_relaxed.sum()) / denom, iterations=int(ri.max()) if d_out else 0,
-                    fw_gap=float(gap_rel.max()) if n_seg else 0.0, chosen=chosen,
-                    seconds=time.perf_counter() - t0, loop_seconds=t_loop, setup_seconds=setup_seconds,
-                    swap_seconds=t_swaps, history=history,
+    d_out, per_row, denom = W.shape[0], run.per_row, run.denom
+    ri = run.row_iters if per_row else run.row_iters.expand(d_out).clone()
+    return FWResult(mask=mask, error_warmstart=float(run.f_warm_rows.sum()) / denom,
+                    error_final=float(run.best_err.sum()) / denom, error_rounded=float(f_round.sum()) / denom,
+                    relaxed_error=float(run.f_relaxed.sum()) / denom, iterations=int(ri.max()) if d_out else 0,
+                    fw_gap=float(run.gap_rel.max()) if run.gap_rel.numel() else 0.0,
+                    chosen=_chosen(mask, warm, per_row), seconds=time.perf_counter() - t0, loop_seconds=t_loop,
+                    setup_seconds=setup_seconds, swap_seconds=t_swaps, history=run.history,
                     row_iterations=ri, at_cap=at_cap if per_row else (d_out if at_cap else 0),
                     error_before_swaps=f_before_swaps / denom, swaps=swap.swaps if swap else 0,
                     swap_rounds=swap.iterations if swap else 0)

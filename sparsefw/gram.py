@@ -55,3 +55,16 @@ def damped_hessian(G: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torc
     lam = float(percdamp) * float(torch.diagonal(H).mean())
     torch.diagonal(H).add_(lam)
     return H, dead, lam
+
+
+def cholesky(A: torch.Tensor, what: str = "the dampened Gram matrix") -> torch.Tensor:
+    """Lower Cholesky factor of A (d, d) or a batch (b, d, d) of symmetric positive definite
+    matrices (``torch.linalg.cholesky_ex``; same dtype and device as A).
+
+    Raises: SparseFWError naming ``what`` and saying to raise the dampening when a factorization
+    fails (A not positive definite)."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info.max() if info.dim() else info) != 0:
+        raise SparseFWError(f"{what} is not positive definite (Cholesky failed); "
+                            "increase percdamp (e.g. 0.01 or 0.1) or use more calibration tokens")
+    return L

@@ -16,6 +16,7 @@ import torch
 
 from .errors import SparseFWError
 from .masks import parse_pattern
+from .paths import HUB_ID
 
 _BLOCK = re.compile(r"\.\d+\.")
 
@@ -27,7 +28,6 @@ def _resolve_folder(path: str) -> Path:
         return p
     if p.exists():
         raise SparseFWError(f"'{path}' is a file; give the checkpoint folder (or a hub id)")
-    from .publish import HUB_ID
 
     if not HUB_ID.match(str(path)):
         raise SparseFWError(f"'{path}' does not exist; give a checkpoint folder or a hub id USER/NAME")

@@ -142,7 +142,7 @@ def _rowwise_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return out.scatter_(1, torch.topk(scores, k, dim=1, sorted=False).indices, True)
 
 
-def _group_rank(scores: torch.Tensor, m: int) -> torch.Tensor:
+def group_rank(scores: torch.Tensor, m: int) -> torch.Tensor:
     """Rank (0 = largest) of every entry within its group of m consecutive columns.
 
     Ties are broken by position (earlier column first), so ranks in a group are a permutation of
@@ -212,7 +212,7 @@ def select(scores: torch.Tensor, pattern: Pattern, eligible: torch.Tensor | None
     else:
         m = pattern.m
         b = pattern.n if budget is None else budget
-        rank = _group_rank(s, m).view(d_out, d_in // m, m)
+        rank = group_rank(s, m).view(d_out, d_in // m, m)
         if isinstance(b, torch.Tensor):
             b = b.view(d_out, d_in // m, 1)
         out = (rank < b).view(d_out, d_in)

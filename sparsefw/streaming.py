@@ -114,32 +114,11 @@ def _return_freed_memory() -> None:
         pass
 
 
-def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, progress: bool = True) -> dict:
-    """Prune a checkpoint block by block without ever holding it in memory; write the result.
-
-    Args:
-        model_name: packaged name, local folder with safetensors, or hub id.
-        output: the output folder (written atomically, :func:`sparsefw.saving.staged_output`).
-        cfg: :class:`sparsefw.pipeline.PruneConfig` (``dtype`` auto = the checkpoint's).
-        overwrite: replace a non-empty output folder. progress: tqdm bars.
-    Returns: the report dict (also written as ``report.json``).
-    Raises: SparseFWError as :func:`sparsefw.pipeline.prune_model`, and for checkpoints without
-        safetensors or whose tensors do not match the config.
-    """
+def _load_empty(folder: Path, cfg):
+    """(model on the meta device, tokenizer, dtype) of the checkpoint in ``folder``."""
     from accelerate import init_empty_weights
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .distributed import barrier, broadcast_object, init_ranks
-    from .onload import _outside
-    from .pipeline import check_prunable, prune_model
-    from .saving import staged_output, write_report
-
-    t0 = time.perf_counter()
-    pattern = cfg.validate()
-    _return_freed_memory()
-    ranks = init_ranks(cfg.device)
-    folder = checkpoint_folder(model_name)
     config = AutoConfig.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     dtype = resolve_dtype(cfg.dtype)
@@ -148,72 +127,107 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
+    return model.eval(), tok, dtype
+
+
+def _write_rest(stage: Path, folder: Path, reader: _Reader, wmap: dict, out_map: dict, shard: str, dtype) -> None:
+    """Write the tensors outside the blocks (as they are, in ``dtype``) to ``shard``, the index,
+    the tokenizer and config files (config's dtype = the one written)."""
+    from safetensors.torch import save_file
+
+    block_names = set(out_map)
+    tensors = reader.read([n for n in wmap if n not in block_names])
+    tensors = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in tensors.items()}
+    save_file(tensors, str(stage / shard), metadata={"format": "pt"})
+    out_map.update({n: shard for n in tensors})
+    total = sum((stage / f).stat().st_size for f in set(out_map.values()))
+    (stage / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(out_map.items()))}, indent=2))
+    for f in _CHECKPOINT_FILES:
+        if (folder / f).exists():
+            shutil.copy2(folder / f, stage / f)
+    c = json.loads((stage / "config.json").read_text())   # the dtype the tensors were written in
+    c["dtype"] = str(dtype).replace("torch.", "")
+    c.pop("torch_dtype", None)
+    (stage / "config.json").write_text(json.dumps(c, indent=2))
+
+
+def _block_context(model, reader: _Reader, device, dtype, stage, shard, out_map: dict):
+    """The ``block_context`` of :func:`sparsefw.pipeline.prune_model` for streaming: read the
+    block from the checkpoint onto ``device``, and afterwards write it to its own shard (unless
+    ``write=False``: OWL's read-only pass) and drop it back to meta."""
+    from safetensors.torch import save_file
+
+    @contextlib.contextmanager
+    def block_context(bi, block, write=True):
+        pre = _prefix(model, block)
+        _materialize(model, [f"{pre}.{n}" for n, _ in block.named_parameters()], reader, device, dtype)
+        for n, b in block.named_buffers():   # non-persistent buffers (rotary) are built on meta
+            if b.device.type == "meta":
+                raise SparseFWError(f"buffer {pre}.{n} cannot be streamed; use the in-memory run")
+        block.to(device)
+        yield block
+        if stage is not None and write:
+            sd = {f"{pre}.{n}": p.detach().to("cpu").contiguous() for n, p in block.named_parameters()}
+            save_file(sd, str(stage / shard(bi)), metadata={"format": "pt"})
+            out_map.update({n: shard(bi) for n in sd})
+        block.to("meta")
+    return block_context
+
+
+def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, progress: bool = True,
+                 pattern=None) -> dict:
+    """Prune a checkpoint block by block without ever holding it in memory; write the result.
+
+    Args:
+        model_name: packaged name, local folder with safetensors, or hub id.
+        output: the output folder (written atomically, :func:`sparsefw.saving.staged_output`).
+        cfg: :class:`sparsefw.config.PruneConfig` (``dtype`` auto = the checkpoint's).
+        overwrite: replace a non-empty output folder. progress: tqdm bars.
+        pattern: ``cfg.validate()``'s result if the caller ran it (else it runs here).
+    Returns: the report dict (also written as ``report.json``).
+    Raises: SparseFWError as :func:`sparsefw.pipeline.prune_model`, and for checkpoints without
+        safetensors or whose tensors do not match the config.
+    """
+    from .distributed import barrier, broadcast_object, init_ranks
+    from .onload import outside_modules
+    from .pipeline import check_prunable, prune_model
+    from .report import run_report
+    from .saving import staged_output, write_report
+
+    t0 = time.perf_counter()
+    pattern = pattern or cfg.validate()
+    _return_freed_memory()
+    ranks = init_ranks(cfg.device)
+    folder = checkpoint_folder(model_name)
+    model, tok, dtype = _load_empty(folder, cfg)
     blocks = decoder_blocks(model)
     names = check_prunable(model, pattern)
     wmap = weight_map(folder)
     reader = _Reader(folder, wmap)
     device = ranks.device
-    head = model.get_output_embeddings()
-    outside = _outside(model, blocks, head)
+    outside = outside_modules(model, blocks, model.get_output_embeddings())
     _materialize(model, [f"{p}.{n}" for m in outside for p in [_prefix(model, m)]
                          for n, _ in m.named_parameters() if f"{p}.{n}" in wmap], reader, device, dtype)
     for m in outside:
         m.to(device)
-    block_prefix = {id(b): _prefix(model, b) for b in blocks}
     nshards = len(blocks) + 1
 
     def shard(i):
         return f"model-{i + 1:05d}-of-{nshards:05d}.safetensors"
 
     out_map: dict[str, str] = {}
+    report = None
     with contextlib.ExitStack() as stack:
         stage = stack.enter_context(staged_output(output, overwrite)) if ranks.is_main else None
-
-        @contextlib.contextmanager
-        def block_context(bi, block, write=True):   # write=False: a read-only pass (OWL)
-            pre = block_prefix[id(block)]
-            pnames = [f"{pre}.{n}" for n, _ in block.named_parameters()]
-            _materialize(model, pnames, reader, device, dtype)
-            for n, b in block.named_buffers():   # non-persistent buffers (rotary) are built on meta
-                if b.device.type == "meta":
-                    raise SparseFWError(f"buffer {pre}.{n} cannot be streamed; use the in-memory run")
-            block.to(device)
-            yield block
-            if stage is not None and write:
-                sd = {f"{pre}.{n}": p.detach().to("cpu").contiguous() for n, p in block.named_parameters()}
-                save_file(sd, str(stage / shard(bi)), metadata={"format": "pt"})
-                out_map.update({n: shard(bi) for n in sd})
-            block.to("meta")
-
-        res = prune_model(model, tok, cfg, progress=progress, ranks=ranks, block_context=block_context)
+        res = prune_model(model, tok, cfg, progress=progress, ranks=ranks, pattern=pattern,
+                          block_context=_block_context(model, reader, device, dtype, stage, shard, out_map))
         if stage is not None:
-            block_names = set(out_map)
-            rest = [n for n in wmap if n not in block_names]
-            tensors = reader.read(rest)
-            tensors = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in tensors.items()}
-            save_file(tensors, str(stage / shard(len(blocks))), metadata={"format": "pt"})
-            out_map.update({n: shard(len(blocks)) for n in tensors})
-            total = sum((stage / f).stat().st_size for f in set(out_map.values()))
-            (stage / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(out_map.items()))}, indent=2))
-            for f in _CHECKPOINT_FILES:
-                if (folder / f).exists():
-                    shutil.copy2(folder / f, stage / f)
-            c = json.loads((stage / "config.json").read_text())   # the dtype the tensors were written in
-            c["dtype"] = str(dtype).replace("torch.", "")
-            c.pop("torch_dtype", None)
-            (stage / "config.json").write_text(json.dumps(c, indent=2))
-            report = {"model": model_name, **cfg.report_fields(), "stream": True, "device": str(device),
-                      "dtype": str(dtype).replace("torch.", "")}
-            report["seconds"] = res.pop("seconds")
-            layers = res.pop("layers")
-            report.update(res)
-            report["total_seconds"] = time.perf_counter() - t0
-            report["layers"] = layers
+            _write_rest(stage, folder, reader, wmap, out_map, shard(len(blocks)), dtype)
+            report = run_report(model_name, cfg, device, dtype, res, t0, stream=True)
             write_report(stage, report, [f"{n}.weight" for n in names])
     barrier(ranks)
-    return broadcast_object(report if ranks.is_main else None, 0, ranks)
+    return broadcast_object(report, 0, ranks)
 
 
 def _prefix(model, module) -> str:

@@ -64,6 +64,59 @@ def _candidates(W, Q, Ak, Ap, pattern: Pattern, K: int):
                       torch.topk(prune_cost, K, dim=1, largest=False, sorted=False).indices], 1)
 
 
+def _round_steps(G, C, wC, base, wq2, thresh, nm: bool):
+    """The swap steps of one round inside the working set C (r, 2K) (see :func:`swap_refine`):
+    wC the weights there, base w_j^2 G_jj, wq2 2 w_j (G r)_j (updated in place), thresh the
+    per-row threshold of an improving swap. Returns (kept (r, 2K) bool after the swaps, dC (r, 2K)
+    residual change / w, n_swaps (r,) int64, gain (r, 1) float64 change of the row errors)."""
+    r, k2 = C.shape
+    K = k2 // 2
+    d_in = G.shape[0]
+    GC = torch.take(G, C.unsqueeze(2) * d_in + C.unsqueeze(1)) * wC.unsqueeze(1)   # (r, 2K, 2K): G_ab w_b
+    cross = None if nm else 2.0 * wC[:, :K].unsqueeze(2) * GC[:, :K, K:]   # 2 w_a G_ab w_b
+    kept = torch.zeros(r, k2, dtype=torch.bool, device=C.device)
+    kept[:, K:] = True
+    dC = torch.zeros(r, k2, dtype=torch.float32, device=C.device)   # residual change / w
+    live = torch.ones(r, 1, dtype=torch.bool, device=C.device)
+    n_swaps = torch.zeros(r, 1, dtype=torch.int64, device=C.device)
+    gain = torch.zeros(r, 1, dtype=torch.float64, device=C.device)
+    for _ in range(K):
+        ka = torch.where(kept, math.inf, base - wq2)            # keep a pruned entry
+        pc = torch.where(kept, base + wq2, math.inf)            # prune a kept entry
+        if nm:                                              # pair t = (t, K + t), one group
+            j = (ka[:, :K] + pc[:, K:]).argmin(1, keepdim=True)
+            l_ = j + K
+        else:   # the best keep with its best partner, or the best prune with its best partner
+            ka1, pc2 = ka[:, :K], pc[:, K:]
+            a = ka1.argmin(1, keepdim=True)
+            b = pc2.argmin(1, keepdim=True)
+            va, pa = (pc2 - cross.gather(1, a.unsqueeze(2).expand(r, 1, K)).squeeze(1)).min(1, keepdim=True)
+            vb, pb = (ka1 - cross.gather(2, b.unsqueeze(1).expand(r, K, 1)).squeeze(2)).min(1, keepdim=True)
+            first = (ka1.gather(1, a) + va) <= (pc2.gather(1, b) + vb)
+            j = torch.where(first, a, pb)
+            l_ = torch.where(first, pa, b) + K
+        wj = wC.gather(1, j)
+        gj = GC.gather(2, j.unsqueeze(1).expand(r, k2, 1)).squeeze(2)    # G_aj w_j
+        gl = GC.gather(2, l_.unsqueeze(1).expand(r, k2, 1)).squeeze(2)   # G_al w_l
+        ch = ka.gather(1, j) + pc.gather(1, l_) - 2.0 * wj * gl.gather(1, j)
+        ok = live & (ch < thresh)
+        n_ok = int(ok.sum())
+        if n_ok == 0:
+            break
+        okf = ok.float()
+        kept.scatter_(1, j, ok | kept.gather(1, j))
+        kept.scatter_(1, l_, ~ok & kept.gather(1, l_))
+        dC.scatter_add_(1, j, -okf)
+        dC.scatter_add_(1, l_, okf)
+        wq2 += (2.0 * okf) * wC * (gl - gj)
+        gain += (ch * okf).double()
+        n_swaps += ok
+        live = ok
+        if n_ok * INNER_STOP < r:     # the few rows still swapping continue in the next round
+            break
+    return kept, dC, n_swaps.squeeze(1), gain
+
+
 def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: Pattern,
                 Q: torch.Tensor | None = None, max_rounds: int = 50, working_set: int = 8,
                 rtol: float = 1e-6) -> SwapResult:
@@ -120,54 +173,10 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
     for rounds in range(1, max_rounds + 1):
         C = _candidates(Wr, Qr, Akr, Apr, pattern, working_set)
         r, k2 = C.shape
-        K = k2 // 2
         wC = Wr.gather(1, C)
         base = wC * wC * dg[C]                                      # w_j^2 G_jj
-        wq2 = 2.0 * wC * Qr.gather(1, C)                            # 2 w_j (G r)_j
-        GC = torch.take(G, C.unsqueeze(2) * d_in + C.unsqueeze(1)) * wC.unsqueeze(1)   # (r, 2K, 2K): G_ab w_b
-        cross = None if nm else 2.0 * wC[:, :K].unsqueeze(2) * GC[:, :K, K:]   # 2 w_a G_ab w_b
-        kept = torch.zeros(r, k2, dtype=torch.bool, device=W.device)
-        kept[:, K:] = True
-        dC = torch.zeros(r, k2, dtype=torch.float32, device=W.device)   # residual change / w
-        live = torch.ones(r, 1, dtype=torch.bool, device=W.device)
         thresh = (-rtol * (f0[ids] + delta[ids]).clamp_min(1e-300)).float().unsqueeze(1)
-        n_swaps = torch.zeros(r, 1, dtype=torch.int64, device=W.device)
-        gain = torch.zeros(r, 1, dtype=torch.float64, device=W.device)
-        for _ in range(K):
-            ka = torch.where(kept, math.inf, base - wq2)            # keep a pruned entry
-            pc = torch.where(kept, base + wq2, math.inf)            # prune a kept entry
-            if nm:                                              # pair t = (t, K + t), one group
-                j = (ka[:, :K] + pc[:, K:]).argmin(1, keepdim=True)
-                l_ = j + K
-            else:   # the best keep with its best partner, or the best prune with its best partner
-                ka1, pc2 = ka[:, :K], pc[:, K:]
-                a = ka1.argmin(1, keepdim=True)
-                b = pc2.argmin(1, keepdim=True)
-                va, pa = (pc2 - cross.gather(1, a.unsqueeze(2).expand(r, 1, K)).squeeze(1)).min(1, keepdim=True)
-                vb, pb = (ka1 - cross.gather(2, b.unsqueeze(1).expand(r, K, 1)).squeeze(2)).min(1, keepdim=True)
-                first = (ka1.gather(1, a) + va) <= (pc2.gather(1, b) + vb)
-                j = torch.where(first, a, pb)
-                l_ = torch.where(first, pa, b) + K
-            wj = wC.gather(1, j)
-            gj = GC.gather(2, j.unsqueeze(1).expand(r, k2, 1)).squeeze(2)    # G_aj w_j
-            gl = GC.gather(2, l_.unsqueeze(1).expand(r, k2, 1)).squeeze(2)   # G_al w_l
-            ch = ka.gather(1, j) + pc.gather(1, l_) - 2.0 * wj * gl.gather(1, j)
-            ok = live & (ch < thresh)
-            n_ok = int(ok.sum())
-            if n_ok == 0:
-                break
-            okf = ok.float()
-            kept.scatter_(1, j, ok | kept.gather(1, j))
-            kept.scatter_(1, l_, ~ok & kept.gather(1, l_))
-            dC.scatter_add_(1, j, -okf)
-            dC.scatter_add_(1, l_, okf)
-            wq2 += (2.0 * okf) * wC * (gl - gj)
-            gain += (ch * okf).double()
-            n_swaps += ok
-            live = ok
-            if n_ok * INNER_STOP < r:     # the few rows still swapping continue in the next round
-                break
-        n_swaps = n_swaps.squeeze(1)
+        kept, dC, n_swaps, gain = _round_steps(G, C, wC, base, 2.0 * wC * Qr.gather(1, C), thresh, nm)
         delta[ids] += gain.squeeze(1)
         dC = dC * wC
         if int(n_swaps.sum()) == 0:

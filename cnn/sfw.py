@@ -6,7 +6,7 @@
   Alg. 1-2): per parameter tensor,
 
       d <- rho d + (1 - rho) g          (first step: d = g)
-      v = LMO_C(d)                      (K-sparse polytope, :func:`sparsefw.ksparse.ksparse_lmo`)
+      v = LMO_C(d)                      (K-sparse polytope, :func:`cnn.ksparse.ksparse_lmo`)
       theta <- theta + gamma (v - theta),
       gamma = min(lr * ||d||_2 / ||v - theta||_2, 1)   ("gradient" rescaling) or gamma = lr.
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .errors import SparseFWError
+from sparsefw.errors import SparseFWError
 from .ksparse import (in_ksparse, k_for, ksparse_feasible, ksparse_lmo, ksparse_norms,
                       radius_from_init)
 
@@ -88,7 +88,7 @@ def ksparse_param_groups(model: nn.Module, k_frac: float = 0.05, k_min: int = 1,
 
     Args:
         model: the network (its parameters are not modified).
-        k_frac, k_min: see :func:`sparsefw.ksparse.k_for`. tau: diameter multiplier (> 0).
+        k_frac, k_min: see :func:`cnn.ksparse.k_for`. tau: diameter multiplier (> 0).
         repetitions: initializer samples for E||theta_0||_2 (:func:`expected_init_norms`).
     Returns: list of dicts {"params": [p], "name": str, "K": int, "radius": float}, in
         ``model.named_parameters()`` order; pass it to :class:`SFW`.
@@ -142,7 +142,7 @@ class SFW(torch.optim.Optimizer):
         for g in self.param_groups:
             if "K" not in g or "radius" not in g:
                 raise SparseFWError("every SFW parameter group needs 'K' and 'radius'; build the "
-                                    "groups with sparsefw.sfw.ksparse_param_groups(model)")
+                                    "groups with cnn.sfw.ksparse_param_groups(model)")
             for p in g["params"]:
                 k_for(p.numel(), 1.0, 1)  # non-empty
                 if not (1 <= int(g["K"]) <= p.numel()):
@@ -263,7 +263,7 @@ def sfw_init(model: nn.Module, groups: list[dict], batches: Iterator[tuple[torch
     overlapping batch A ∪ C at theta' divided by lr is minimized over alpha with Adam (gradient
     norm clipped to ``grad_clip``; weights keep alpha >= min_scale, biases alpha >= 0). Dropout is
     off during the search (model.eval()). Finally the tensors are set to alpha_i theta0_i and
-    scaled into their polytopes (:func:`sparsefw.ksparse.ksparse_feasible`).
+    scaled into their polytopes (:func:`cnn.ksparse.ksparse_feasible`).
 
     Args:
         model: the network, modified in place. groups: from :func:`ksparse_param_groups`

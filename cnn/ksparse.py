@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .errors import SparseFWError
+from sparsefw.errors import SparseFWError
 
 
 def k_for(numel: int, k_frac: float = 0.05, k_min: int = 1) -> int:

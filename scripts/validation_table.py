@@ -1,15 +1,18 @@
-"""Issue 16, part 3: the alpha table on validation text and the seed spread of the best alphas.
+"""A setting chosen on validation text: the table of a comparison whose cells hold a validation
+perplexity (``validation:`` in the config), e.g. the alpha study and the FW-iterations study.
 
-Reads the cells of ``sparsefw compare --config configs/alpha_smollm2.yaml`` and writes
-``alpha_table.md`` / ``alpha_table.json`` next to them:
+Reads the cells of ``sparsefw compare`` under FOLDER and writes ``validation_table.md`` /
+``validation_table.json`` next to them:
 
-1. per alpha (seed 0): validation perplexity (Austen) and test perplexity (BoolQ) at every sparsity,
-   the layer error vs Wanda, and the geometric mean of the validation perplexities, by which the
-   alphas are ranked (lowest first);
-2. per (alpha, sparsity) with several calibration seeds: mean ± sample std (n − 1) of the test and
-   validation perplexities.
+1. per setting (seed 0; a setting is the method with its alpha and FW iterations): validation
+   perplexity (Austen) and test perplexity (BoolQ) at every sparsity, the layer error vs Wanda,
+   the mean prune seconds, and the geometric mean of the validation perplexities, by which the
+   settings are ranked (lowest first);
+2. per (setting, sparsity) with several calibration seeds: mean ± sample std (n − 1) of the test
+   and validation perplexities.
 
-    python scripts/alpha_table.py results/alpha_smollm2
+    python scripts/validation_table.py results/alpha_smollm2
+    python scripts/validation_table.py results/iterations_smollm2
 """
 from __future__ import annotations
 
@@ -26,8 +29,13 @@ def _sp(s: str) -> str:
 
 
 def _key(cell: dict) -> str:
+    """The setting of a cell: ``swaps`` (no FW iteration; cells from when ``sparsefw`` ran
+    ``iterations 0`` count as that), or ``sparsefw α A, N iterations``."""
     o = cell["options"]
-    return "swaps only (iterations 0)" if not int(o.get("iterations", 0)) else f"α = {o['alpha']:g}"
+    if o.get("method") == "swaps" or not int(o.get("iterations", 0)):
+        return "swaps (no FW iteration)"
+    return f"sparsefw α {o.get('alpha', 0.9):g}, {int(o['iterations'])} iterations" + \
+        (", no swaps" if int(o.get("swaps", 50)) == 0 else "")
 
 
 def build(folder: Path) -> tuple[str, dict]:
@@ -78,10 +86,12 @@ def build(folder: Path) -> tuple[str, dict]:
 
 
 def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "results/alpha_smollm2")
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/validation_table.py RESULTS_FOLDER (e.g. results/iterations_smollm2)")
+    folder = Path(sys.argv[1])
     md, out = build(folder)
-    (folder / "alpha_table.md").write_text(md)
-    (folder / "alpha_table.json").write_text(json.dumps(out, indent=1))
+    (folder / "validation_table.md").write_text(md)
+    (folder / "validation_table.json").write_text(json.dumps(out, indent=1))
     print(md)
 
 
