@@ -93,7 +93,7 @@ _SPECS: dict[str, _Spec] = {
 }
 
 #: How often a process waiting for another process's zero-shot shard looks for it (seconds).
-_POLL_SECONDS = 10.0
+POLL_SECONDS = 10.0
 
 #: Number of documents in the evaluated split of each task (what a full run scores).
 TASK_DOCS: dict[str, int] = {name: spec.n_docs for name, spec in _SPECS.items()}
@@ -480,7 +480,7 @@ def _evaluate_sharded(lm, name: str, tm, offline: bool, limit: int | None, batch
                 lock.unlink(missing_ok=True)
         pending = waiting
         if pending:
-            time.sleep(_POLL_SECONDS)
+            time.sleep(POLL_SECONDS)
     per_doc: dict[str, list[float]] = {}
     seconds = 0.0
     for a in sorted(shards):

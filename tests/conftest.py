@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny random causal LMs of every supported architecture, and a real tokenizer."""
+"""Shared fixtures: tiny random causal LMs of every supported architecture (and saved checkpoints of
+them), the real SmolLM2 tokenizer, a word-level tokenizer that adds BOS with a text over its
+vocabulary, a real 2:4 prune of the packaged SmolLM2-135M, MNIST and cnn sweep configs.
+
+``tiny_model`` and ``ARCHS`` stay module-level names: scripts/check_identical_masks.py imports them
+by path. Tests use the fixtures (``make_tiny``, ``arch``, ...) and never import this file."""
 from __future__ import annotations
 
 import os
@@ -53,6 +58,94 @@ def tiny_model(arch: str, vocab: int, hidden: int = 32, layers: int = 2, seed: i
 
 
 ARCHS = ("llama", "qwen2", "gemma3", "opt", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def make_tiny():
+    """Factory of tiny random causal LMs: ``make_tiny(arch, vocab, hidden=32, layers=2, seed=0)``."""
+    return tiny_model
+
+
+@pytest.fixture
+def save_tiny(tmp_path, tokenizer, make_tiny):
+    """Factory ``save_tiny(arch="llama", name="base", dtype=None, **kw) -> (folder, model)``: the tiny
+    model ``make_tiny(arch, len(tokenizer), **kw)`` (cast to ``dtype`` if given) saved with the
+    SmolLM2 tokenizer into ``tmp_path / name``."""
+    def save(arch: str = "llama", name: str = "base", dtype=None, **kw):
+        m = make_tiny(arch, len(tokenizer), **kw)
+        if dtype is not None:
+            m = m.to(dtype)
+        d = tmp_path / name
+        m.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        return d, m
+    return save
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    """Every supported architecture in turn (a test taking ``arch`` runs once per architecture)."""
+    return request.param
+
+
+@pytest.fixture
+def mnist():
+    """Skips the test unless the offline MNIST files are installed (bash scripts/setup.sh)."""
+    if not have_mnist():
+        pytest.skip("MNIST not installed (bash scripts/setup.sh)")
+
+
+@pytest.fixture
+def sweep_config(tmp_path):
+    """``sweep_config(path)``: a cnn sweep config shrunk for a smoke test (:func:`tiny_sweep_config`)."""
+    return lambda path: tiny_sweep_config(path, tmp_path)
+
+
+WORDS = [f"w{i}" for i in range(60)]
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer():
+    """A word-level tokenizer that, like Llama's and Gemma's, puts <bos> (id 2) before every text;
+    decoding joins words with spaces, so decode -> encode gives back the same ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def bos_text_file(tmp_path_factory) -> str:
+    """Path of a 6,000-word text over :func:`bos_tokenizer`'s vocabulary with some structure (a random
+    walk), so a tiny model's predictions are not all alike."""
+    g = torch.Generator().manual_seed(1)
+    steps = torch.randint(-3, 4, (6000,), generator=g).cumsum(0) % len(WORDS)
+    p = tmp_path_factory.mktemp("text") / "walk.txt"
+    p.write_text(" ".join(WORDS[i] for i in steps.tolist()))
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def pruned_24(tmp_path_factory):
+    """A real 2:4 prune of the packaged SmolLM2-135M (Wanda, tiny calibration: ~30 s), saved once per
+    session. Attributes: ``folder`` (the saved checkpoint), ``report`` (its report dict),
+    ``token_ids`` (one short prompt, [[...]]) and ``logits`` (the pruned model's on it)."""
+    from types import SimpleNamespace
+
+    from sparsefw import api
+
+    token_ids = [[1, 504, 3458, 282, 253, 1345, 30, 378, 2162, 314, 15, 2]]
+    out = tmp_path_factory.mktemp("pub") / "smollm2-24"
+    res = api.prune("smollm2-135m", output=str(out), method="wanda", pattern="2:4", nsamples=2, seqlen=64,
+                    eval_ppl=True, ppl_chunks=2, ppl_seqlen=64, progress=False)
+    with torch.no_grad():
+        logits = res.model(torch.tensor(token_ids)).logits
+    return SimpleNamespace(folder=out, report=res.report, token_ids=token_ids, logits=logits)
 
 
 def have_mnist() -> bool:

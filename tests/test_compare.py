@@ -1,16 +1,16 @@
-"""`sparsefw compare`: one table from one config, resume from finished cells, zero-shot columns."""
+"""`sparsefw compare` (sparsefw/compare.py): one table from one config, resume from finished cells,
+zero-shot columns."""
 import importlib.util
 import json
 
 import pytest
 
-from conftest import tiny_model
 from sparsefw import api, compare
 
 
 @pytest.fixture()
-def tiny_dir(tmp_path, tokenizer):
-    m = tiny_model("qwen2", len(tokenizer))
+def tiny_dir(tmp_path, tokenizer, make_tiny):
+    m = make_tiny("qwen2", len(tokenizer))
     d = tmp_path / "tiny"
     m.save_pretrained(d)
     tokenizer.save_pretrained(d)

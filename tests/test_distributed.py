@@ -1,6 +1,6 @@
-"""Several processes (issue 13, part 3): ``torchrun`` with 2 CPU processes (gloo) gives exactly the
-masks and weights of 1 process for every method, and a failure on one rank fails the run with one
-error line and no output."""
+"""Several processes (sparsefw/distributed.py): ``torchrun`` with 2 CPU processes (gloo) gives exactly
+the masks and weights of 1 process for every method (tests/dist_driver.py), a failure on one rank
+fails the run with one error line and no output, and the window ranges are whole chunks."""
 import os
 import subprocess
 import sys
@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_model
 from dist_driver import VARIANTS
 from sparsefw.calibration import calibration_windows
 
@@ -26,9 +25,9 @@ def torchrun(n: int, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tokenizer):
+def setup(tmp_path_factory, tokenizer, make_tiny):
     d = tmp_path_factory.mktemp("dist")
-    m = tiny_model("llama", len(tokenizer), hidden=64, layers=2)
+    m = make_tiny("llama", len(tokenizer), hidden=64, layers=2)
     m.save_pretrained(d / "model")
     tokenizer.save_pretrained(d / "model")
     text = d / "text.txt"
@@ -54,14 +53,14 @@ def test_two_processes_equal_one(setup):
         assert '"processes": 2' in rep and ('"achieved_sparsity": 0.5' in rep or "owl" in variant)
 
 
-def test_failing_rank_fails_the_run(setup, tokenizer):
+def test_failing_rank_fails_the_run(setup, tokenizer, make_tiny):
     """Rank 1's windows (the second chunk of 8 of 16) hold a token whose embedding is NaN: both
     processes stop with rank 1's message, printed once, and nothing is written."""
     d, text = setup
     windows = calibration_windows(tokenizer, str(text), 16, 24, seed=0)
     only_rank1 = set(windows[8:].flatten().tolist()) - set(windows[:8].flatten().tolist())
     assert only_rank1
-    m = tiny_model("llama", len(tokenizer), hidden=64, layers=2)
+    m = make_tiny("llama", len(tokenizer), hidden=64, layers=2)
     with torch.no_grad():
         m.get_input_embeddings().weight[min(only_rank1)] = float("nan")
     bad = d / "bad"

@@ -1,5 +1,5 @@
-"""The FW solver: LMO by hand, gradient vs autograd, incremental products, line search,
-brute-force optimality on tiny problems, the alpha trick and the safeguard."""
+"""The FW solver (sparsefw/fw.py): LMO by hand, gradient vs autograd, incremental products, line
+search, brute-force optimality on tiny problems, the alpha trick and the safeguard, CUDA = CPU."""
 import itertools
 
 import pytest
@@ -270,3 +270,19 @@ def test_bad_inputs():
     G2[0, 0] = float("nan")
     with pytest.raises(SparseFWError, match="NaN"):
         fw_solve(W, G2, sc, p)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fw_solve_on_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 128, generator=g)
+    X = torch.randn(128, 512, generator=g) * torch.rand(128, 1, generator=g)
+    G = (X @ X.T).double()
+    pat = parse_pattern("unstructured", 0.5)
+    scores = wanda_scores(W, torch.diagonal(G).sqrt().float())
+    cpu = fw_solve(W, G.float(), scores, pat, iterations=50)
+    gpu = fw_solve(W.cuda(), G.float().cuda(), scores.cuda(), pat, iterations=50)
+    assert gpu.mask.device.type == "cuda"
+    assert (gpu.mask.cpu() == cpu.mask).float().mean() > 0.99
+    assert gpu.error_final == pytest.approx(cpu.error_final, rel=1e-2)

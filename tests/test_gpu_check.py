@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh (issue 13, part 4) runs on the CPU with small shapes, importing nothing that
+"""scripts/gpu_check.sh runs on the CPU with small shapes, importing nothing that
 the GPU machine lacks (lm-eval, datasets and the other extras are blocked here)."""
 import os
 import subprocess

@@ -1,4 +1,5 @@
-"""Hand-computed masks for the baseline saliencies, the selection primitive and the patterns."""
+"""Sparsity patterns, saliencies and selection (sparsefw/masks.py): hand-computed masks for the
+baseline saliencies, the selection primitive and the patterns."""
 import math
 
 import pytest

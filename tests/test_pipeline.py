@@ -1,42 +1,35 @@
-"""End-to-end pipeline on tiny random models of every supported architecture: exact sparsity,
-reload-and-compare of the saved checkpoint, report contents, and every bad input (CLI exit 2,
-nothing written)."""
+"""The block driver (sparsefw/pipeline.py) end to end on tiny random models of every supported
+architecture: exact sparsity, reload-and-compare of the saved checkpoint, report contents, every
+method and pattern, SparseFW below Wanda, and true-sequential pruning within a block (each layer
+group fitted to the block with the earlier groups pruned)."""
+import copy
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ARCHS, tiny_model
 from sparsefw import api
-from sparsefw.cli import main as cli_main
-from sparsefw.errors import SparseFWError
+from sparsefw.capture import block_forward
+from sparsefw.config import PruneConfig
 from sparsefw.models import decoder_blocks, get_weight, prunable_layers
-from sparsefw.pipeline import PruneConfig, prune_model
-
-
-def save_tiny(tmp_path, tokenizer, arch, name="base", **kw):
-    m = tiny_model(arch, len(tokenizer), **kw)
-    d = tmp_path / name
-    m.save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d, m
+from sparsefw.pipeline import prune_model
 
 
 def small(**kw):
-    base = dict(nsamples=4, seqlen=32, iterations=30)
+    """Run settings of a quick calibration (4 x 32 tokens), updated by ``kw``."""
+    base = dict(nsamples=4, seqlen=32)
     base.update(kw)
     return base
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_architecture_exact_sparsity_and_reload(tmp_path, tokenizer, arch):
+def test_every_architecture_exact_sparsity_and_reload(tmp_path, tokenizer, arch, save_tiny):
     from transformers import AutoModelForCausalLM
 
-    src, _ = save_tiny(tmp_path, tokenizer, arch)
+    src, _ = save_tiny(arch)
     out = tmp_path / "pruned"
-    res = api.prune(str(src), output=str(out), method="sparsefw", sparsity=0.5, progress=False, **small())
+    res = api.prune(str(src), output=str(out), method="sparsefw", sparsity=0.5, iterations=30, progress=False,
+                    **small())
     rep = json.loads((out / "report.json").read_text())
     # exact sparsity: k = round(0.5 d_in) kept in every row of every Linear, counted on saved tensors
     assert rep["achieved_sparsity"] == pytest.approx(0.5)
@@ -56,6 +49,7 @@ def test_every_architecture_exact_sparsity_and_reload(tmp_path, tokenizer, arch)
     for key in ("model", "method", "warmstart", "alpha", "pattern", "sparsity", "nsamples", "seqlen", "seed",
                 "seconds", "achieved_sparsity", "layers"):
         assert key in rep
+    assert rep["iterations"] == 30 and "blocksize" not in rep     # sparsefw's options only
     layer0 = rep["layers"][0]
     for key in ("name", "shape", "error_warmstart", "error_final", "iterations", "fw_gap", "seconds"):
         assert key in layer0
@@ -63,12 +57,15 @@ def test_every_architecture_exact_sparsity_and_reload(tmp_path, tokenizer, arch)
     assert (out / "README.md").read_text().startswith("---")
 
 
-@pytest.mark.parametrize("method,pattern", [("magnitude", "2:4"), ("wanda", "4:8"), ("ria", "unstructured"),
-                                            ("sparsefw", "2:4"), ("sparsefw", "per-matrix")])
-def test_methods_and_patterns(tokenizer, method, pattern):
-    m = tiny_model("llama", len(tokenizer))
+@pytest.mark.parametrize("method,pattern,options", [
+    ("magnitude", "2:4", {}), ("wanda", "4:8", {}), ("ria", "unstructured", {}),
+    ("sparsefw", "2:4", {"warmstart": "ria", "iterations": 30}),
+    ("sparsefw", "per-matrix", {"warmstart": "ria", "iterations": 30}),
+    ("swaps", "unstructured", {"warmstart": "ria"}), ("sparsegpt", "4:8", {"blocksize": 16})])
+def test_methods_and_patterns(tokenizer, make_tiny, method, pattern, options):
+    m = make_tiny("llama", len(tokenizer))
     rep = prune_model(m, tokenizer, PruneConfig(method=method, pattern=pattern, sparsity=None if ":" in pattern else 0.6,
-                                                **small(warmstart="ria")), progress=False)
+                                                **small(**options)), progress=False)
     for block in decoder_blocks(m):
         for _, layer in prunable_layers(block).items():
             W = get_weight(layer)
@@ -84,167 +81,81 @@ def test_methods_and_patterns(tokenizer, method, pattern):
     assert math.isfinite(rep["mean_error_final"])
 
 
-def test_sparsefw_beats_wanda_on_tiny_llama(tokenizer):
-    base = tiny_model("llama", len(tokenizer), hidden=64)
+def test_sparsefw_beats_wanda_on_tiny_llama(tokenizer, make_tiny):
+    base = make_tiny("llama", len(tokenizer), hidden=64)
     sd = base.state_dict()
     errs = {}
-    for method in ("wanda", "sparsefw"):
-        m = tiny_model("llama", len(tokenizer), hidden=64)
+    for method, options in (("wanda", {}), ("sparsefw", {"alpha": 0.5, "iterations": 100})):
+        m = make_tiny("llama", len(tokenizer), hidden=64)
         m.load_state_dict(sd)
-        rep = prune_model(m, tokenizer, PruneConfig(method=method, sparsity=0.6, alpha=0.5, **small(iterations=100)),
-                          progress=False)
+        rep = prune_model(m, tokenizer, PruneConfig(method=method, sparsity=0.6, **small(**options)), progress=False)
         errs[method] = rep
     # per layer, on the same inputs, SparseFW's mask is never worse than the Wanda mask
     assert all(L["error_final"] <= L["error_wanda"] * (1 + 1e-6) for L in errs["sparsefw"]["layers"])
     assert errs["sparsefw"]["mean_error_final"] < errs["sparsefw"]["mean_error_wanda"]
+    # that Wanda reference is the Wanda run's own error: block 0 sees the same dense inputs in both runs
+    first = [(a, b) for a, b in zip(errs["wanda"]["layers"], errs["sparsefw"]["layers"]) if ".layers.0." in a["name"]]
+    assert len(first) == 7 and all(a["name"] == b["name"] for a, b in first)
+    assert all(a["error_final"] == pytest.approx(b["error_wanda"], rel=1e-6) for a, b in first)
 
 
-def run_cli(*args):
-    return cli_main(list(args))
+@pytest.mark.parametrize("method", ["sparsefw", "sparsegpt"])
+def test_true_sequential_grams_come_from_the_partially_pruned_block(tokenizer, make_tiny, monkeypatch, method):
+    """Every layer's Gram equals X^T X of its inputs in the block whose earlier groups (in the
+    order the block runs them) are pruned and whose later ones are dense; without the option all
+    come from the dense block."""
+    import sparsefw.pipeline as pl
+    from sparsefw.calibration import calibration_windows
+    from sparsefw.capture import capture_block_inputs
 
+    seen = {}
+    orig = pl.solve_layer
 
-def test_cli_prune_eval_and_config(tmp_path, tokenizer, capsys):
-    src, _ = save_tiny(tmp_path, tokenizer, "qwen2")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("method: wanda\nsparsity: 0.6\nnsamples: 3\nseqlen: 16\n")
-    out = tmp_path / "o"
-    assert run_cli("prune", "--config", str(cfg), "--model", str(src), "--sparsity", "0.5", "--output", str(out)) == 0
-    rep = json.loads((out / "report.json").read_text())
-    assert rep["method"] == "wanda" and rep["sparsity"] == 0.5 and rep["nsamples"] == 3   # flag overrides config
-    capsys.readouterr()
-    assert run_cli("eval-ppl", "--model", str(out), "--seqlen", "32", "--chunks", "2") == 0
-    text = capsys.readouterr().out
-    res = json.loads(text[text.index("{"):])
-    assert res["chunks"] == 2 and res["seqlen"] == 32 and 1.0 < res["ppl"] < 2 * len(tokenizer)
+    def spy(W, G, pattern, *args, **kw):
+        seen[len(seen)] = G.clone()
+        return orig(W, G, pattern, *args, **kw)
 
+    monkeypatch.setattr(pl, "solve_layer", spy)
+    down = {}
+    for seq in (True, False):
+        seen.clear()
+        dense = make_tiny("llama", len(tokenizer), hidden=32, layers=1)
+        m = copy.deepcopy(dense)
+        rep = prune_model(m, tokenizer, PruneConfig(method=method, sparsity=0.5, nsamples=3, seqlen=24,
+                                                    true_sequential=seq), progress=False)
+        names = [L["name"].split("layers.0.")[1] for L in rep["layers"]]
+        if seq:
+            assert names == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                  ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+        windows = calibration_windows(tokenizer, "wiki", 3, 24, 0)
+        blk_d, blk_p = decoder_blocks(dense)[0], dict(prunable_layers(decoder_blocks(m)[0]))
+        inps, extra = capture_block_inputs(dense, decoder_blocks(dense), windows)
+        probe = copy.deepcopy(blk_d)
+        pl_probe = prunable_layers(probe)
+        for g in groups:
+            ref = {}
 
-BAD = [
-    (["--model", "no/such-model-xyz"], "could not load model"),
-    (["--model", "./missing_folder"], "does not exist"),
-    (["--sparsity", "1.0"], "sparsity"),
-    (["--sparsity", "-0.1"], "sparsity"),
-    (["--pattern", "3:2"], "N:M"),
-    (["--pattern", "blocky"], "unknown sparsity pattern"),
-    (["--pattern", "8:16"], "multiple of 16"),
-    (["--alpha", "1.5"], "alpha"),
-    (["--method", "obs"], "unknown method"),
-    (["--step", "fixed"], "step rule"),
-    (["--nsamples", "2000", "--seqlen", "512"], "fewer than nsamples"),
-    (["--calib", "short.txt"], "fewer than nsamples"),
-    (["--calib", "empty.txt"], "empty"),
-    (["--calib", "nowhere.txt"], "unknown text source"),
-    (["--tol", "-1"], "tol must be"),
-    (["--swaps", "-1"], "swaps must be"),
-    (["--pattern", "2:4", "--sparsity", "0.9"], "fixes the sparsity at 50%"),
-    (["--owl", "--pattern", "2:4"], "unstructured"),
-    (["--owl", "--sparsity", "0.9"], "owl-lambda"),
-    (["--owl", "--owl-m", "-1"], "owl-m"),
-]
+            def make_hook(n):
+                def hook(mod, inp, out):
+                    x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+                    ref[n] = ref.get(n, 0) + x.t() @ x
+                return hook
 
-
-@pytest.mark.parametrize("args,msg", BAD)
-def test_bad_input_exit_2_nothing_written(tmp_path, tokenizer, capsys, args, msg, monkeypatch):
-    src, _ = save_tiny(tmp_path, tokenizer, "llama", hidden=40)   # d_in 40: 8:16 does not divide it
-    (tmp_path / "short.txt").write_text("Too short to calibrate anything.")
-    (tmp_path / "empty.txt").write_text("   \n")
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "out"
-    full = ["prune", "--model", str(src), "--nsamples", "2", "--seqlen", "16", "--output", str(out)]
-    full += args
-    capsys.readouterr()
-    code = run_cli(*full)
-    err = capsys.readouterr().err.strip().splitlines()[-1]   # earlier lines: progress bars
-    assert code == 2
-    assert err.startswith("error:") and msg.lower() in err.lower(), err
-    assert not out.exists()
-
-
-def test_no_sparsity_with_alpha_one_is_honoured(tmp_path, tokenizer, capsys):
-    # issue 14: --sparsity 0 --alpha 1 used to die inside the rounding (no free entries)
-    src, _ = save_tiny(tmp_path, tokenizer, "llama")
-    out = tmp_path / "o"
-    assert run_cli("prune", "--model", str(src), "--sparsity", "0", "--alpha", "1", "--iterations", "5",
-                   "--nsamples", "2", "--seqlen", "16", "--output", str(out), "--no-eval-ppl") == 0
-    rep = json.loads((out / "report.json").read_text())
-    assert rep["achieved_sparsity"] == 0.0 and rep["mean_error_final"] == 0.0
-
-
-def test_non_empty_output_and_file_output(tmp_path, tokenizer, capsys):
-    src, _ = save_tiny(tmp_path, tokenizer, "llama")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
-    assert run_cli("prune", "--model", str(src), "--nsamples", "2", "--seqlen", "16", "--output", str(out)) == 2
-    assert "not empty" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    f = tmp_path / "file"
-    f.write_text("x")
-    assert run_cli("prune", "--model", str(src), "--nsamples", "2", "--seqlen", "16", "--output", str(f)) == 2
-    # --overwrite replaces the folder atomically
-    assert run_cli("prune", "--model", str(src), "--method", "magnitude", "--nsamples", "2", "--seqlen", "16",
-                   "--output", str(out), "--overwrite") == 0
-    assert (out / "report.json").exists() and not (out / "keep.txt").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]   # no temp folders left
-
-
-def test_nan_activations_are_reported(tmp_path, tokenizer, capsys):
-    src, m = save_tiny(tmp_path, tokenizer, "llama")
-    with torch.no_grad():
-        m.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
-    bad = tmp_path / "nan_model"
-    m.save_pretrained(bad)
-    tokenizer.save_pretrained(bad)
-    out = tmp_path / "out"
-    assert run_cli("prune", "--model", str(bad), "--nsamples", "2", "--seqlen", "16", "--output", str(out)) == 2
-    assert "NaN/Inf" in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_crash_leaves_no_partial_checkpoint(tmp_path, tokenizer, monkeypatch):
-    src, _ = save_tiny(tmp_path, tokenizer, "llama")
-    out = tmp_path / "out"
-    import sparsefw.saving as saving
-
-    def boom(*a, **k):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(saving, "model_card", boom)
-    with pytest.raises(RuntimeError):
-        api.prune(str(src), output=str(out), method="magnitude", progress=False, nsamples=2, seqlen=16)
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_grams_equal_each_layers_own_inputs(tokenizer, arch):
-    """G of every Linear equals X^T X of the inputs that layer really receives (captured
-    independently). Regression: a per-sample cache keyed by data_ptr() handed gate/up the Gram of
-    q/k/v when the allocator reused the freed attention input's address."""
-    from sparsefw.onload import capture_block_inputs
-    from sparsefw.pipeline import _block_forward, accumulate_grams
-
-    torch.manual_seed(0)
-    m = tiny_model(arch, len(tokenizer), hidden=64).eval()
-    windows = torch.randint(0, len(tokenizer), (3, 24))
-    blocks = decoder_blocks(m)
-    inps, extra = capture_block_inputs(m, blocks, windows)
-    layers = prunable_layers(blocks[0])
-    for _ in range(3):  # repeat: address reuse depends on the allocator's state
-        grams = accumulate_grams(blocks[0], inps, extra[0])
-        seen = {n: torch.zeros_like(g) for n, g in grams.items()}
-
-        def make_hook(n):
-            def hook(mod, inp, out):
-                x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
-                seen[n] += x.t() @ x
-            return hook
-
-        hs = [l.register_forward_hook(make_hook(n)) for n, l in layers.items()]
-        with torch.no_grad():
-            for h in inps:
-                _block_forward(blocks[0], h, extra[0])
-        for hd in hs:
-            hd.remove()
-        for n in grams:
-            # fp32 per-sample products vs fp64 here: ~1e-7 relative; the bug gave O(1)
-            assert float((grams[n] - seen[n]).norm() / seen[n].norm()) < 1e-5, n
+            hs = [pl_probe[n].register_forward_hook(make_hook(n)) for n in g]
+            with torch.no_grad():
+                for h in inps:
+                    block_forward(probe, h, extra[0])
+            for h in hs:
+                h.remove()
+            for n in g:
+                G = seen[names.index(n)]
+                assert float((G - ref[n]).norm() / ref[n].norm()) < 1e-6, (seq, n)
+            if seq:      # the next groups see this group pruned
+                with torch.no_grad():
+                    for n in g:
+                        get_weight(pl_probe[n]).copy_(get_weight(blk_p[n]))
+        down[seq] = seen[names.index("mlp.down_proj")]
+    # the option is not a no-op: down_proj's inputs with the pruned q..up differ from the dense ones
+    assert float((down[True] - down[False]).norm() / down[False].norm()) > 1e-3

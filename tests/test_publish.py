@@ -1,5 +1,6 @@
-"""Publishing (issue 15): the model card's hub metadata, push (Hub calls recorded, never made),
-inspect on the safetensors alone, sharding, and a reload with plain transformers."""
+"""Publishing (sparsefw/publish.py): the source model (hub id, license, GGUF origin), the model card's
+hub metadata, the pushed layout reloading with plain transformers, push (Hub calls recorded, never
+made), and the errors of a push."""
 import json
 import os
 import subprocess
@@ -8,35 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from conftest import tiny_model
-from sparsefw import api
 from sparsefw.cli import main as cli_main
 from sparsefw.errors import SparseFWError
-from sparsefw.inspection import format_inspection, inspect_checkpoint, nm_violations
 from sparsefw.models import PACKAGED
 from sparsefw.publish import build_model_card, push, source_info, upload_plan
-
-TOKEN_IDS = [[1, 504, 3458, 282, 253, 1345, 30, 378, 2162, 314, 15, 2]]
-
-
-@pytest.fixture(scope="module")
-def pruned_24(tmp_path_factory):
-    """A real 2:4 prune of the packaged SmolLM2-135M (Wanda, tiny calibration: ~30 s), saved."""
-    out = tmp_path_factory.mktemp("pub") / "smollm2-24"
-    res = api.prune("smollm2-135m", output=str(out), method="wanda", pattern="2:4", nsamples=2, seqlen=64,
-                    eval_ppl=True, ppl_chunks=2, ppl_seqlen=64, progress=False)
-    with torch.no_grad():
-        logits = res.model(torch.tensor(TOKEN_IDS)).logits
-    return out, res.report, logits
-
-
-def save_tiny(tmp_path, tokenizer, name="tiny"):
-    d = tmp_path / name
-    tiny_model("llama", len(tokenizer), hidden=64).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
 
 
 @pytest.fixture
@@ -70,7 +47,6 @@ def fake_hub(monkeypatch):
     return calls
 
 
-# ---------------------------------------------------------------------------- source model
 @pytest.mark.parametrize("name", sorted(PACKAGED))
 def test_packaged_source_from_gguf_header(name):
     src = source_info(name)
@@ -91,11 +67,10 @@ def test_source_of_folder_and_hub_id(tmp_path):
     assert source_info("Qwen/Qwen2.5-0.5B")["hub_id"] == "Qwen/Qwen2.5-0.5B"
 
 
-# ---------------------------------------------------------------------------- card
 def test_card_of_real_24_prune(pruned_24):
     from huggingface_hub import ModelCard
 
-    out, rep, _ = pruned_24
+    out, rep = pruned_24.folder, pruned_24.report
     card = ModelCard.load(out / "README.md")
     d = card.data
     assert d.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and d.license == "apache-2.0"
@@ -130,61 +105,12 @@ def test_card_names_the_repo_and_zero_shot(tmp_path):
     assert "mean 0.2000" in card.text and "--alpha 0.5 --iterations 0 --swaps 50 " in card.text
 
 
-# ---------------------------------------------------------------------------- inspect
-def test_inspect_real_24_prune_and_a_tampered_tensor(pruned_24, tmp_path, capsys):
-    out, rep, _ = pruned_24
-    info = inspect_checkpoint(out, pattern="2:4")
-    # the dequantized 4-bit weights hold a few exact zeros of their own, so 2:4 gives >= 50%
-    assert info["pruned_layers"] == 210 and 0.5 <= info["sparsity"] < 0.50001 and info["pattern_holds"] is True
-    assert set(info["dtypes"]) == {"float32"} and info["zeros"] == rep["zeros"]
-    text = format_inspection(info, per_layer=False)
-    assert "sparsity 0.5000" in text and "2:4 holds in all 210 layers" in text
-    # one group of 4 with three nonzeros
-    bad = tmp_path / "tampered"
-    bad.mkdir()
-    for f in out.iterdir():
-        if f.suffix != ".safetensors":
-            (bad / f.name).symlink_to(f)
-    sd = load_file(str(out / "model.safetensors"))
-    name = "model.layers.5.mlp.down_proj.weight"
-    W = sd[name]
-    row, g = 3, 2
-    zero = int((W[row, 4 * g:4 * g + 4] == 0).nonzero()[0])
-    W[row, 4 * g + zero] = 0.125
-    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    info = inspect_checkpoint(bad, pattern="2:4")
-    assert info["pattern_holds"] is False and info["pattern_failing_layers"] == [name]
-    row_info = next(r for r in info["layers"] if r["name"] == name)
-    assert row_info["nm_violations"] == 1 and row_info["nm_first"] == (3, 8)
-    assert cli_main(["inspect", str(bad), "--pattern", "2:4"]) == 1        # a failed check exits 1
-    assert f"2:4 FAILS in 1 of 210 layers: {name} (1 groups, first at row 3, column 8)" in capsys.readouterr().out
-    assert cli_main(["inspect", str(out), "--pattern", "2:4", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["pattern_holds"] is True
-
-
-def test_nm_violations_hand_computed():
-    W = torch.tensor([[1.0, 0.0, 2.0, 0.0, 1.0, 1.0, 1.0, 0.0],
-                      [0.0, 0.0, 0.0, 3.0, 1.0, 0.0, 0.0, 1.0]])
-    assert nm_violations(W, 2, 4) == (1, (0, 4))
-    assert nm_violations(W, 3, 4) == (0, None)
-    with pytest.raises(SparseFWError, match="multiple of 3"):
-        nm_violations(W, 1, 3)
-
-
-def test_inspect_bad_inputs(tmp_path, capsys):
-    with pytest.raises(SparseFWError, match="no .safetensors"):
-        inspect_checkpoint(tmp_path)
-    assert cli_main(["inspect", str(tmp_path / "missing")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------- reload, shards
 def test_pushed_layout_reloads_with_plain_transformers(pruned_24, tmp_path):
-    out, _, logits = pruned_24
+    out, logits = pruned_24.folder, pruned_24.logits
     dst = tmp_path / "logits.pt"
     code = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()\n"
-            f"torch.save(m(torch.tensor({TOKEN_IDS})).logits.detach(), {str(dst)!r})\n"
+            f"torch.save(m(torch.tensor({pruned_24.token_ids})).logits.detach(), {str(dst)!r})\n"
             "assert not any(k.startswith('sparsefw') for k in sys.modules)\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"          # as in this process (conftest): same float summation order
@@ -195,31 +121,11 @@ def test_pushed_layout_reloads_with_plain_transformers(pruned_24, tmp_path):
     assert {"README.md", "report.json", "config.json", "model.safetensors", "tokenizer.json"} <= sent
 
 
-def test_sharded_save_keeps_dtype_and_reloads(tmp_path, tokenizer):
-    src = tmp_path / "bf16"
-    tiny_model("llama", len(tokenizer), hidden=64).to(torch.bfloat16).save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    out = tmp_path / "o"
-    res = api.prune(str(src), output=str(out), method="wanda", pattern="2:4", nsamples=2, seqlen=16,
-                    max_shard_size="2MB", progress=False)
-    shards = sorted(p.name for p in out.glob("*.safetensors"))
-    assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
-    info = inspect_checkpoint(out, pattern="2:4")
-    assert info["pattern_holds"] and set(info["dtypes"]) == {"bfloat16"} and len(info["files"]) == len(shards)
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(out)
-    assert m.dtype == torch.bfloat16
-    for k, v in res.model.state_dict().items():
-        assert torch.equal(m.state_dict()[k], v), k
-
-
-# ---------------------------------------------------------------------------- push
-def test_dry_run_lists_what_upload_folder_sends(tmp_path, tokenizer, monkeypatch, capsys):
+def test_dry_run_lists_what_upload_folder_sends(tmp_path, save_tiny, monkeypatch, capsys):
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 
-    d = save_tiny(tmp_path, tokenizer)
+    d, _ = save_tiny("llama", name="tiny", hidden=64)
     for extra in (".git/config", ".cache/huggingface/x.lock", "sub/notes.txt"):
         (d / extra).parent.mkdir(parents=True, exist_ok=True)
         (d / extra).write_text("x")
@@ -235,7 +141,7 @@ def test_dry_run_lists_what_upload_folder_sends(tmp_path, tokenizer, monkeypatch
 
 
 def test_push_calls_the_hub_api(pruned_24, fake_hub, monkeypatch):
-    out, _, _ = pruned_24
+    out = pruned_24.folder
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     res = push(out, "me/smol-24", private=True, revision="v1")
     names = [c[0] for c in fake_hub]
@@ -247,8 +153,8 @@ def test_push_calls_the_hub_api(pruned_24, fake_hub, monkeypatch):
     assert res["url"] == "https://huggingface.co/me/smol-24"
 
 
-def test_no_token_sends_nothing(tmp_path, tokenizer, fake_hub, no_token, capsys):
-    d = save_tiny(tmp_path, tokenizer)
+def test_no_token_sends_nothing(tmp_path, save_tiny, fake_hub, no_token, capsys):
+    d, _ = save_tiny("llama", name="tiny", hidden=64)
     with pytest.raises(SparseFWError, match="no Hugging Face token"):
         push(d, "me/tiny")
     assert cli_main(["push", str(d), "--repo-id", "me/tiny"]) == 2
@@ -259,11 +165,11 @@ def test_no_token_sends_nothing(tmp_path, tokenizer, fake_hub, no_token, capsys)
     assert not out.exists() and fake_hub == []
 
 
-def test_unreachable_hub_and_failed_upload(tmp_path, tokenizer, fake_hub, monkeypatch, capsys):
+def test_unreachable_hub_and_failed_upload(tmp_path, save_tiny, fake_hub, monkeypatch, capsys):
     from huggingface_hub import HfApi
 
     monkeypatch.setenv("HF_TOKEN", "hf_test")
-    d = save_tiny(tmp_path, tokenizer)
+    d, _ = save_tiny("llama", name="tiny", hidden=64)
 
     def down(*a, **k):
         raise ConnectionError("no route to host")

@@ -1,4 +1,5 @@
-"""Least-squares reconstruction (sparsefw.reconstruct): closed-form optimum, never worse, errors."""
+"""Least-squares reconstruction (sparsefw/reconstruct.py): closed-form optimum with every solver,
+never worse, CG stopped early finished by Cholesky, errors."""
 import pytest
 import torch
 
@@ -167,18 +168,19 @@ def test_input_errors():
         reconstruct_weights(W, G, mask, tol=0.0)
 
 
-def test_cg_unconverged_rows_are_never_worse_than_the_warm_start():
-    # few CG iterations, no Cholesky finish possible to observe: compare the CG part alone
-    from sparsefw.reconstruct import _solve_cg
+def test_cg_unconverged_rows_are_finished_by_cholesky_and_beat_the_warm_start():
+    # CG capped at 1 or 3 iterations (tol 1e-14: no row converges): every row is handed to the exact
+    # Cholesky finish, so the weights are Cholesky's, below the warm start W ⊙ M in the damped objective
     W, X = layer_with_inputs(d_out=6, d_in=32, n=200, seed=11)
     G = X @ X.T
     mask = random_mask(W.shape, 0.5, seed=12)
     A = G + 0.01 * float(torch.diagonal(G).mean()) * torch.eye(32, dtype=torch.float64)
     Wd = W.double()
+    exact = reconstruct_weights(W, G, mask, percdamp=0.01, solver="cholesky")
     for iters in (1, 3):
-        out = torch.zeros_like(Wd)
-        left, its = _solve_cg(A, Wd @ A, Wd * mask, mask, torch.arange(6), out, 1e-14, iters)
-        assert left.numel() == 6 and its == iters
+        res = reconstruct_layer(W, G, mask, percdamp=0.01, solver="cg", tol=1e-14, maxiter=iters)
+        assert res.info["cg_unconverged"] == 6 and res.info["cg_iterations"] == iters
+        assert torch.allclose(res.weight, exact, rtol=1e-5, atol=1e-6)
         for i in range(6):  # damped objective (w - x)^T A (w - x) decreases from W ⊙ M
-            d0, d1 = Wd[i] * ~mask[i], Wd[i] - out[i]
+            d0, d1 = Wd[i] * ~mask[i], Wd[i] - res.weight[i].double()
             assert float(d1 @ A @ d1) < float(d0 @ A @ d0)

@@ -1,4 +1,4 @@
-"""Streaming (issue 13, part 2): a checkpoint pruned block by block from its safetensors shards,
+"""Streaming (sparsefw/streaming.py): a checkpoint pruned block by block from its safetensors shards,
 never whole in memory, gives a sharded checkpoint with the in-memory run's tensors."""
 import json
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_model
 from sparsefw import api
 from sparsefw.errors import SparseFWError
 
@@ -18,20 +17,20 @@ def tensors(folder):
     return out
 
 
-@pytest.mark.parametrize("arch,method,extra", [("llama", "sparsefw", {"reconstruct": True}),
+@pytest.mark.parametrize("arch,method,extra", [("llama", "sparsefw", {"reconstruct": True, "iterations": 20}),
                                                ("gemma3", "sparsegpt", {}),
                                                ("gpt2", "wanda", {"pattern": "2:4"}),
-                                               ("llama", "sparsefw", {"owl": True, "true_sequential": True})])
-def test_stream_equals_in_memory(tmp_path, tokenizer, arch, method, extra):
+                                               ("llama", "sparsefw", {"owl": True, "true_sequential": True,
+                                                                      "iterations": 20})])
+def test_stream_equals_in_memory(tmp_path, tokenizer, make_tiny, arch, method, extra):
     from transformers import AutoModelForCausalLM
 
-    m = tiny_model(arch, len(tokenizer), hidden=64, layers=3)
+    m = make_tiny(arch, len(tokenizer), hidden=64, layers=3)
     src = tmp_path / "src"
     m.save_pretrained(src, max_shard_size="150KB")      # several input shards
     tokenizer.save_pretrained(src)
     assert len(list(src.glob("*.safetensors"))) > 2
-    opts = dict(method=method, sparsity=0.5, nsamples=4, seqlen=32, iterations=20, device="cpu",
-                progress=False, **extra)
+    opts = dict(method=method, sparsity=0.5, nsamples=4, seqlen=32, device="cpu", progress=False, **extra)
     mem = api.prune(str(src), output=str(tmp_path / "mem"), **opts)
     rep = api.prune(str(src), output=str(tmp_path / "stream"), stream=True, **opts).report
     a, b = tensors(tmp_path / "mem"), tensors(tmp_path / "stream")
@@ -49,8 +48,8 @@ def test_stream_equals_in_memory(tmp_path, tokenizer, arch, method, extra):
         assert torch.equal(re(x).logits, mem.model(x).logits)
 
 
-def test_stream_needs_output_and_no_eval(tmp_path, tokenizer):
-    m = tiny_model("llama", len(tokenizer))
+def test_stream_needs_output_and_no_eval(tmp_path, tokenizer, make_tiny):
+    m = make_tiny("llama", len(tokenizer))
     m.save_pretrained(tmp_path / "src")
     tokenizer.save_pretrained(tmp_path / "src")
     with pytest.raises(SparseFWError, match="give --output"):

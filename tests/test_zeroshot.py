@@ -1,4 +1,5 @@
-"""Offline zero-shot tasks: data, prompts (vs lm-eval's built-in templates) and a tiny-model run."""
+"""Zero-shot evaluation (sparsefw/zeroshot.py), offline tasks: data, prompts (vs lm-eval's built-in
+templates) and a tiny-model run."""
 from __future__ import annotations
 
 import importlib.util
@@ -204,8 +205,11 @@ def test_shard_claimed_by_another_process_is_awaited(tiny_lm, tmp_path, monkeypa
     import os
     import threading
 
+    from sparsefw import zeroshot
+
+    monkeypatch.setattr(zeroshot, "POLL_SECONDS", 0.1)
+
     model, tok = tiny_lm
-    monkeypatch.setattr(zeroshot, "_POLL_SECONDS", 0.1)
     (tmp_path / "rte").mkdir()
     lock = tmp_path / "rte" / "000002-000004.lock"
     lock.write_text(str(os.getppid()))                  # a live process "holds" docs 2..3

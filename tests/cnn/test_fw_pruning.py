@@ -1,34 +1,18 @@
-"""Tests of the CNN magnitude / FW / FW + momentum pruning (cnn/fw_pruning.py, cnn/train.py,
-cnn/experiments.py). Hand-computed masks, exact-k checks, zero-preservation under fine-tuning and
-a tiny end-to-end smoke run of the sweep (skipped when the MNIST files are not installed)."""
+"""CNN magnitude / FW / FW + momentum pruning (cnn/fw_pruning.py): hand-computed FW steps, rounding
+and mask gradients, the global magnitude mask, schedules, exact-k pruning with fine-tuning in the
+loop, and the warmstarted global FW with alpha-fixing and per-layer budgets (the LLM engine's
+method on the CNN)."""
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
-from torch import nn
 
 from cnn import fw_pruning as fwp
 from cnn.models import PaperCNN, prunable_parameters
-from cnn.train import (SparseLinear, apply_masks, effective_weight_gradient, evaluate,
-                       nonzero_fractions, train, with_sparse_linear)
-from conftest import have_mnist, tiny_sweep_config
+from cnn.train import effective_weight_gradient, train
 from sparsefw.errors import SparseFWError
 
 
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(2 * 13 * 13, 3))
-
-
-def tiny_data(n: int = 32, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
-# ---------------------------------------------------------------- shared LMO / FW step / rounding
 def test_fw_step_hand_computed():
     g = torch.tensor([[0.3, -0.5, 0.1, -0.2, 0.0]])
     m = torch.ones(1, 5)
@@ -117,28 +101,11 @@ def test_flatten_roundtrip():
         fwp.unflatten(flat[:, :-1], w)
 
 
-# ---------------------------------------------------------------- plumbing on a tiny model
-def test_effective_weight_gradient_matches_autograd():
-    model = tiny_model()
-    x, y = tiny_data()
-    W = prunable_parameters(model)
-    ones = {k: torch.ones_like(v) for k, v in W.items()}
-    g = effective_weight_gradient(model, ones, x, y, batch_size=10)
-    model.eval()
-    model.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    for k, v in W.items():
-        assert torch.allclose(g[k], v.grad, atol=1e-6)
-    half = {k: torch.full_like(v, 0.5) for k, v in W.items()}
-    g2 = effective_weight_gradient(model, half, x, y)
-    assert not torch.allclose(g2["0.weight"], g["0.weight"])  # evaluated at W ⊙ m, not W
-
-
 @pytest.mark.parametrize("momentum,schedule,init", [(0.0, [0.8], "ones"), (0.9, [0.5, 0.8], "ones"),
                                                     (0.0, [0.8], "magnitude")])
-def test_fw_prune_keeps_exactly_k(momentum, schedule, init):
-    model = tiny_model()
-    x, y = tiny_data(48)
+def test_fw_prune_keeps_exactly_k(momentum, schedule, init, tiny_cnn, tiny_batch):
+    model = tiny_cnn()
+    x, y = tiny_batch(48)
     W = prunable_parameters(model)
     n = sum(v.numel() for v in W.values())
     gen = torch.Generator().manual_seed(0)
@@ -166,58 +133,36 @@ def test_fw_prune_keeps_exactly_k(momentum, schedule, init):
     assert not bool((fwp.flatten(prunable_parameters(model)) != 0)[~res.mask].any())
 
 
-def test_finetune_keeps_pruned_weights_exactly_zero():
-    model = tiny_model()
-    x, y = tiny_data(64)
-    masks = fwp.global_magnitude_mask(prunable_parameters(model), 0.7)
-    before = {k: v.detach().clone() for k, v in prunable_parameters(model).items()}
-    train(model, x, y, steps=6, lr=0.5, momentum=0.9, batch_size=16,
-          generator=torch.Generator().manual_seed(1), masks=masks)
-    for k, v in prunable_parameters(model).items():
-        assert bool((v[~masks[k]] == 0).all())
-        assert not torch.equal(v[masks[k]], before[k][masks[k]])  # kept weights did train
-    nz_p, nz_a = nonzero_fractions(model)
-    assert nz_p == pytest.approx(0.3, abs=2e-3)
-    assert 0.3 < nz_a < 1.0
+def _fw_with(alpha, sizes, n=40, k=12, seed=0):
+    torch.manual_seed(seed)
+    W = torch.randn(1, n)
+
+    def grad_fn(m):
+        return W, torch.randn(1, n)          # any gradient: alpha = 1 leaves FW nothing to choose
+
+    return W, fwp.fw_prune(grad_fn, lambda M, level: None, n, [1 - k / n], iterations=5, momentum=0.5,
+                           init="magnitude", weights_fn=lambda: W, alpha=alpha, sizes=sizes)
 
 
-def test_sparse_linear_and_evaluate():
-    model = tiny_model()
-    x, y = tiny_data(20)
-    apply_masks(model, fwp.global_magnitude_mask(prunable_parameters(model), 0.9))
-    sp = with_sparse_linear(model)
-    assert isinstance(sp[4], SparseLinear)
-    model.eval()
-    with torch.no_grad():
-        assert torch.allclose(sp(x), model(x), atol=1e-5)
-    acc, loss = evaluate(model, x, y, batch_size=7)
-    with torch.no_grad():
-        out = model(x)
-    assert acc == pytest.approx(float((out.argmax(1) == y).float().mean()))
-    assert loss == pytest.approx(float(nn.functional.cross_entropy(out, y)), rel=1e-5)
-    with pytest.raises(SparseFWError):
-        evaluate(model, x, y[:5])
+def test_warm_fw_alpha_one_returns_the_magnitude_mask_exactly():
+    W, res = _fw_with(1.0, [10, 25, 5])
+    mag = fwp.round_relaxed(W.abs(), 12, W.abs())
+    assert torch.equal(res.mask, mag)
 
 
-# ---------------------------------------------------------------- smoke test of the sweep
-@pytest.mark.skipif(not have_mnist(), reason="MNIST not installed (bash scripts/setup.sh)")
-def test_quick_config_smoke(tmp_path):
-    from cnn.experiments import run_sweep
-    cfg = tiny_sweep_config("configs/cnn_mnist_quick.yaml", tmp_path)
-    cfg["prune"].update(subsample=32, fw_iterations=2, ramp_steps=2, ramp_iterations=1)
-    cfg["latency"] = {"examples": 3, "repeats": 1}
-    cfg["main"]["budgets"] = [1]
-    cfg["ablations"]["variants"] = {"fw_momentum_mu0": {"momentum": 0.0}}
-    cfg["sparsity_sweep"].update(budget=1, sparsities=[0.7], methods=["fw_momentum"])
-    cfg["fashion"] = None
-    s = run_sweep(cfg, tmp_path / "out", progress=False)
-    runs = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
-    assert len(runs) == 3 + 1 + 1
-    for r in runs:
-        assert 0.0 <= r["accuracy"] <= 1.0
-        assert r["nonzero_prunable"] <= 1 - r["sparsity"] + 1e-3
-    assert (tmp_path / "out" / "fig1_accuracy_loss_vs_budget.png").exists()
-    assert s["acceptance"]["dense_1epoch_accuracy"] is not None
-    # resuming does not redo finished runs
-    run_sweep(cfg, tmp_path / "out", progress=False)
-    assert len((tmp_path / "out" / "runs.jsonl").read_text().splitlines()) == 5
+def test_warm_fw_keeps_per_layer_counts_and_the_fixed_weights():
+    sizes = [10, 25, 5]
+    W, res = _fw_with(0.5, sizes, seed=3)
+    mag = fwp.round_relaxed(W.abs(), 12, W.abs())
+    b = fwp.WarmBudget(W, 12, sizes, 0.5)
+    pos = 0
+    for i, n in enumerate(sizes):
+        assert int(res.mask[0, pos:pos + n].sum()) == int(mag[0, pos:pos + n].sum()) == int(b.kept[i])
+        pos += n
+    fixed = torch.cat([b.fixed[i, :n] for i, n in enumerate(sizes)]).unsqueeze(0)   # layer l = row l of b.fixed
+    assert int(fixed.sum()) == int(torch.round(0.5 * b.kept.double()).sum())
+    assert bool((res.mask | ~fixed).all())              # fixed weights stay kept
+    assert bool((fixed <= mag).all())                   # and are the magnitude mask's largest
+    assert not torch.equal(res.mask, mag)               # FW did re-choose some (random gradients)
+    with pytest.raises(SparseFWError, match="init='magnitude'"):
+        fwp.fw_prune(lambda m: (W, W), lambda M, l: None, 40, [0.7], 2, alpha=0.5)

@@ -1,16 +1,17 @@
-"""OWL per-block sparsity (sparsefw/owl.py and the pre-pass in the pipeline) and true-sequential
-pruning within a block (issue 16, parts 1 and 2)."""
+"""OWL per-block sparsity (sparsefw/owl.py): the outlier ratio and the block sparsities by hand, the
+pipeline's dense pre-pass giving each block the sparsity of its outlier ratio, and bad input."""
 import copy
 
 import pytest
 import torch
 
-from conftest import tiny_model
+from sparsefw.capture import block_forward
+from sparsefw.config import PruneConfig
 from sparsefw.errors import SparseFWError
 from sparsefw.masks import wanda_scores
 from sparsefw.models import decoder_blocks, get_weight, prunable_layers
 from sparsefw.owl import outlier_ratio, owl_sparsities
-from sparsefw.pipeline import PruneConfig, _block_forward, prune_model
+from sparsefw.pipeline import prune_model
 
 
 def test_outlier_ratio_by_hand():
@@ -37,8 +38,8 @@ def test_owl_sparsities_by_hand():
         owl_sparsities([0.0, 1.0], 0.9, 0.08)             # 0.9 + 0.16 >= 1
 
 
-def test_owl_pipeline_block_sparsities_follow_the_outlier_ratios(tokenizer):
-    m = tiny_model("llama", len(tokenizer), hidden=64, layers=4)
+def test_owl_pipeline_block_sparsities_follow_the_outlier_ratios(tokenizer, make_tiny):
+    m = make_tiny("llama", len(tokenizer), hidden=64, layers=4)
     ref = copy.deepcopy(m)
     rep = prune_model(m, tokenizer, PruneConfig(method="wanda", sparsity=0.6, owl=True, owl_lambda=0.1,
                                                 nsamples=4, seqlen=32), progress=False)
@@ -56,7 +57,7 @@ def test_owl_pipeline_block_sparsities_follow_the_outlier_ratios(tokenizer):
             assert ((W != 0).sum(1) == round((1 - sps[bi]) * W.shape[1])).all()
     # the ratios are those of the dense model's Wanda scores on the dense activations
     from sparsefw.calibration import calibration_windows
-    from sparsefw.onload import capture_block_inputs
+    from sparsefw.capture import capture_block_inputs
 
     windows = calibration_windows(tokenizer, "wiki", 4, 32, 0)
     blocks = decoder_blocks(ref)
@@ -73,7 +74,7 @@ def test_owl_pipeline_block_sparsities_follow_the_outlier_ratios(tokenizer):
         layers = prunable_layers(block)
         hs = [l.register_forward_hook(make_hook(n)) for n, l in layers.items()]
         with torch.no_grad():
-            inps = [_block_forward(block, h, extra[bi]) for h in inps]
+            inps = [block_forward(block, h, extra[bi]) for h in inps]
         for h in hs:
             h.remove()
         scores = [wanda_scores(get_weight(l), norms[n].sqrt().float()) for n, l in layers.items()]
@@ -86,65 +87,3 @@ def test_owl_pipeline_block_sparsities_follow_the_outlier_ratios(tokenizer):
 def test_owl_bad_input(kw, msg):
     with pytest.raises(SparseFWError, match=msg):
         PruneConfig(method="wanda", owl=True, **kw).validate()
-
-
-@pytest.mark.parametrize("method", ["sparsefw", "sparsegpt"])
-def test_true_sequential_grams_come_from_the_partially_pruned_block(tokenizer, monkeypatch, method):
-    """Every layer's Gram equals X^T X of its inputs in the block whose earlier groups (in the
-    order the block runs them) are pruned and whose later ones are dense; without the option all
-    come from the dense block."""
-    import sparsefw.pipeline as pl
-    from sparsefw.calibration import calibration_windows
-    from sparsefw.onload import capture_block_inputs
-
-    seen = {}
-    orig = pl.solve_layer
-
-    def spy(W, G, pattern, cfg):
-        seen[len(seen)] = G.clone()
-        return orig(W, G, pattern, cfg)
-
-    monkeypatch.setattr(pl, "solve_layer", spy)
-    down = {}
-    for seq in (True, False):
-        seen.clear()
-        dense = tiny_model("llama", len(tokenizer), hidden=32, layers=1)
-        m = copy.deepcopy(dense)
-        rep = prune_model(m, tokenizer, PruneConfig(method=method, sparsity=0.5, nsamples=3, seqlen=24,
-                                                    true_sequential=seq), progress=False)
-        names = [L["name"].split("layers.0.")[1] for L in rep["layers"]]
-        if seq:
-            assert names == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-        groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                  ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
-        windows = calibration_windows(tokenizer, "wiki", 3, 24, 0)
-        blk_d, blk_p = decoder_blocks(dense)[0], dict(prunable_layers(decoder_blocks(m)[0]))
-        inps, extra = capture_block_inputs(dense, decoder_blocks(dense), windows)
-        probe = copy.deepcopy(blk_d)
-        pl_probe = prunable_layers(probe)
-        for g in groups:
-            ref = {}
-
-            def make_hook(n):
-                def hook(mod, inp, out):
-                    x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
-                    ref[n] = ref.get(n, 0) + x.t() @ x
-                return hook
-
-            hs = [pl_probe[n].register_forward_hook(make_hook(n)) for n in g]
-            with torch.no_grad():
-                for h in inps:
-                    _block_forward(probe, h, extra[0])
-            for h in hs:
-                h.remove()
-            for n in g:
-                G = seen[names.index(n)]
-                assert float((G - ref[n]).norm() / ref[n].norm()) < 1e-6, (seq, n)
-            if seq:      # the next groups see this group pruned
-                with torch.no_grad():
-                    for n in g:
-                        get_weight(pl_probe[n]).copy_(get_weight(blk_p[n]))
-        down[seq] = seen[names.index("mlp.down_proj")]
-    # the option is not a no-op: down_proj's inputs with the pruned q..up differ from the dense ones
-    assert float((down[True] - down[False]).norm() / down[False].norm()) > 1e-3

@@ -1,91 +1,21 @@
-"""Tests for the K-sparse polytope (sparsefw.ksparse), the SFW optimizer / SFW-Init
-(sparsefw.sfw) and the SFW-pruning experiment script (cnn.sfw_experiments)."""
+"""The SFW optimizer and SFW-Init (cnn/sfw.py): bad input, initial norms, parameter groups, iterates
+kept in the K-sparse polytope, the step rules by hand, state save / load, the dynamic learning
+rate, SFW-Init learning scales and ending feasible."""
 from __future__ import annotations
 
-import itertools
-import json
+import io
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from cnn.ksparse import in_ksparse, ksparse_norms
+from cnn.sfw import SFW, SFWSchedule, dynamic_lr_factor, expected_init_norms, ksparse_param_groups, sfw_init
 from sparsefw.errors import SparseFWError
-from sparsefw.ksparse import (in_ksparse, k_for, ksparse_feasible, ksparse_lmo, ksparse_norms,
-                              radius_from_init)
-from sparsefw.sfw import (SFW, SFWSchedule, dynamic_lr_factor, expected_init_norms,
-                          ksparse_param_groups, sfw_init)
-
-
-def vertices(n, k, r):
-    """All vertices of C(K, r) in R^n: K entries +-r, the rest 0."""
-    for pos in itertools.combinations(range(n), k):
-        for signs in itertools.product((-1.0, 1.0), repeat=k):
-            v = torch.zeros(n, dtype=torch.float64)
-            v[list(pos)] = r * torch.tensor(signs, dtype=torch.float64)
-            yield v
-
-
-# ---------------------------------------------------------------------------------- K-sparse
-def test_k_for_hand_cases():
-    assert k_for(100, 0.05) == 5
-    assert k_for(10, 0.05) == 1            # k_min = 1
-    assert k_for(10, 0.05, k_min=3) == 3
-    assert k_for(2, 0.05, k_min=5) == 2    # capped at numel
-    assert k_for(1000, 1.0) == 1000
-
-
-def test_lmo_hand_computed():
-    g = torch.tensor([0.5, -2.0, 1.0, 0.0, -0.1])
-    assert torch.equal(ksparse_lmo(g, 2, 3.0), torch.tensor([0.0, 3.0, -3.0, 0.0, 0.0]))
-    assert torch.equal(ksparse_lmo(g, 1, 0.5), torch.tensor([0.0, 0.5, 0.0, 0.0, 0.0]))
-    # K = n: -r sign(g) everywhere (sign(0) = 0)
-    assert torch.equal(ksparse_lmo(g, 5, 1.0), torch.tensor([-1.0, 1.0, -1.0, 0.0, 1.0]))
-    # any shape, output keeps the shape
-    G = torch.tensor([[1.0, -4.0], [3.0, 0.5]])
-    assert torch.equal(ksparse_lmo(G, 2, 2.0), torch.tensor([[0.0, 2.0], [-2.0, 0.0]]))
-
-
-def test_lmo_matches_brute_force_over_vertices():
-    gen = torch.Generator().manual_seed(0)
-    for n, k in [(5, 1), (5, 2), (6, 3), (4, 4)]:
-        for _ in range(5):
-            g = torch.randn(n, generator=gen, dtype=torch.float64)
-            best = min(float(g @ v) for v in vertices(n, k, 1.7))
-            v = ksparse_lmo(g, k, 1.7)
-            assert float(g @ v) == pytest.approx(best, rel=1e-12)
-            assert in_ksparse(v, k, 1.7, rtol=0)
-
-
-def test_feasible_scales_into_set_and_keeps_feasible_points():
-    x = torch.tensor([4.0, -1.0, 0.5, 0.0])            # ||x||_inf = 4 > r = 2
-    y = ksparse_feasible(x, 2, 2.0)
-    assert in_ksparse(y, 2, 2.0, rtol=0)
-    assert float(y.abs().max()) == pytest.approx(2.0, rel=1e-6)  # box constraint is tight
-    assert torch.allclose(y / y.norm(), x / x.norm())             # radial scaling only
-    x = torch.tensor([1.5, 1.5, 1.5, 1.5])              # ||x||_1 = 6 > r K = 4, box fine
-    y = ksparse_feasible(x, 2, 2.0)
-    assert float(y.abs().sum()) == pytest.approx(4.0, rel=1e-6)
-    x = torch.tensor([1.0, -0.5, 0.2, 0.0])             # already inside
-    assert torch.equal(ksparse_feasible(x, 2, 2.0), x)
-    assert ksparse_norms(torch.tensor([-3.0, 1.0])) == (3.0, 4.0)
-
-
-def test_radius_from_init_sets_the_l2_diameter():
-    r = radius_from_init(4.0, 16, tau=15.0)
-    assert r == pytest.approx(15.0)                      # 15 * 4 / sqrt(16)
-    v = ksparse_lmo(torch.randn(100), 16, r)
-    assert float((v - (-v)).norm()) == pytest.approx(2 * 15.0 * 4.0, rel=1e-6)
 
 
 @pytest.mark.parametrize("call", [
-    lambda: ksparse_lmo(torch.ones(3), 0, 1.0),
-    lambda: ksparse_lmo(torch.ones(3), 4, 1.0),
-    lambda: ksparse_lmo(torch.ones(3), 1, -1.0),
-    lambda: ksparse_lmo(torch.tensor([1.0, float("nan")]), 1, 1.0),
-    lambda: k_for(10, 0.0),
-    lambda: k_for(10, 1.5),
-    lambda: radius_from_init(0.0, 3),
     lambda: SFW([{"params": [nn.Parameter(torch.ones(3))]}]),
     lambda: SFW([{"params": [nn.Parameter(torch.ones(3))], "K": 1, "radius": 1.0}], momentum=1.0),
     lambda: SFW([{"params": [nn.Parameter(torch.ones(3))], "K": 1, "radius": 1.0}], rescale="x"),
@@ -95,7 +25,6 @@ def test_bad_input_raises_sparsefw_error(call):
         call()
 
 
-# ------------------------------------------------------------------------------- constraints
 def test_expected_init_norms_leave_model_and_rng_alone():
     torch.manual_seed(0)
     lin = nn.Sequential(nn.Linear(100, 50))
@@ -122,7 +51,6 @@ def test_param_groups_k_and_radius():
     assert opt.is_feasible(rtol=0)
 
 
-# --------------------------------------------------------------------------------- optimizer
 def _tiny_problem(seed=0):
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(64, 6, generator=gen)
@@ -181,7 +109,6 @@ def test_state_saves_and_loads():
         opt.zero_grad()
         nn.functional.cross_entropy(model(X), y).backward()
         opt.step()
-    import io
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
@@ -245,58 +172,3 @@ def test_sfw_init_learns_scales_and_ends_feasible():
         n = [k for k, q in model.named_parameters() if q is p][0]
         c = float((p.detach() * theta0[n]).sum() / (theta0[n] ** 2).sum())
         assert c > 0 and torch.allclose(p.detach(), c * theta0[n], atol=1e-6)
-
-
-# ------------------------------------------------------------------------- experiment script
-def test_global_magnitude_masks_are_global():
-    from cnn.sfw_experiments import apply_masks, global_masks
-    m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 3))
-    with torch.no_grad():
-        m[0].weight.copy_(torch.tensor([[10.0, -0.1], [0.2, 5.0]]))
-        m[1].weight.copy_(torch.tensor([[0.3, -7.0], [0.05, 0.4], [-6.0, 1.0]]))
-    masks = global_masks(m, 0.4)                                 # keep round(0.4 * 10) = 4
-    assert masks["0.weight"].tolist() == [[True, False], [False, True]]
-    assert masks["1.weight"].tolist() == [[False, True], [False, False], [True, False]]
-    assert "0.bias" not in masks
-    r = global_masks(m, 0.5, "random", torch.Generator().manual_seed(0))
-    assert sum(int(v.sum()) for v in r.values()) == 5
-    apply_masks(m, masks)
-    assert int((m[1].weight != 0).sum()) == 2
-    with pytest.raises(SparseFWError):
-        global_masks(m, 0.0)
-
-
-def test_smoke_experiment_runs(tmp_path):
-    from cnn.sfw_experiments import run
-    try:
-        from cnn.data import load_split
-        load_split("mnist", "test")
-    except SparseFWError:
-        pytest.skip("MNIST not installed (run bash scripts/setup.sh)")
-    cfg = {"seed": 0, "threads": 1, "out_dir": str(tmp_path), "datasets": ["mnist"],
-           "models": ["mlp"], "methods": ["sgd", "sfw", "sfw_init"], "train_subset": 1500,
-           "batch_size": 100, "epochs": {"mlp": 1}, "keep_ratios": [1.0, 0.1],
-           "sgd": {"lr": 0.05, "momentum": 0.9}, "sfw": {"lr": 1.0, "momentum": 0.9, "k_frac": 0.05,
-                                                        "tau": 15},
-           "sfw_init": {"iters": 3}, "finetune": {"epochs": 1, "lr": 0.01},
-           "ablation": {"dataset": "mnist", "model": "mlp", "epochs": 1, "k_fracs": [0.05],
-                        "taus": [5]}}
-    res = run(cfg)
-    js = json.loads((tmp_path / "results.json").read_text())
-    runs = js["settings"][0]["runs"]
-    assert set(runs) == {"sgd", "sfw", "sfw_init"}
-    assert runs["sfw"]["feasible"] and runs["sfw_init"]["feasible"]
-    assert runs["sfw"]["magnitude"]["1.0"] > 50.0 and runs["sgd"]["magnitude"]["1.0"] > 50.0
-    assert {"random", "finetune"} <= set(runs["sgd"])
-    for f in ("weight_histograms.png", "accuracy_vs_pruning.png", "ablation.png", "pruning.csv",
-              "ablation.csv"):
-        assert (tmp_path / f).exists()
-    assert len(res["ablation"]) == 1
-
-
-def test_experiment_bad_config_is_one_error_line_exit_2(tmp_path, capsys):
-    from cnn.sfw_experiments import main
-
-    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: config file") and "missing.yaml" in err[0]

@@ -1,4 +1,5 @@
-"""SparseGPT (sparsefw.sparsegpt_sparsify): exact patterns, OBS update, quality vs Wanda, errors."""
+"""SparseGPT (sparsefw/sparsegpt_sparsify.py): exact patterns, OBS update, quality vs Wanda, errors,
+CUDA = CPU."""
 import pytest
 import torch
 
@@ -145,3 +146,16 @@ def test_input_errors():
     v = torch.ones(12, 1, dtype=torch.float64)
     with pytest.raises(SparseFWError, match="percdamp"):  # rank-1 Gram, no dampening
         sparsegpt_prune(W, v @ v.T, p, percdamp=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sparsegpt_on_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 128, generator=g)
+    X = torch.randn(128, 512, generator=g) * torch.rand(128, 1, generator=g)
+    G = (X @ X.T).double()
+    pat = parse_pattern("unstructured", 0.5)
+    Wc, Mc = sparsegpt_prune(W, G, pat)
+    Wg, Mg = sparsegpt_prune(W.cuda(), G.cuda(), pat)
+    assert torch.allclose(Wg.cpu(), Wc, atol=1e-4) and torch.equal(Mg.cpu(), Mc)
