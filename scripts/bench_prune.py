@@ -1,5 +1,5 @@
 """Where a prune's time goes, per method, in one run: SmolLM2-135M, 64 x 512 calibration,
-60% and 2:4, wanda / sparsegpt / sparsefw / sparsefw + --reconstruct, library defaults.
+60% and 2:4, wanda / sparsegpt / swaps / sparsefw / sparsefw + --reconstruct, library defaults.
 
 Prints per method and pattern: wall seconds split into calibration forward, Gram accumulation,
 warmstart, FW iterations, rounding/safeguard, swap refinement, reconstruction, the method's own
@@ -22,7 +22,7 @@ from sparsefw import api
 
 PARTS = ("calibration_forward", "gram", "warmstart", "fw_iterations", "rounding", "swaps",
          "reconstruction", "solve", "reporting", "other")
-METHODS = {"wanda": dict(method="wanda"), "sparsegpt": dict(method="sparsegpt"),
+METHODS = {"wanda": dict(method="wanda"), "sparsegpt": dict(method="sparsegpt"), "swaps": dict(method="swaps"),
            "sparsefw": dict(method="sparsefw"), "sparsefw+rec": dict(method="sparsefw", reconstruct=True)}
 
 

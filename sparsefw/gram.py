@@ -4,7 +4,7 @@ functions): G = X X^T of a layer's calibration inputs, made positive definite as
 Source: Frantar & Alistarh 2023, "SparseGPT", Sec. 3 and the reference implementation
 (``fasterprune``: dead inputs get diagonal 1, then lambda = percdamp * mean(diag) is added).
 Computed in float64 on G's device: G can have condition numbers up to 1e8 on LLM layers
-(../shared/SOLVER_NOTES.md).
+(docs/solver.md).
 """
 from __future__ import annotations
 

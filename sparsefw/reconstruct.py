@@ -20,7 +20,7 @@ Sources: the layer-wise reconstruction problem of OBC / SparseGPT (Frantar & Ali
 2023 Sec. 3: "the optimal values of the remaining weights ... solve a linear regression"); the
 "--reconstruct" step of SparseFW .
 
-Solvers (G can have condition numbers up to 1e8, ../shared/SOLVER_NOTES.md; the system, its
+Solvers (G can have condition numbers up to 1e8, docs/solver.md; the system, its
 residuals and the result are float64):
 * ``"cg"`` (default): Jacobi-preconditioned conjugate gradient on all rows at once; each
   iteration is one dense (rows, d_in) x (d_in, d_in) GEMM, which runs ~10x faster per flop here

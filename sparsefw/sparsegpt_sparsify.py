@@ -31,7 +31,7 @@ Budgets (so the result meets :class:`sparsefw.masks.Pattern` exactly):
   group's first column is reached; ``blocksize`` must be a multiple of m).
 
 Numerics: everything is computed in float64 (G can have condition numbers up to 1e8 on LLM
-layers, ../shared/SOLVER_NOTES.md); the result is returned in float32.
+layers, docs/solver.md); the result is returned in float32.
 """
 from __future__ import annotations
 
