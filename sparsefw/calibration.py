@@ -95,6 +95,20 @@ def _hub_text(source: str, split: str) -> str:
             f"({type(e).__name__}); offline, use one of {', '.join(OFFLINE_SOURCES)} or a local text file") from None
 
 
+MAX_INVALID = 0.01   # fraction of a text file's characters that may be invalid UTF-8 (or NUL)
+
+
+def _read_utf8(path: Path) -> str:
+    """A text file as str; invalid UTF-8 sequences are replaced (U+FFFD). Raises SparseFWError
+    when more than :data:`MAX_INVALID` of it is invalid or NUL: a binary file, not text."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") + text.count("\x00")
+    if bad > MAX_INVALID * max(len(text), 1):
+        raise SparseFWError(f"'{path}' is not UTF-8 text ({100 * bad / len(text):.0f}% of its characters are "
+                            "invalid UTF-8 or NUL); give a UTF-8 text file (a binary file cannot calibrate a model)")
+    return text
+
+
 def load_text(source: str, purpose: str = "calibration") -> str:
     """Return the raw text of a named source or a local file.
 
@@ -102,8 +116,8 @@ def load_text(source: str, purpose: str = "calibration") -> str:
         source: ``wiki``, ``boolq``, ``austen``, ``c4``, ``wikitext2`` or a path to a UTF-8 file.
         purpose: ``"calibration"`` (train splits) or ``"eval"`` (held-out splits) for hub sources.
     Returns: the text (str).
-    Raises: SparseFWError for an unknown source, a missing file or asset, an unreachable hub, or an
-        empty text.
+    Raises: SparseFWError for an unknown source, a missing file or asset, an unreachable hub, an
+        empty text, or a file that is not UTF-8 text (more than 1% invalid characters).
     """
     if source == "wiki":
         text = _wiki_squad()
@@ -120,7 +134,7 @@ def load_text(source: str, purpose: str = "calibration") -> str:
             raise SparseFWError(
                 f"unknown text source '{source}': use one of {', '.join(OFFLINE_SOURCES + ONLINE_SOURCES)} "
                 "or the path of a UTF-8 text file")
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = _read_utf8(p)
     if not text.strip():
         raise SparseFWError(f"text source '{source}' is empty; give a text with real content")
     return text

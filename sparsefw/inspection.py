@@ -9,6 +9,7 @@ nonzeros.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -38,6 +39,24 @@ def _resolve_folder(path: str) -> Path:
     except Exception as e:  # noqa: BLE001 - offline or missing repo: one line
         raise SparseFWError(f"could not download '{path}' from the Hugging Face Hub ({type(e).__name__}); "
                             "give a local folder when offline") from None
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | Path):
+    """``safetensors.safe_open(path, framework="pt")`` as a context manager whose failures (a corrupt
+    or truncated file, while opening or reading a tensor) become one SparseFWError naming the file.
+
+    Raises: SparseFWError saying to re-download or re-save the checkpoint."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            yield fh
+    except SparseFWError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types: one clear line
+        raise SparseFWError(f"'{path}' is not a readable safetensors file ({type(e).__name__}): it is corrupt "
+                            "or truncated; re-download or re-save the checkpoint") from None
 
 
 def nm_violations(W: torch.Tensor, n: int, m: int) -> tuple[int, tuple[int, int] | None]:
@@ -74,8 +93,6 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None, names=None)
     Raises: SparseFWError: no such folder / hub id, no safetensors in it, bad pattern, a
         pattern that does not divide a layer's d_in, or a name of ``names`` not in the files.
     """
-    from safetensors import safe_open
-
     folder = _resolve_folder(str(path))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -90,7 +107,7 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None, names=None)
     layers, dtypes = [], {}
     other = other_zeros = 0
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
+        with open_safetensors(f) as fh:
             for name in fh.keys():
                 t = fh.get_tensor(name)
                 dt = str(t.dtype).replace("torch.", "")

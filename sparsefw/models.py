@@ -167,9 +167,14 @@ def load_model(name_or_path: str, dtype="auto", device: str | torch.device | Non
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
         tok = AutoTokenizer.from_pretrained(src, **kw)
         log.info("loaded %s in %.1f s", name_or_path, time.perf_counter() - t0)
-    except (OSError, ValueError, KeyError) as e:  # missing repo, no network, bad config
+    except Exception as e:  # noqa: BLE001 - missing repo, no network, bad config, corrupt or truncated files
         if is_dir:
-            raise SparseFWError(f"could not load a causal LM from folder '{src}': {str(e).splitlines()[0]}")
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise SparseFWError(f"could not load a causal LM from folder '{src}' ({type(e).__name__}: {msg}); "
+                                "its config or weight files (.safetensors, .gguf) are missing, corrupt or "
+                                "truncated") from None
+        if not isinstance(e, (OSError, ValueError, KeyError)):
+            raise
         raise SparseFWError(
             f"could not load model '{name_or_path}': it is not a local folder, not a packaged model "
             f"({', '.join(PACKAGED)}), and the Hugging Face hub did not provide it (offline or no "

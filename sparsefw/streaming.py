@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import SparseFWError
+from .inspection import open_safetensors
 from .models import decoder_blocks, resolve_dtype, resolve_model
 
 _CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -56,14 +57,12 @@ def checkpoint_folder(name_or_path: str) -> Path:
 
 def weight_map(folder: Path) -> dict[str, str]:
     """Tensor name -> safetensors file name, from ``model.safetensors.index.json`` or the files."""
-    from safetensors import safe_open
-
     index = folder / "model.safetensors.index.json"
     if index.exists():
         return dict(json.loads(index.read_text())["weight_map"])
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
+        with open_safetensors(f) as fh:
             out.update({k: f.name for k in fh.keys()})
     return out
 
@@ -75,8 +74,6 @@ class _Reader:
         self.folder, self.wmap = folder, wmap
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
         missing = [n for n in names if n not in self.wmap]
         if missing:
             raise SparseFWError(f"tensor '{missing[0]}' is not in the checkpoint's safetensors; the "
@@ -86,7 +83,7 @@ class _Reader:
         for n in names:
             by_file.setdefault(self.wmap[n], []).append(n)
         for fname, ns in by_file.items():
-            with safe_open(str(self.folder / fname), framework="pt") as fh:
+            with open_safetensors(self.folder / fname) as fh:
                 for n in ns:
                     out[n] = fh.get_tensor(n)
         return out

