@@ -26,6 +26,7 @@ from .paths import cache_dir, write_atomic
 from .config import PruneConfig
 from .pipeline import check_prunable, prune_model
 from .report import run_report
+from .resume import run_state
 from .saving import check_output_dir, save_pruned
 
 
@@ -105,11 +106,13 @@ def _count_zeros(mdl, names: list[str]) -> dict:
 
 
 def _prune_in_memory(model: str, cfg: PruneConfig, pattern, output, overwrite, eval_ppl, ppl_source, ppl_seqlen,
-                     ppl_chunks, zeroshot, zeroshot_limit, progress, max_shard_size, ppl_validation) -> PruneResult:
+                     ppl_chunks, zeroshot, zeroshot_limit, progress, max_shard_size, ppl_validation,
+                     resume) -> PruneResult:
     """:func:`prune` without streaming or upload (arguments as there; ``cfg`` validated)."""
     t0 = time.perf_counter()
     ranks = init_ranks(cfg.device)
     device, progress = ranks.device, progress and ranks.is_main
+    state = run_state(model, cfg, output, ranks, resume, overwrite)
     mdl, tok = load_model(model, dtype=cfg.dtype, device="cpu")   # blocks are onloaded one at a time
     names = check_prunable(mdl, pattern)
     block_class = type(decoder_blocks(mdl)[0]).__name__
@@ -123,7 +126,7 @@ def _prune_in_memory(model: str, cfg: PruneConfig, pattern, output, overwrite, e
         with placed_for_eval(mdl, device, block_class):
             dense = {key: dense_ppl(model, mdl, tok, src, pseq, ppl_chunks, progress=progress, bos=cfg.bos,
                                     ranks=ranks) for key, src in texts.items()}
-    res = prune_model(mdl, tok, cfg, progress=progress, ranks=ranks, pattern=pattern)
+    res = prune_model(mdl, tok, cfg, progress=progress, ranks=ranks, pattern=pattern, state=state)
     mdl.to("cpu")
     extra = {"bos_token": None if bos_id is None else tok.convert_ids_to_tokens(bos_id)}
     extra.update(_evaluate(mdl, tok, texts, dense, pseq, ppl_chunks, cfg, device, block_class, ranks, progress))
@@ -136,6 +139,8 @@ def _prune_in_memory(model: str, cfg: PruneConfig, pattern, output, overwrite, e
     else:  # not saved (or not by this process): count on the in-memory tensors
         report.update(_count_zeros(mdl, names))
     barrier(ranks)   # every process returns after the checkpoint is written
+    if state is not None:
+        state.remove()
     return PruneResult(mdl, tok, report)
 
 
@@ -143,7 +148,8 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
           ppl_source: str = "boolq", ppl_seqlen: int | None = None, ppl_chunks: int | None = 64,
           zeroshot: list[str] | None = None, zeroshot_limit: int | None = None, progress: bool = True,
           stream: bool = False, max_shard_size: str | int = "5GB", push_to_hub: str | None = None,
-          private: bool = False, ppl_validation: str | None = None, **config) -> PruneResult:
+          private: bool = False, ppl_validation: str | None = None, resume: bool = False,
+          **config) -> PruneResult:
     """Load, prune (sequential layerwise), optionally evaluate and save a causal LM.
 
     Args:
@@ -161,6 +167,8 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
         max_shard_size: transformers' shard limit for the saved safetensors (``"5GB"``).
         push_to_hub: ``USER/NAME``: upload ``output`` afterwards (:func:`sparsefw.publish.push`;
             ``private`` repo if asked); token and Hub are checked before pruning starts.
+        resume: continue a run with the same settings and ``output`` that was interrupted
+            (:mod:`sparsefw.resume`: its finished blocks are loaded, not pruned again).
         **config: :class:`sparsefw.config.PruneConfig` settings and the method's options (e.g.
             ``method="sparsefw", sparsity=0.6, alpha=0.9, iterations=30``).
     Returns: :class:`PruneResult`.
@@ -179,7 +187,7 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
         res = prune(model, output=output, overwrite=overwrite, eval_ppl=eval_ppl, ppl_source=ppl_source,
                     ppl_seqlen=ppl_seqlen, ppl_chunks=ppl_chunks, zeroshot=zeroshot,
                     zeroshot_limit=zeroshot_limit, progress=progress, stream=stream,
-                    max_shard_size=max_shard_size, ppl_validation=ppl_validation, **config)
+                    max_shard_size=max_shard_size, ppl_validation=ppl_validation, resume=resume, **config)
         if int(os.environ.get("RANK", "0")) == 0:
             res.report["pushed"] = push(output, push_to_hub, private=private)
         return res
@@ -192,9 +200,9 @@ def prune(model: str, output: str | None = None, overwrite: bool = False, eval_p
         from .streaming import stream_prune
 
         return PruneResult(None, None, stream_prune(model, output, cfg, overwrite=overwrite, progress=progress,
-                                                    pattern=pattern))
+                                                    pattern=pattern, resume=resume))
     return _prune_in_memory(model, cfg, pattern, output, overwrite, eval_ppl, ppl_source, ppl_seqlen, ppl_chunks,
-                            zeroshot, zeroshot_limit, progress, max_shard_size, ppl_validation)
+                            zeroshot, zeroshot_limit, progress, max_shard_size, ppl_validation, resume)
 
 
 def eval_ppl(model: str, source: str = "boolq", seqlen: int = 512, chunks: int | None = 64,

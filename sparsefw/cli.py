@@ -57,7 +57,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="checkpoints larger than memory: read each block "
                    "from the safetensors when reached, write it to --output, never hold the whole model")
     p.add_argument("--output", help="folder for the pruned checkpoint, report.json and README.md")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (and the "
+                   "progress of an interrupted run)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same options and "
+                   "--output from its last finished block (progress kept in OUTPUT.partial)")
     p.add_argument("--eval-ppl", dest="eval_ppl", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--ppl-source", dest="ppl_source", default="boolq", help="held-out text: boolq | wikitext2 | FILE")
     p.add_argument("--ppl-seqlen", dest="ppl_seqlen", type=int, default=None, help="default: --seqlen")
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
                             ppl_chunks=args.ppl_chunks or None, zeroshot=tasks or None,
                             zeroshot_limit=args.zeroshot_limit, stream=args.stream,
                             max_shard_size=args.max_shard_size, push_to_hub=args.push_to_hub,
-                            private=args.private, **conf)
+                            private=args.private, resume=args.resume, **conf)
             if int(os.environ.get("RANK", "0")) != 0:
                 return 0
             _print_summary(res.report)

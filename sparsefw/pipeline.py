@@ -133,6 +133,17 @@ def owl_outlier_ratios(blocks, inps: list, extra: list, cfg: PruneConfig, ranks:
     return ratios
 
 
+def _prune_block(block: nn.Module, inps: list, extra, pattern: Pattern, cfg: PruneConfig, ranks: Ranks, names: dict,
+                 first: int, timer: dict) -> list[LayerReport]:
+    """Prune every layer of one block (true-sequential: group by group, each group fitted to the
+    block's inputs with the earlier groups pruned); the layers' reports."""
+    groups = layer_groups(block, inps, extra, ranks) if cfg.true_sequential else [list(prunable_layers(block))]
+    done = []
+    for group in groups:
+        done += _prune_layers(block, group, inps, extra, pattern, cfg, ranks, names, first, timer)
+    return done
+
+
 def _block_outputs(block: nn.Module, bi: int, inps: list, extra, device, store, ranks: Ranks) -> list:
     """The pruned block's outputs on every input (the next block's inputs), kept on ``store``.
     Raises SparseFWError (on every rank) on NaN/Inf outputs."""
@@ -162,7 +173,7 @@ def _owl_patterns(blocks, inps, extra, cfg: PruneConfig, ranks: Ranks, names, fi
 @torch.no_grad()
 def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Tensor | None = None,
                 progress: bool = True, ranks: Ranks | None = None, block_context=None,
-                pattern: Pattern | None = None) -> dict:
+                pattern: Pattern | None = None, state=None) -> dict:
     """Prune a causal LM in place, block by block (Wanda/SparseGPT sequential scheme).
 
     One block at a time is moved to the device (:mod:`sparsefw.onload`); with several processes
@@ -184,6 +195,8 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
             block (default :func:`sparsefw.onload.on_device`; streaming reads and writes blocks).
         pattern: the parsed pattern when the caller already ran ``cfg.validate()`` and
             :func:`check_prunable` (api, streaming); None: both run here.
+        state: a :class:`sparsefw.resume.RunState`: blocks it holds are loaded instead of pruned,
+            every newly pruned block is recorded in it (``--resume``).
     Returns: :func:`sparsefw.report.prune_summary` plus ``owl`` (None or its entry),
         ``calibration_tokens`` and ``processes``; the same on every rank.
     Raises: SparseFWError: bad configuration, N:M not dividing some d_in, short calibration text,
@@ -213,18 +226,23 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(blocks)), desc=f"{cfg.method} {pattern if pattern.kind == 'nm' else cfg.sparsity}",
                unit="block", disable=not (progress and ranks.is_main))
+    resumed = 0
     for bi, block in bar:
         with block_context(bi, block) if block_context else on_device(block, device):   # one block on the device
-            groups = layer_groups(block, inps, extra[bi], ranks) if cfg.true_sequential else [list(prunable_layers(block))]
-            done = []
-            for group in groups:              # true-sequential: each group sees the earlier ones pruned
-                done += _prune_layers(block, group, inps, extra[bi], patterns[bi], cfg, ranks, names, mine.start, timer)
+            saved = state.finished(bi) if state is not None else None
+            if saved is not None:             # pruned before an interruption: its weights as they were
+                block.load_state_dict(saved)
+                done, resumed = state.reports(bi), resumed + 1
+            else:
+                done = _prune_block(block, inps, extra[bi], patterns[bi], cfg, ranks, names, mine.start, timer)
             t1 = time.perf_counter()
             inps = _block_outputs(block, bi, inps, extra[bi], device, store, ranks)
             timer["calibration_forward"] += time.perf_counter() - t1
+            if state is not None and saved is None:
+                state.save(bi, block, done)
         reports += done
         bar.set_postfix(err=f"{sum(r.error_final for r in done) / len(done):.4f}",
                         wanda=f"{sum(r.error_wanda for r in done) / len(done):.4f}")
     place_embeddings(model, blocks, home)   # the model ends where it started
     return {**prune_summary(reports, timer, t0), "owl": owl, "calibration_tokens": int(windows.numel()),
-            "processes": ranks.world}
+            "processes": ranks.world, "resumed_blocks": resumed}

@@ -173,7 +173,7 @@ def _block_context(model, reader: _Reader, device, dtype, stage, shard, out_map:
 
 
 def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, progress: bool = True,
-                 pattern=None) -> dict:
+                 pattern=None, resume: bool = False) -> dict:
     """Prune a checkpoint block by block without ever holding it in memory; write the result.
 
     Args:
@@ -182,6 +182,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
         cfg: :class:`sparsefw.config.PruneConfig` (``dtype`` auto = the checkpoint's).
         overwrite: replace a non-empty output folder. progress: tqdm bars.
         pattern: ``cfg.validate()``'s result if the caller ran it (else it runs here).
+        resume: continue an interrupted run (:mod:`sparsefw.resume`).
     Returns: the report dict (also written as ``report.json``).
     Raises: SparseFWError as :func:`sparsefw.pipeline.prune_model`, and for checkpoints without
         safetensors or whose tensors do not match the config.
@@ -190,12 +191,14 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
     from .onload import outside_modules
     from .pipeline import check_prunable, prune_model
     from .report import run_report
+    from .resume import run_state
     from .saving import staged_output, write_report
 
     t0 = time.perf_counter()
     pattern = pattern or cfg.validate()
     _return_freed_memory()
     ranks = init_ranks(cfg.device)
+    state = run_state(model_name, cfg, output, ranks, resume, overwrite)
     folder = checkpoint_folder(model_name)
     model, tok, dtype = _load_empty(folder, cfg)
     blocks = decoder_blocks(model)
@@ -217,13 +220,14 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
     report = None
     with contextlib.ExitStack() as stack:
         stage = stack.enter_context(staged_output(output, overwrite)) if ranks.is_main else None
-        res = prune_model(model, tok, cfg, progress=progress, ranks=ranks, pattern=pattern,
+        res = prune_model(model, tok, cfg, progress=progress, ranks=ranks, pattern=pattern, state=state,
                           block_context=_block_context(model, reader, device, dtype, stage, shard, out_map))
         if stage is not None:
             _write_rest(stage, folder, reader, wmap, out_map, shard(len(blocks)), dtype)
             report = run_report(model_name, cfg, device, dtype, res, t0, stream=True)
             write_report(stage, report, [f"{n}.weight" for n in names])
     barrier(ranks)
+    state.remove()
     return broadcast_object(report, 0, ranks)
 
 
