@@ -206,7 +206,7 @@ def all_options() -> dict[str, Option]:
 # ----------------------------------------------------------------------------------------------
 WARMSTART = Option("warmstart", "wanda", "scores of the warmstart mask", choices=("wanda", "ria", "magnitude"))
 SWAPS = Option("swaps", 50, "rounds of exact swap refinement of the mask (0 = off)", low=0)
-DEFAULT_ITERATIONS = 30
+DEFAULT_ITERATIONS = 10   # chosen on validation text (Austen): docs/solver.md, "Number of FW iterations"
 
 
 def warmstart_scores(W: torch.Tensor, stats: LayerStats, warmstart: str) -> torch.Tensor:
