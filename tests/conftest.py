@@ -82,6 +82,16 @@ def save_tiny(tmp_path, tokenizer, make_tiny):
     return save
 
 
+@pytest.fixture
+def layer_64x128():
+    """(W, G): a random (64, 128) float32 weight and the float64 Gram matrix of 512 random inputs
+    with per-feature scales in [0, 1) (so columns differ in norm, as in real layers)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 128, generator=g)
+    X = torch.randn(128, 512, generator=g) * torch.rand(128, 1, generator=g)
+    return W, (X @ X.T).double()
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     """Every supported architecture in turn (a test taking ``arch`` runs once per architecture)."""

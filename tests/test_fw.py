@@ -274,11 +274,8 @@ def test_bad_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fw_solve_on_cuda_matches_cpu():
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(64, 128, generator=g)
-    X = torch.randn(128, 512, generator=g) * torch.rand(128, 1, generator=g)
-    G = (X @ X.T).double()
+def test_fw_solve_on_cuda_matches_cpu(layer_64x128):
+    W, G = layer_64x128
     pat = parse_pattern("unstructured", 0.5)
     scores = wanda_scores(W, torch.diagonal(G).sqrt().float())
     cpu = fw_solve(W, G.float(), scores, pat, iterations=50)
