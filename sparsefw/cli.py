@@ -77,12 +77,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 def _config_args(args) -> dict:
     """The PruneConfig settings and method options given on the command line or in --config
     (flags left at None are not given: the defaults apply)."""
-    from dataclasses import fields
-
-    from .config import PruneConfig
+    from .config import RUN_FIELDS
     from .methods import all_options
 
-    names = [f.name for f in fields(PruneConfig) if f.name != "options"] + list(all_options())
+    names = list(RUN_FIELDS) + list(all_options())
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -153,7 +151,7 @@ def _print_summary(rep: dict) -> None:
     from .methods import METHODS
 
     m = METHODS.get(rep["method"])
-    opts = ", ".join(f"{o.name} {rep.get(o.name)}" for o in (m.options if m else ()))
+    opts = m.options_text(rep) if m else ""
     print(f"\n== {rep['model']}: {rep['method']}" + (f" ({opts})" if opts else "")
           + f", {pat}" + (" + reconstruction" if rep.get("reconstruct") else ""))
     print(f"achieved sparsity {rep['achieved_sparsity']:.4f} over {rep['total']:,} weights; "

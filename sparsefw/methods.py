@@ -162,6 +162,11 @@ class Method:
                                 + (f" (only to {', '.join(owners)})" if owners else "") + "; drop it")
         return {n: (o.parse(given[n]) if n in given else o.default) for n, o in mine.items()}
 
+    def options_text(self, values: dict) -> str:
+        """The method's options with their values in ``values`` (e.g. a report), as text:
+        ``"warmstart wanda, alpha 0.9, ..."`` (empty for a method without options)."""
+        return ", ".join(f"{o.name} {values.get(o.name)}" for o in self.options)
+
 
 METHODS: dict[str, Method] = {}
 

@@ -169,10 +169,10 @@ def reproduce_command(report: dict, output: str = "OUTPUT") -> str:
     settings where they differ from the defaults."""
     from dataclasses import fields
 
-    from .config import PruneConfig
+    from .config import RUN_FIELDS, PruneConfig
     from .methods import METHODS
 
-    defaults = {f.name: f.default for f in fields(PruneConfig) if f.name != "options"}
+    defaults = {f.name: f.default for f in fields(PruneConfig) if f.name in RUN_FIELDS}
     m = METHODS.get(str(report.get("method")))
     always = ["method", "pattern", "sparsity", "calib", "nsamples", "seqlen", "seed"]
     always += [o.name for o in (m.options if m else ())]
@@ -206,7 +206,7 @@ def method_text(report: dict) -> str:
     m = METHODS.get(str(report.get("method")))
     if m is None:
         return str(report.get("method"))
-    opts = ", ".join(f"{o.name} {report.get(o.name)}" for o in m.options)
+    opts = m.options_text(report)
     return f"`{m.name}` ({m.description}" + (f"; {opts})" if opts else ")")
 
 

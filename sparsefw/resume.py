@@ -85,15 +85,14 @@ class RunState:
 
         from safetensors.torch import save_file
 
+        self.blocks[index] = [asdict(r) for r in reports]
         if not self.write:
-            self.blocks[index] = [asdict(r) for r in reports]
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         f = self.dir / f"block-{index:05d}.safetensors"
         tmp = f.with_name(f.name + ".tmp")
         save_file({n: p.detach().to("cpu").contiguous() for n, p in block.state_dict().items()}, str(tmp))
         os.replace(tmp, f)
-        self.blocks[index] = [asdict(r) for r in reports]
         write_atomic(self.dir / "state.json", json.dumps(
             {"format": _FORMAT, "fingerprint": self.fingerprint, "blocks": self.blocks}, default=str))
 

@@ -149,15 +149,16 @@ def _write_rest(stage: Path, folder: Path, reader: _Reader, wmap: dict, out_map:
     (stage / "config.json").write_text(json.dumps(c, indent=2))
 
 
-def _block_context(model, reader: _Reader, device, dtype, stage, shard, out_map: dict):
+def _block_context(model, names: dict, reader: _Reader, device, dtype, stage, shard, out_map: dict):
     """The ``block_context`` of :func:`sparsefw.pipeline.prune_model` for streaming: read the
     block from the checkpoint onto ``device``, and afterwards write it to its own shard (unless
-    ``write=False``: OWL's read-only pass) and drop it back to meta."""
+    ``write=False``: OWL's read-only pass) and drop it back to meta. ``names``: module id -> full
+    name (:func:`sparsefw.capture.full_names`)."""
     from safetensors.torch import save_file
 
     @contextlib.contextmanager
     def block_context(bi, block, write=True):
-        pre = _prefix(model, block)
+        pre = names[id(block)]
         _materialize(model, [f"{pre}.{n}" for n, _ in block.named_parameters()], reader, device, dtype)
         for n, b in block.named_buffers():   # non-persistent buffers (rotary) are built on meta
             if b.device.type == "meta":
@@ -187,6 +188,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
     Raises: SparseFWError as :func:`sparsefw.pipeline.prune_model`, and for checkpoints without
         safetensors or whose tensors do not match the config.
     """
+    from .capture import full_names
     from .distributed import barrier, broadcast_object, init_ranks
     from .onload import outside_modules
     from .pipeline import check_prunable, prune_model
@@ -207,7 +209,8 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
     reader = _Reader(folder, wmap)
     device = ranks.device
     outside = outside_modules(model, blocks, model.get_output_embeddings())
-    _materialize(model, [f"{p}.{n}" for m in outside for p in [_prefix(model, m)]
+    module_names = full_names(model)
+    _materialize(model, [f"{p}.{n}" for m in outside for p in [module_names[id(m)]]
                          for n, _ in m.named_parameters() if f"{p}.{n}" in wmap], reader, device, dtype)
     for m in outside:
         m.to(device)
@@ -221,7 +224,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
     with contextlib.ExitStack() as stack:
         stage = stack.enter_context(staged_output(output, overwrite)) if ranks.is_main else None
         res = prune_model(model, tok, cfg, progress=progress, ranks=ranks, pattern=pattern, state=state,
-                          block_context=_block_context(model, reader, device, dtype, stage, shard, out_map))
+                          block_context=_block_context(model, module_names, reader, device, dtype, stage, shard, out_map))
         if stage is not None:
             _write_rest(stage, folder, reader, wmap, out_map, shard(len(blocks)), dtype)
             report = run_report(model_name, cfg, device, dtype, res, t0, stream=True)
@@ -229,10 +232,3 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
     barrier(ranks)
     state.remove()
     return broadcast_object(report, 0, ranks)
-
-
-def _prefix(model, module) -> str:
-    for n, m in model.named_modules():
-        if m is module:
-            return n
-    raise SparseFWError("module not found in the model")
