@@ -31,7 +31,7 @@ from sparsefw.masks import parse_pattern, wanda_scores
 from sparsefw.models import decoder_blocks, load_model
 from sparsefw.paths import cache_dir
 from sparsefw.capture import capture_block_inputs
-from sparsefw.capture import accumulate_grams, block_forward
+from sparsefw.capture import block_forward, evaluate_grams
 
 
 def real_layers(model_name: str, blocks: list[int], nsamples: int, seqlen: int, seed: int = 0) -> dict:
@@ -48,7 +48,7 @@ def real_layers(model_name: str, blocks: list[int], nsamples: int, seqlen: int, 
         out = {}
         for i in range(max(blocks) + 1):
             if i in blocks:
-                grams = accumulate_grams(bl[i], inps, extra[i])
+                grams = evaluate_grams(bl[i], inps, extra[i])
                 for n, l in bl[i].named_modules():
                     if n in grams:
                         out[f"{i}.{n}"] = (l.weight.detach().float().clone(), grams[n])

@@ -15,8 +15,9 @@ import time
 import torch
 from torch import nn
 
-from .distributed import GRAM_CHUNK, Ranks, broadcast_object, two_sum_
+from .distributed import Ranks, all_max, all_sum, broadcast_object, raise_if_any
 from .errors import SparseFWError
+from .gram import FixedPointSum, fixed_point_scale
 from .models import get_weight, prunable_layers
 from .onload import module_device
 
@@ -112,123 +113,124 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch
     return inps, extra
 
 
-class _GramHooks:
-    """The state of one :func:`accumulate_gram_pairs` call: per group of layers that read the same
-    input tensor, [sum of this chunk, hi, lo] in float64; per window, which inputs were seen."""
+class _InputHooks:
+    """Forward hooks on a block's Linear layers that act once per distinct input per window:
+    ``action(rep, x)`` with the group's first layer ``rep`` and its input x (tokens, d_in) float32.
+    Layers of one group (q/k/v, gate/up) must receive the very same tensor as ``rep``."""
 
-    def __init__(self, layers: dict, names, diagonal: bool, timer, stop_early: bool):
-        self.layers, self.names, self.diagonal, self.timer = layers, names or {}, diagonal, timer
-        self.stop_early = stop_early
-        self.group: dict[str, str] = {}   # layer -> first layer reading the same input (window 0)
-        self.acc: dict[str, list] = {}    # group -> [chunk sum, hi, lo]
-        self.seen: dict = {}              # this window: id(x) -> (x, group)
+    def __init__(self, layers: dict, groups: list[list[str]], names, action, stop_early: bool):
+        self.layers, self.names, self.action, self.stop_early = layers, names or {}, action, stop_early
+        self.rep = {n: g[0] for g in groups for n in g}
+        self.inputs: dict = {}            # this window: rep -> its input tensor
         self.ran: set = set()             # this window: layers that have run
 
     def hook(self, lname: str):
         def fn(mod, inp, out):
-            x = inp[0]
+            x, rep = inp[0], self.rep[lname]
             self.ran.add(lname)
-            # Same tensor object as an earlier layer's input (q/k/v, gate/up)? The cache holds a
-            # reference to x, so its id cannot be reused by a later tensor while cached (keying by
-            # data_ptr() was wrong: a freed input's address is reused by the next one).
-            hit = self.seen.get(id(x))
-            if hit is not None and hit[0] is x:
-                self.group.setdefault(lname, hit[1])
-            else:
-                self._add(lname, mod, x)
+            if rep == lname:
+                self.inputs[rep] = x      # held: its id cannot be reused by a later tensor
+                x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                check_finite(x2, f"layer {self.names.get(id(mod), lname)}")
+                self.action(rep, x2)
+            elif self.inputs.get(rep) is not x:
+                raise SparseFWError(f"layers {rep} and {lname} were grouped as reading one input but "
+                                    "received different tensors; this architecture needs --true-sequential "
+                                    "or a report of the model type")
             if self.stop_early and len(self.ran) == len(self.layers):
                 raise StopForward
         return fn
 
-    def _add(self, lname: str, mod, x: torch.Tensor) -> None:
-        g = self.group.setdefault(lname, lname)
-        self.seen[id(x)] = (x, g)
-        t = time.perf_counter()
-        x2 = x.detach().reshape(-1, x.shape[-1]).float()
-        check_finite(x2, f"layer {self.names.get(id(mod), lname)}")
-        inc = (x2 * x2).sum(0).double() if self.diagonal else (x2.t() @ x2).double()
-        if g not in self.acc:
-            self.acc[g] = [inc, torch.zeros_like(inc), torch.zeros_like(inc)]
-        else:
-            self.acc[g][0] += inc
-        if self.timer is not None:
-            self.timer["gram"] = self.timer.get("gram", 0.0) + time.perf_counter() - t
-
-    def end_chunk(self) -> None:
-        """Add the chunk sums to (hi, lo) with error-free additions and restart them."""
-        for c, hi, lo in self.acc.values():
-            two_sum_(hi, lo, c)
-            c.zero_()
-
-    def pairs(self) -> dict:
-        """{layer: (hi, lo)}; zeros for a layer that never ran (no windows on this rank)."""
-        for n, l in self.layers.items():
-            if n not in self.group:
-                d = get_weight(l).shape[1]
-                z = torch.zeros((d,) if self.diagonal else (d, d), dtype=torch.float64, device=get_weight(l).device)
-                self.acc[n] = [z, z, z.clone()]
-                self.group[n] = n
-        return {n: (self.acc[self.group[n]][1], self.acc[self.group[n]][2]) for n in self.layers}
+    def run(self, block: nn.Module, inps: list, extra, outputs: list | None = None) -> None:
+        """One forward of ``block`` per input window (stopped once every hooked layer ran, unless
+        ``outputs`` collects the block's outputs)."""
+        handles = [l.register_forward_hook(self.hook(n)) for n, l in self.layers.items()]
+        dev = module_device(block)
+        try:
+            for h in inps:
+                self.inputs.clear()
+                self.ran.clear()
+                try:
+                    o = block_forward(block, h.to(dev), extra)
+                    if outputs is not None:
+                        outputs.append(o.to(h.device))
+                except StopForward:
+                    pass
+        finally:
+            for hd in handles:
+                hd.remove()
+            self.inputs.clear()
 
 
 @torch.no_grad()
-def accumulate_gram_pairs(block: nn.Module, inps: list, extra, names: dict | None = None,
-                          first: int = 0, chunk: int = GRAM_CHUNK, timer: dict | None = None,
-                          layers: list[str] | None = None, diagonal: bool = False,
-                          outputs: list | None = None) -> dict:
-    """Run a block on its calibration inputs and accumulate its Linear layers' Gram matrices.
+def accumulate_grams(block: nn.Module, inps: list, extra, groups: list[list[str]], names: dict | None = None,
+                     ranks: Ranks = Ranks(), timer: dict | None = None, diagonal: bool = False,
+                     outputs: list | None = None) -> dict[str, FixedPointSum]:
+    """Run a block on its calibration inputs and sum the Gram matrix of every distinct input.
 
-    G = sum over calibration tokens of x x^T, computed per sample in float32 and summed in float64
-    (float32 alone differs from float64 by ~1e-7 relative): plainly within chunks of ``chunk``
-    consecutive windows, then the chunk sums as an unevaluated pair hi + lo with error-free
-    additions (:func:`sparsefw.distributed.two_sum_`), so that several processes holding different
-    chunks round to the same G. Layers that read the same input tensor (q/k/v, gate/up) share one
-    product per sample and one accumulator.
+    G = sum over calibration tokens of x x^T, one :class:`sparsefw.gram.FixedPointSum` (one int64
+    buffer) per group of layers reading the same input (:func:`layer_groups`): exact integer sums
+    of the float32 window products on a grid fixed beforehand from a bound on |G| over all
+    windows of all processes (a first, early-stopped pass finds max |x| per input;
+    :func:`sparsefw.gram.fixed_point_scale`). So the result is bit for bit the same for any
+    order and any split of the windows across processes.
 
     Args:
-        block: a decoder block (on the compute device). inps: list of (1, seqlen, hidden) inputs
-            (any device; each is moved to the block's for its forward). extra: the block's
-            (args, kwargs) from :func:`capture_block_inputs`. names: module id -> full name (errors).
-        first: global index of ``inps[0]`` among all calibration windows (chunks are global).
-        chunk: windows per plain float64 chunk (:data:`sparsefw.distributed.GRAM_CHUNK`).
+        block: a decoder block (on the compute device). inps: this rank's list of (1, seqlen,
+            hidden) inputs (any device; each is moved to the block's). extra: the block's (args,
+            kwargs) from :func:`capture_block_inputs`. groups: lists of layer names within the
+            block, each list reading one input, its first layer running first (the same on every
+            rank). names: module id -> full name (errors). ranks: the processes sharing the windows
+            (a collective: every rank calls it with the same groups).
         timer: optional dict; its ``"gram"`` entry is increased by the seconds spent in the
-            Gram products (the rest of the call is the block's forward).
-        layers: names (within the block) of the layers to accumulate; default all. Unless
-            ``outputs`` is given, each window's forward stops once all of them have run.
-        diagonal: accumulate only diag(G) = ||X_j||^2 per input feature (OWL's pre-pass).
+            products (the rest of the call is the block's forward).
+        diagonal: sum only diag(G) = ||X_j||^2 per input feature (OWL's pre-pass).
         outputs: if a list, the block's (1, seqlen, hidden) outputs are appended to it (on each
-            input's device).
-    Returns: {layer name within the block: (hi, lo)}, two float64 tensors, (d_in, d_in) (or
-        (d_in,) with ``diagonal``) on the layer's device (the same tensor objects for layers that
-        share an input).
-    Raises: SparseFWError on NaN/Inf activations.
+            input's device); else each window's forward stops once the groups' layers have run.
+    Returns: {first layer of each group: FixedPointSum} (d_in, d_in) (or (d_in,)) on the layer's device.
+    Raises: SparseFWError on NaN/Inf activations (on every rank).
     """
-    todo = {n: l for n, l in prunable_layers(block).items() if layers is None or n in layers}
-    st = _GramHooks(todo, names, diagonal, timer, stop_early=outputs is None)
-    handles = [l.register_forward_hook(st.hook(n)) for n, l in todo.items()]
-    dev = module_device(block)
+    layers = prunable_layers(block)
+    todo = {n: layers[n] for g in groups for n in g}
+    peak = {g[0]: [0.0, 0.0] for g in groups}          # rep -> [max |x|, tokens]
+
+    def bound(rep, x):
+        peak[rep][0] = max(peak[rep][0], float(x.abs().max()) if x.numel() else 0.0)
+        peak[rep][1] += x.shape[0]
+
+    error = None
     try:
-        for j, h in enumerate(inps):
-            st.seen.clear()
-            st.ran.clear()
-            try:
-                o = block_forward(block, h.to(dev), extra)
-                if outputs is not None:
-                    outputs.append(o.to(h.device))
-            except StopForward:
-                pass
-            if (first + j + 1) % chunk == 0 or j == len(inps) - 1:   # end of a (global) chunk
-                st.end_chunk()
-    finally:
-        for hd in handles:
-            hd.remove()
-    return st.pairs()
+        _InputHooks(todo, groups, names, bound, stop_early=True).run(block, inps, extra)
+    except SparseFWError as e:
+        error = e
+    raise_if_any(error, ranks)
+    reps = list(peak)
+    maxes = all_max([peak[r][0] for r in reps], ranks)
+    tokens = all_sum([peak[r][1] for r in reps], ranks)
+    sums = {r: FixedPointSum(get_weight(todo[r]).shape[1], fixed_point_scale(tokens[i] * maxes[i] ** 2),
+                             diagonal, get_weight(todo[r]).device) for i, r in enumerate(reps)}
+
+    def add(rep, x):
+        t = time.perf_counter()
+        sums[rep].add_(x)
+        if timer is not None:
+            timer["gram"] = timer.get("gram", 0.0) + time.perf_counter() - t
+
+    _InputHooks(todo, groups, names, add, stop_early=outputs is None).run(block, inps, extra, outputs)
+    return sums
 
 
-def accumulate_grams(block: nn.Module, inps: list, extra, names: dict | None = None) -> dict:
-    """{layer name within the block: (d_in, d_in) float64 G on the layer's device}: the Gram
-    matrices of :func:`accumulate_gram_pairs`, evaluated (hi + lo). Raises as it does."""
-    return {n: hi + lo for n, (hi, lo) in accumulate_gram_pairs(block, inps, extra, names).items()}
+def evaluate_grams(block: nn.Module, inps: list, extra, names: dict | None = None) -> dict[str, torch.Tensor]:
+    """{layer name within the block: (d_in, d_in) float64 G} of every Linear of ``block`` on
+    ``inps`` (one process; layers sharing an input share one tensor). Raises as
+    :func:`accumulate_grams` does."""
+    groups = layer_groups(block, inps, extra, Ranks())
+    sums = accumulate_grams(block, inps, extra, groups, names)
+    out = {}
+    for g in groups:
+        G = sums.pop(g[0]).evaluate()
+        out.update({n: G for n in g})
+    return out
 
 
 def layer_groups(block: nn.Module, inps: list, extra, ranks: Ranks) -> list[list[str]]:

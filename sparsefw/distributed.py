@@ -7,15 +7,10 @@ accumulates partial Gram matrices; each layer's partial Grams are summed onto th
 the layer; owners solve their layers and broadcast the new weights; every rank then propagates its
 own windows through the pruned block. Only the main process writes files, logs and progress bars.
 
-So that the mask does not depend on the number of processes, the windows are cut into fixed
-chunks of :data:`GRAM_CHUNK` consecutive windows (by global index; ranks get whole chunks); a
-chunk's products are summed plainly in float64, in window order, so every chunk sum is the same
-whichever rank computes it; the chunk sums are accumulated as an unevaluated float64 pair
-(hi, lo) with error-free additions (Knuth's TwoSum; "double-double" summation, Dekker 1971), and
-the ranks' pairs are combined the same way. hi + lo is then the exactly rounded float64 sum of the
-chunk sums in any grouping, except in the astronomically rare case of a sum within ~2^-100 of a
-float64 rounding boundary. Chunking keeps the TwoSum cost (six passes over G) at 1/8 of a pass
-per window.
+So that the masks do not depend on the number of processes, the Gram matrices are summed exactly
+(:class:`sparsefw.gram.FixedPointSum`: int64 sums on a grid fixed from a bound over all windows),
+and int64 addition is associative: any split of the windows and any reduction order give the
+same bits.
 """
 from __future__ import annotations
 
@@ -59,9 +54,6 @@ def init_ranks(device: str | torch.device | None = "auto") -> Ranks:
     return Ranks(state.process_index, state.num_processes, dev)
 
 
-GRAM_CHUNK = 8   # calibration windows summed plainly before one error-free addition (TwoSum)
-
-
 def window_range(n: int, ranks: Ranks, chunk: int = 1) -> range:
     """This rank's windows (or chunks, or other items) out of ``n``: a contiguous range made of
     whole chunks of ``chunk`` consecutive items, the ranks' shares differing by at most one chunk
@@ -78,65 +70,32 @@ def layer_cost(shape) -> float:
     return float(d_out) * d_in * d_in + float(d_in) ** 3
 
 
-def assign_layers(shapes: dict[str, tuple], world: int) -> dict[str, int]:
-    """Owner rank of every layer: longest-processing-time-first greedy on :func:`layer_cost`
-    (Graham 1969), ties broken by name and rank so every process computes the same assignment.
+def assign_owners(costs: dict[str, float], world: int) -> dict[str, int]:
+    """Owner rank of every item (a group of layers sharing one input): longest-processing-time-
+    first greedy on the costs (Graham 1969), ties broken by name and rank so every process
+    computes the same assignment.
 
-    Args: shapes: layer name -> (d_out, d_in). world: number of processes.
-    Returns: layer name -> rank.
+    Args: costs: name -> cost (e.g. the sum of :func:`layer_cost` over a group). world: processes.
+    Returns: name -> rank.
     """
     loads = [0.0] * world
     owner = {}
-    for name in sorted(shapes, key=lambda n: (-layer_cost(shapes[n]), n)):
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
         r = min(range(world), key=lambda i: (loads[i], i))
         owner[name] = r
-        loads[r] += layer_cost(shapes[name])
+        loads[r] += costs[name]
     return owner
 
 
-def two_sum_(hi: torch.Tensor, lo: torch.Tensor, x: torch.Tensor) -> None:
-    """hi + lo += x without rounding error in hi (TwoSum, Knuth TAOCP vol. 2, 4.2.2): hi becomes
-    fl(hi + x), the exact rounding error goes to lo. All float64, same shape; in place."""
-    s = hi + x
-    bp = s - hi
-    err = (hi - (s - bp)).add_(x - bp)
-    hi.copy_(s)
-    lo.add_(err)
-
-
-def _send_pair(hi, lo, dst):
-    import torch.distributed as dist
-
-    dist.send(hi.contiguous(), dst=dst)
-    dist.send(lo.contiguous(), dst=dst)
-
-
-def reduce_gram(hi: torch.Tensor, lo: torch.Tensor, owner: int, ranks: Ranks) -> torch.Tensor | None:
-    """Sum the ranks' (hi, lo) partial Gram matrices onto ``owner``, in rank order.
-
-    Args: hi, lo: (d_in, d_in) float64 partial sums of this rank's windows. owner: the rank that
-        solves the layer.
-    Returns: G = hi + lo (float64) on the owner, None elsewhere. A collective: every rank calls
-        it for every layer, in the same order.
-    """
+def reduce_sum_(t: torch.Tensor, owner: int, ranks: Ranks) -> None:
+    """Sum the ranks' int64 partial sums ``t`` onto ``owner`` in place (``torch.distributed.reduce``;
+    integer sums are exact, so the reduction order does not matter). ``t`` on other ranks is
+    left undefined. A collective: every rank calls it for the same tensors in the same order."""
     if ranks.world == 1:
-        return hi + lo
+        return
     import torch.distributed as dist
 
-    if ranks.rank != owner:
-        _send_pair(hi, lo, owner)
-        return None
-    acc_hi, acc_lo = torch.zeros_like(hi), torch.zeros_like(lo)
-    for r in range(ranks.world):
-        if r == owner:
-            h, l = hi, lo
-        else:
-            h, l = torch.empty_like(hi), torch.empty_like(lo)
-            dist.recv(h, src=r)
-            dist.recv(l, src=r)
-        two_sum_(acc_hi, acc_lo, h)
-        acc_lo.add_(l)
-    return acc_hi + acc_lo
+    dist.reduce(t, dst=owner, op=dist.ReduceOp.SUM)
 
 
 def broadcast_tensor_(t: torch.Tensor, src: int, ranks: Ranks) -> None:
@@ -186,6 +145,18 @@ def all_sum(values: list[float], ranks: Ranks) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64,
                      device=ranks.device if ranks.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_max(values: list[float], ranks: Ranks) -> list[float]:
+    """Element-wise maximum of a list of floats over ranks (exact, order-independent)."""
+    if ranks.world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64,
+                     device=ranks.device if ranks.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
 

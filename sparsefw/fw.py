@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SparseFWError
+from .gram import row_matmul
 from .masks import Pattern, group_rank, select
 from .swaps import swap_refine
 
@@ -183,12 +184,13 @@ def round_mask(Z: torch.Tensor, tiebreak: torch.Tensor, pattern: Pattern, free: 
 
 
 def _rounding_key(Z: torch.Tensor, tiebreak: torch.Tensor) -> torch.Tensor:
-    """Z plus the tie-break scaled to at most 1e-9, in float64 so the tie-break stays below any
-    real difference in Z. Shapes equal; returns float64."""
+    """Z plus the tie-break scaled to at most 1e-9 per row, in float64 so the tie-break stays below
+    any real difference in Z (per row, so that a row's key does not depend on the other rows).
+    Shapes equal (r, c); returns float64."""
     t = tiebreak.double()
     if t.numel() == 0:
         return Z.double()
-    return Z.double() + 1e-9 * t / t.abs().max().clamp_min(1e-300)
+    return Z.double() + 1e-9 * t / t.abs().amax(dim=-1, keepdim=True).clamp_min(1e-300)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,29 +207,38 @@ def gram_product(E: torch.Tensor, G: torch.Tensor, cols: torch.Tensor | None = N
                  dense_above: float = DENSE_ABOVE) -> torch.Tensor:
     """E_full G, read at compact columns: the product update of the FW solver.
 
+    Every row takes the cheaper path for its own density (a row's result never depends on the
+    other rows, so row blocks give the same bits): a row with more than ``dense_above * d_in``
+    nonzeros goes through one dense GEMM (:func:`row_matmul`) with the other dense rows, the others
+    through a gather of rows of G (``embedding_bag``).
+
     Args:
         E: (r, c) float32, the values of W ⊙ D at the compact coordinates (mostly zeros after the
             first iterations). cols: (r, c) int64, the global column (0..d_in-1) of every compact
             coordinate, or ``None`` when E is full width (c = d_in).
         G: (d_in, d_in) float32 Gram matrix.
-        dense_above: density nnz(E) / (r * d_in) above which one dense GEMM is used.
+        dense_above: row density nnz / d_in above which the row goes through the GEMM.
     Returns:
         (r, c) float32: entry (i, a) = sum_j E_full[i, j] G[j, cols[i, a]].
     """
     r, c = E.shape
     d_in = G.shape[0]
-    nnz = int(torch.count_nonzero(E))
-    if nnz == 0:
-        return torch.zeros(r, c, dtype=torch.float32, device=E.device)
-    if nnz > dense_above * r * d_in:
-        full = E if cols is None else torch.zeros(r, d_in, dtype=E.dtype, device=E.device).scatter_(1, cols, E)
-        H = full @ G
-    else:  # row i of the product = sum over its nonzeros j of E_ij G[j, :] (one bag per row)
-        rr, cc = E.nonzero(as_tuple=True)
+    nz = E != 0
+    dense = nz.sum(1) > dense_above * d_in
+    H = torch.zeros(r, d_in, dtype=torch.float32, device=E.device)
+    if bool(dense.any()):
+        Ed = E[dense]
+        full = Ed if cols is None else torch.zeros(Ed.shape[0], d_in, dtype=E.dtype, device=E.device) \
+            .scatter_(1, cols[dense], Ed)
+        H[dense] = row_matmul(full, G)
+    nz &= ~dense.unsqueeze(1)
+    if bool(nz.any()):     # row i of the product = sum over its nonzeros j of E_ij G[j, :] (one bag per row)
+        rr, cc = nz.nonzero(as_tuple=True)
         g = cc if cols is None else cols[rr, cc]
         offsets = torch.zeros(r, dtype=torch.int64, device=E.device)
         offsets[1:] = torch.cumsum(torch.bincount(rr, minlength=r), 0)[:-1]
-        H = F.embedding_bag(g, G, offsets=offsets, per_sample_weights=E[rr, cc], mode="sum")
+        bag = F.embedding_bag(g, G, offsets=offsets, per_sample_weights=E[rr, cc], mode="sum")
+        H[~dense] = bag[~dense]
     return H if cols is None else H.gather(1, cols)
 
 
@@ -411,7 +422,7 @@ def _warmstart_and_swaps(W, G, warm, pattern, t0, dense_norm, swaps, working_set
     the FW set-up (alpha fixing, compact coordinates), which would not change the result."""
     d_out = W.shape[0]
     R0 = W * ~warm
-    Q0 = R0 @ G                                              # the one d_out x d_in x d_in GEMM
+    Q0 = row_matmul(R0, G)                                   # the one d_out x d_in x d_in GEMM
     f_rows = (R0 * Q0).sum(1, dtype=torch.float64)
     del R0
     denom = max(dense_output_norm(W, G) if dense_norm is None else float(dense_norm), 1e-300)
@@ -453,7 +464,7 @@ class _FWRun:
         self.view = view = _CompactView.build(~self.fixed, pattern, budget, fix)
         d_out, dev = W.shape[0], W.device
         R0 = W * ~warm                                       # residual of the warmstart
-        self.Q0 = R0 @ G                                     # the one d_out x d_in x d_in GEMM
+        self.Q0 = row_matmul(R0, G)                          # the one d_out x d_in x d_in GEMM
         self.f_warm_rows = (R0 * self.Q0).sum(1, dtype=torch.float64)
         self.denom = max(dense_output_norm(W, G) if dense_norm is None else float(dense_norm), 1e-300)
         del R0
@@ -684,3 +695,65 @@ def fw_solve(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, patter
                     row_iterations=ri, at_cap=at_cap if per_row else (d_out if at_cap else 0),
                     error_before_swaps=f_before_swaps / denom, swaps=swap.swaps if swap else 0,
                     swap_rounds=swap.iterations if swap else 0)
+
+
+SOLVER_BYTES_PER_ENTRY = 48
+"""Peak bytes of solver state per entry of W (d_out x d_in) inside :func:`fw_solve`: about ten
+float32 (d_out, d_in) matrices (W, warmstart scores, Q0, P, Z, Z0, S, V, the tie-break) and a
+few bool masks, measured with scripts/bench_scale.py's peak RSS."""
+
+
+def rows_per_block(shape: tuple[int, int], budget_gib: float) -> int:
+    """Rows of W solved at once so that the solver state fits ``budget_gib`` GiB: a multiple of
+    :data:`sparsefw.swaps.ROW_TILE` (at least one tile), or all rows when they fit.
+
+    Args: shape: (d_out, d_in). budget_gib: memory budget in GiB (> 0).
+    Raises: SparseFWError for a budget that is not a positive number."""
+    from .swaps import ROW_TILE
+
+    if not isinstance(budget_gib, (int, float)) or not math.isfinite(budget_gib) or budget_gib <= 0:
+        raise SparseFWError(f"solver memory must be a positive number of GiB (e.g. 4), got {budget_gib!r}")
+    d_out, d_in = shape
+    rows = int(budget_gib * 2 ** 30 // (SOLVER_BYTES_PER_ENTRY * max(d_in, 1)))
+    return d_out if rows >= d_out else max(ROW_TILE, rows // ROW_TILE * ROW_TILE)
+
+
+def fw_solve_rows(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, pattern: Pattern,
+                  block_rows: int | None = None, dense_norm: float | None = None, **kw) -> FWResult:
+    """:func:`fw_solve` on blocks of ``block_rows`` rows at a time, with the same mask.
+
+    The mask problem separates by rows for per-row patterns (unstructured, N:M): every row's
+    line search, stop, rounding and swaps depend on that row alone (swap rounds on tiles of
+    :data:`sparsefw.swaps.ROW_TILE` rows; GEMMs through :func:`sparsefw.gram.row_matmul`), so
+    solving in blocks of whole tiles gives the same bits as the whole layer (tested) with solver
+    memory ~ block_rows * d_in * :data:`SOLVER_BYTES_PER_ENTRY` bytes instead of d_out * d_in. A
+    ``per-matrix`` pattern couples the rows (one budget for the matrix) and is solved whole.
+
+    Args: W, G, warm_scores, pattern, **kw: as :func:`fw_solve`. block_rows: rows per block, a
+        multiple of ROW_TILE (None: all rows). dense_norm: ||W X||_F^2 of the whole layer (the
+        denominator of every block's relative errors; computed once if None).
+    Returns: :class:`FWResult` of the whole layer: masks concatenated, errors summed (relative to
+        the whole layer), iterations/gap/rounds the maxima, counts summed, ``history`` only when
+        one block ran.
+    Raises: as :func:`fw_solve`; SparseFWError for a block size that is not a multiple of ROW_TILE.
+    """
+    from .swaps import ROW_TILE
+
+    d_out = W.shape[0]
+    if block_rows is None or block_rows >= d_out or pattern.kind == "per-matrix":
+        return fw_solve(W, G, warm_scores, pattern, dense_norm=dense_norm, **kw)
+    if block_rows <= 0 or block_rows % ROW_TILE:
+        raise SparseFWError(f"row blocks must be a positive multiple of {ROW_TILE} rows, got {block_rows}")
+    if dense_norm is None:
+        dense_norm = sum(dense_output_norm(W[r:r + block_rows], G) for r in range(0, d_out, block_rows))
+    parts = [fw_solve(W[r:r + block_rows], G, warm_scores[r:r + block_rows], pattern, dense_norm=dense_norm, **kw)
+             for r in range(0, d_out, block_rows)]
+    total = {k: sum(getattr(p, k) for p in parts) for k in
+             ("error_warmstart", "error_final", "error_rounded", "relaxed_error", "seconds", "loop_seconds",
+              "setup_seconds", "swap_seconds", "error_before_swaps", "swaps", "at_cap")}
+    mask = torch.cat([p.mask for p in parts])
+    warm = select(warm_scores, pattern)
+    return FWResult(mask=mask, iterations=max(p.iterations for p in parts), fw_gap=max(p.fw_gap for p in parts),
+                    chosen=_chosen(mask, warm, True), history=[],
+                    row_iterations=torch.cat([p.row_iterations for p in parts]),
+                    swap_rounds=max(p.swap_rounds for p in parts), **total)

@@ -68,3 +68,86 @@ def cholesky(A: torch.Tensor, what: str = "the dampened Gram matrix") -> torch.T
         raise SparseFWError(f"{what} is not positive definite (Cholesky failed); "
                             "increase percdamp (e.g. 0.01 or 0.1) or use more calibration tokens")
     return L
+
+
+MIN_GEMM_ROWS = 8
+"""BLAS (MKL here) takes another kernel below 8 rows, whose rows differ in the last bits from the
+same rows inside a larger product; from 8 rows on, a row's result does not depend on the other
+rows (measured here at d_in 576-4096). :func:`row_matmul` pads to this many rows."""
+
+
+def row_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A @ B with every row of the result independent of the other rows of A: fewer than
+    :data:`MIN_GEMM_ROWS` rows are padded with zero rows. A (r, k), B (k, n) -> (r, n), so that a
+    layer solved in row blocks gets the same bits as solved whole."""
+    r = A.shape[0]
+    if 0 < r < MIN_GEMM_ROWS:
+        pad = torch.zeros(MIN_GEMM_ROWS - r, A.shape[1], dtype=A.dtype, device=A.device)
+        return (torch.cat([A, pad]) @ B)[:r]
+    return A @ B
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact (order-independent) accumulation of G = sum over windows of X_w^T X_w
+# ----------------------------------------------------------------------------------------------
+PANEL_BYTES = 1 << 28
+"""Transient memory of one panel of a product or conversion (256 MiB): a (p, d_in) row panel
+costs 20 bytes per entry (float32 product, float64 scaled copy, int64 terms)."""
+
+
+def fixed_point_scale(bound: float) -> int:
+    """Exponent S of the fixed-point grid 2^-S on which G is summed exactly in int64.
+
+    Every |G_ij| <= ``bound`` (Cauchy-Schwarz: |G_ij| <= n_tokens * max|x|^2) maps to an integer
+    below 2^61, leaving a factor 4 for the float32 rounding of the window products and the sum.
+
+    Args: bound: upper bound on |G_ij| (squared activation units), >= 0.
+    Returns: S (int; 0 for a zero or non-finite bound).
+    """
+    if not (bound > 0 and math.isfinite(bound)):
+        return 0
+    return 61 - math.frexp(bound)[1]          # bound < 2^e, so bound * 2^S < 2^61
+
+
+class FixedPointSum:
+    """A Gram matrix (or its diagonal) summed exactly on the grid 2^-scale in one int64 buffer.
+
+    Every window's product X_w^T X_w is computed in float32 (as before), rounded once to the
+    grid and added as integers. Integer addition is associative, so the sum does not depend on
+    the order of the windows or on how they are split across processes: one buffer per distinct
+    input, and several processes add their int64 partial sums with any reduction
+    (:func:`sparsefw.distributed.reduce_sum_`) to the same bits as one process. Error: at most
+    2^-(scale+1) per window and entry, i.e. about n_windows * 2^-62 * n_tokens * max|x|^2
+    (scripts/bench_gram_precision.py measures it against exact sums).
+
+    acc: (d, d) or (d,) int64. scale: the grid exponent (:func:`fixed_point_scale`).
+    """
+
+    def __init__(self, d: int, scale: int, diagonal: bool = False, device=None):
+        self.scale, self.diagonal = int(scale), diagonal
+        self.acc = torch.zeros((d,) if diagonal else (d, d), dtype=torch.int64, device=device)
+
+    def _add(self, rows: slice, P: torch.Tensor) -> None:
+        self.acc[rows] += P.double().mul_(2.0 ** self.scale).round_().to(torch.int64)
+
+    def add_(self, x: torch.Tensor) -> None:
+        """Add one window: x (tokens, d) float, G += x^T x (diagonal: sum of x^2 per column),
+        in row panels of at most :data:`PANEL_BYTES`."""
+        x = x.float()
+        d = x.shape[1]
+        if self.diagonal:
+            self._add(slice(None), (x * x).sum(0))
+            return
+        p = max(1, min(d, PANEL_BYTES // (20 * d)))
+        for r0 in range(0, d, p):
+            self._add(slice(r0, r0 + p), x[:, r0:r0 + p].t() @ x)
+
+    def evaluate(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """G = acc * 2^-scale in ``dtype`` (one rounding from the exact integer sum), converted in
+        row panels; same shape as ``acc``."""
+        out = torch.empty(self.acc.shape, dtype=dtype, device=self.acc.device)
+        d = self.acc.shape[-1]
+        p = max(1, PANEL_BYTES // (16 * d)) if not self.diagonal else d
+        for r0 in range(0, self.acc.shape[0], p):
+            out[r0:r0 + p] = self.acc[r0:r0 + p].double().mul_(2.0 ** -self.scale)
+        return out

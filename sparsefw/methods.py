@@ -34,7 +34,8 @@ from typing import Any, Callable
 import torch
 
 from .errors import SparseFWError
-from .fw import FIX_MODES, STEP_RULES, dense_output_norm, fw_solve, reconstruction_error, weight_error
+from .fw import (FIX_MODES, STEP_RULES, dense_output_norm, fw_solve_rows, reconstruction_error, rows_per_block,
+                 weight_error)
 from .masks import Pattern, magnitude_scores, ria_scores, select, wanda_scores
 
 
@@ -211,6 +212,8 @@ def all_options() -> dict[str, Option]:
 # ----------------------------------------------------------------------------------------------
 WARMSTART = Option("warmstart", "wanda", "scores of the warmstart mask", choices=("wanda", "ria", "magnitude"))
 SWAPS = Option("swaps", 50, "rounds of exact swap refinement of the mask (0 = off)", low=0)
+SOLVER_MEMORY = Option("solver_memory", 4.0, "GiB of solver state per layer: rows are solved in blocks that fit "
+                       "(the same mask as one block)", low=0.01)
 DEFAULT_ITERATIONS = 10   # chosen on validation text (Austen): docs/solver.md, "Number of FW iterations"
 
 
@@ -273,12 +276,13 @@ def _fw_result(res, warmstart: str) -> LayerResult:
 
 
 @register("swaps", "warmstart mask refined by exact 1-swaps (SparseSwaps, arXiv 2512.10922)",
-          options=[WARMSTART, SWAPS])
-def swaps(W, stats, pattern, warmstart="wanda", swaps=50):
+          options=[WARMSTART, SWAPS, SOLVER_MEMORY])
+def swaps(W, stats, pattern, warmstart="wanda", swaps=50, solver_memory=4.0):
     """The warmstart's mask refined by :func:`sparsefw.swaps.swap_refine` (``swaps`` rounds);
     no Frank-Wolfe iteration (:func:`sparsefw.fw.fw_solve` with ``iterations=0``)."""
-    res = fw_solve(W, stats.Gf, warmstart_scores(W, stats, warmstart), pattern, iterations=0, swaps=swaps,
-                   dense_norm=stats.dense_norm)
+    res = fw_solve_rows(W, stats.Gf, warmstart_scores(W, stats, warmstart), pattern,
+                        rows_per_block(tuple(W.shape), solver_memory), iterations=0, swaps=swaps,
+                        dense_norm=stats.dense_norm)
     return _fw_result(res, warmstart)
 
 
@@ -291,16 +295,17 @@ def swaps(W, stats, pattern, warmstart="wanda", swaps=50):
                    Option("step", "linesearch", "FW step: per-row exact line search, pairwise FW, or 2/(t+2)",
                           choices=STEP_RULES),
                    Option("tol", 1e-2, "a row stops when its FW gap <= tol x its warmstart error", low=0.0),
-                   SWAPS])
+                   SWAPS, SOLVER_MEMORY])
 def sparsefw(W, stats, pattern, warmstart="wanda", alpha=0.9, fix="row", iterations=DEFAULT_ITERATIONS,
-             step="linesearch", tol=1e-2, swaps=50):
+             step="linesearch", tol=1e-2, swaps=50, solver_memory=4.0):
     """SparseFW mask (:func:`sparsefw.fw.fw_solve`): warmstart, alpha-fixing, FW iterations,
     rounding, then ``swaps`` rounds of exact swap refinement (0 = the paper's algorithm, see the
-    module docstring).
-    ``fix`` applies to N:M patterns only (else ``row``)."""
-    res = fw_solve(W, stats.Gf, warmstart_scores(W, stats, warmstart), pattern, alpha=alpha,
-                   iterations=iterations, step=step, tol=tol, fix=fix if pattern.kind == "nm" else "row",
-                   swaps=swaps, dense_norm=stats.dense_norm)
+    module docstring). ``fix`` applies to N:M patterns only (else ``row``); ``solver_memory``
+    (GiB) sets the row blocks (:func:`sparsefw.fw.fw_solve_rows`)."""
+    res = fw_solve_rows(W, stats.Gf, warmstart_scores(W, stats, warmstart), pattern,
+                        rows_per_block(tuple(W.shape), solver_memory), alpha=alpha, iterations=iterations,
+                        step=step, tol=tol, fix=fix if pattern.kind == "nm" else "row", swaps=swaps,
+                        dense_norm=stats.dense_norm)
     return _fw_result(res, warmstart)
 
 

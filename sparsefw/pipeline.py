@@ -16,11 +16,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import calibration_windows
-from .capture import (accumulate_gram_pairs, block_forward, capture_block_inputs, check_finite, full_names,
-                      layer_groups)
+from .capture import accumulate_grams, block_forward, capture_block_inputs, check_finite, full_names, layer_groups
 from .config import PruneConfig
-from .distributed import (GRAM_CHUNK, Ranks, assign_layers, broadcast_object, broadcast_tensor_, raise_if_any,
-                          reduce_gram, window_range)
+from .distributed import (Ranks, assign_owners, broadcast_object, broadcast_tensor_, layer_cost, raise_if_any,
+                          reduce_sum_, window_range)
 from .errors import SparseFWError
 from .masks import Pattern, parse_pattern, wanda_scores
 from .methods import solve_layer
@@ -48,55 +47,60 @@ def check_prunable(model: nn.Module, pattern: Pattern) -> list[str]:
     return out
 
 
-def _solve_mine(layers: dict, grams: dict, owner: dict, pattern: Pattern, cfg: PruneConfig, ranks: Ranks) -> dict:
-    """Solve and set the layers this rank owns; {name: info}. Raises SparseFWError on every rank."""
+def _solve_mine(layers: dict, groups: list[list[str]], sums: dict, owner: dict, pattern: Pattern, cfg: PruneConfig,
+                ranks: Ranks) -> dict:
+    """Solve and set the layers of the groups this rank owns, one group at a time: G evaluated once
+    per group (shared by q/k/v, gate/up), freed with the group's integer sum once its layers are
+    solved. {name: info}. Raises SparseFWError on every rank."""
     infos, error = {}, None
-    for lname, layer in layers.items():
-        if owner[lname] != ranks.rank:
+    for group in groups:
+        if owner[group[0]] != ranks.rank:
             continue
+        G = sums.pop(group[0]).evaluate()
         try:
-            W_new, _, infos[lname] = solve_layer(get_weight(layer).float().clone(), grams.pop(lname), pattern,
-                                                 cfg.method, cfg.options, cfg.reconstruct, float(cfg.percdamp))
-            set_weight(layer, W_new)
+            for lname in group:
+                W_new, _, infos[lname] = solve_layer(get_weight(layers[lname]).float().clone(), G, pattern,
+                                                     cfg.method, cfg.options, cfg.reconstruct, float(cfg.percdamp))
+                set_weight(layers[lname], W_new)
+                del W_new
         except SparseFWError as e:
             error = e
             break
+        del G
     raise_if_any(error, ranks)
     return infos
 
 
-def _prune_layers(block: nn.Module, group: list[str], inps: list, extra, pattern: Pattern, cfg: PruneConfig,
-                  ranks: Ranks, names: dict, first: int, timer: dict) -> list[LayerReport]:
-    """Accumulate the Gram matrices of the layers ``group`` of ``block`` on the current weights of
-    the block, reduce them onto the layers' owners, solve and set the layers, and broadcast the
-    results. Returns the layers' reports (the same on every rank). Raises SparseFWError (on every
-    rank) as :func:`sparsefw.methods.solve_layer` and :func:`sparsefw.capture.accumulate_gram_pairs` do."""
-    layers = {n: l for n, l in prunable_layers(block).items() if n in group}
-    error = None
-    try:
-        t1, g0 = time.perf_counter(), timer["gram"]
-        pairs = accumulate_gram_pairs(block, inps, extra, names, first=first, timer=timer, layers=list(layers))
-        timer["calibration_forward"] += time.perf_counter() - t1 - (timer["gram"] - g0)
-    except SparseFWError as e:
-        pairs, error = None, e
-    raise_if_any(error, ranks)
-    owner = assign_layers({n: tuple(get_weight(l).shape) for n, l in layers.items()}, ranks.world)
-    # one reduction per layer, in the same order on every rank (a rank without windows
-    # does not know which layers share an input, so no sharing here)
-    grams = {n: reduce_gram(*pairs.pop(n), owner[n], ranks) for n in layers}
-    infos = _solve_mine(layers, grams, owner, pattern, cfg, ranks)
-    del grams
+def _prune_layers(block: nn.Module, groups: list[list[str]], inps: list, extra, pattern: Pattern, cfg: PruneConfig,
+                  ranks: Ranks, names: dict, timer: dict) -> list[LayerReport]:
+    """Sum the Gram matrices of the layer ``groups`` (lists of layers sharing one input) of
+    ``block`` on the block's current weights, reduce each onto the group's owner, solve and set
+    the layers, and broadcast the results. Returns the layers' reports (the same on every rank).
+    Raises SparseFWError (on every rank) as :func:`sparsefw.methods.solve_layer` and
+    :func:`sparsefw.capture.accumulate_grams` do."""
+    rep = {n: g[0] for g in groups for n in g}
+    layers = {n: l for n, l in prunable_layers(block).items() if n in rep}
+    t1, g0 = time.perf_counter(), timer["gram"]
+    sums = accumulate_grams(block, inps, extra, groups, names, ranks, timer)
+    timer["calibration_forward"] += time.perf_counter() - t1 - (timer["gram"] - g0)
+    owner = assign_owners({g[0]: sum(layer_cost(get_weight(layers[n]).shape) for n in g) for g in groups},
+                          ranks.world)
+    for g in groups:                          # one reduction per group, in the same order on every rank
+        reduce_sum_(sums[g[0]].acc, owner[g[0]], ranks)
+        if owner[g[0]] != ranks.rank:
+            del sums[g[0]]
+    infos = _solve_mine(layers, groups, sums, owner, pattern, cfg, ranks)
     reports = []
     for lname, layer in layers.items():
-        broadcast_tensor_(layer.weight.data, owner[lname], ranks)
-        info = broadcast_object(infos.get(lname), owner[lname], ranks)
+        broadcast_tensor_(layer.weight.data, owner[rep[lname]], ranks)
+        info = broadcast_object(infos.get(lname), owner[rep[lname]], ranks)
         reports.append(LayerReport.from_info(names[id(layer)], list(get_weight(layer).shape), info))
     return reports
 
 
 @torch.no_grad()
 def owl_outlier_ratios(blocks, inps: list, extra: list, cfg: PruneConfig, ranks: Ranks, names: dict,
-                       first: int = 0, block_context=None, progress: bool = True) -> list[float]:
+                       block_context=None, progress: bool = True) -> list[float]:
     """OWL's dense pre-pass: every block's outlier ratio D (:func:`sparsefw.owl.outlier_ratio`)
     from the Wanda scores |W| ||X_j|| of its Linear layers on the dense model's calibration
     activations (Yin et al., ICML 2024, Sec. 3).
@@ -104,7 +108,7 @@ def owl_outlier_ratios(blocks, inps: list, extra: list, cfg: PruneConfig, ranks:
     Args: blocks: the decoder blocks. inps: the first block's calibration inputs (this rank's,
         not modified). extra: per-block (args, kwargs). cfg: for ``owl_m`` and the device.
         ranks: the input norms are summed over ranks exactly (as the Gram matrices). names: module
-        id -> full name. first: global index of ``inps[0]``. block_context: as in
+        id -> full name. block_context: as in
         :func:`prune_model`, called with ``write=False``.
     Returns: one D per block, the same on every rank.
     Raises: SparseFWError on NaN/Inf activations (on every rank).
@@ -114,18 +118,14 @@ def owl_outlier_ratios(blocks, inps: list, extra: list, cfg: PruneConfig, ranks:
                                     disable=not (progress and ranks.is_main))):
         ctx = block_context(bi, block, write=False) if block_context else on_device(block, ranks.device)
         with ctx:
-            outs, error = [], None
-            try:
-                pairs = accumulate_gram_pairs(block, inps, extra[bi], names, first=first, diagonal=True,
-                                              outputs=outs)
-            except SparseFWError as e:
-                error = e
-            raise_if_any(error, ranks)
+            outs, layers = [], prunable_layers(block)
+            sums = accumulate_grams(block, inps, extra[bi], [[n] for n in layers], names, ranks, diagonal=True,
+                                    outputs=outs)
             ratio = None
-            layers = prunable_layers(block)
-            norms = {n: reduce_gram(*pairs[n], 0, ranks) for n in layers}     # ||X_j||^2 on rank 0
+            for n in layers:                                                   # ||X_j||^2 on rank 0
+                reduce_sum_(sums[n].acc, 0, ranks)
             if ranks.is_main:
-                scores = [wanda_scores(get_weight(l).float(), norms[n].clamp_min(0).sqrt().float())
+                scores = [wanda_scores(get_weight(l).float(), sums[n].evaluate().clamp_min(0).sqrt().float())
                           for n, l in layers.items()]
                 ratio = outlier_ratio(scores, float(cfg.owl_m))
             ratios.append(broadcast_object(ratio, 0, ranks))
@@ -134,13 +134,15 @@ def owl_outlier_ratios(blocks, inps: list, extra: list, cfg: PruneConfig, ranks:
 
 
 def _prune_block(block: nn.Module, inps: list, extra, pattern: Pattern, cfg: PruneConfig, ranks: Ranks, names: dict,
-                 first: int, timer: dict) -> list[LayerReport]:
+                 timer: dict) -> list[LayerReport]:
     """Prune every layer of one block (true-sequential: group by group, each group fitted to the
     block's inputs with the earlier groups pruned); the layers' reports."""
-    groups = layer_groups(block, inps, extra, ranks) if cfg.true_sequential else [list(prunable_layers(block))]
+    groups = layer_groups(block, inps, extra, ranks)
+    if not cfg.true_sequential:
+        return _prune_layers(block, groups, inps, extra, pattern, cfg, ranks, names, timer)
     done = []
     for group in groups:
-        done += _prune_layers(block, group, inps, extra, pattern, cfg, ranks, names, first, timer)
+        done += _prune_layers(block, [group], inps, extra, pattern, cfg, ranks, names, timer)
     return done
 
 
@@ -159,11 +161,11 @@ def _block_outputs(block: nn.Module, bi: int, inps: list, extra, device, store, 
     return new_inps
 
 
-def _owl_patterns(blocks, inps, extra, cfg: PruneConfig, ranks: Ranks, names, first, block_context, progress,
+def _owl_patterns(blocks, inps, extra, cfg: PruneConfig, ranks: Ranks, names, block_context, progress,
                   timer: dict) -> tuple[list[Pattern], dict]:
     """OWL's per-block patterns and the report's ``owl`` entry (M, lambda, ratios, sparsities)."""
     t1 = time.perf_counter()
-    ratios = owl_outlier_ratios(blocks, inps, extra, cfg, ranks, names, first, block_context, progress)
+    ratios = owl_outlier_ratios(blocks, inps, extra, cfg, ranks, names, block_context, progress)
     sps = owl_sparsities(ratios, float(cfg.sparsity), float(cfg.owl_lambda))
     timer["owl_prepass"] = time.perf_counter() - t1
     return ([parse_pattern(cfg.pattern, sp) for sp in sps],
@@ -215,13 +217,13 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     store = torch.device("cpu") if cfg.offload_activations else device
     home = model.get_input_embeddings().weight.device
     place_embeddings(model, blocks, device)
-    mine = window_range(windows.shape[0], ranks, GRAM_CHUNK)
+    mine = window_range(windows.shape[0], ranks)
     t1 = time.perf_counter()
     inps, extra = capture_block_inputs(model, blocks, windows[list(mine)], store)
     timer = {"calibration_forward": time.perf_counter() - t1, "gram": 0.0}   # seconds per part
     patterns, owl = [pattern] * len(blocks), None
     if cfg.owl:
-        patterns, owl = _owl_patterns(blocks, inps, extra, cfg, ranks, names, mine.start, block_context,
+        patterns, owl = _owl_patterns(blocks, inps, extra, cfg, ranks, names, block_context,
                                       progress, timer)
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(blocks)), desc=f"{cfg.method} {pattern if pattern.kind == 'nm' else cfg.sparsity}",
@@ -234,7 +236,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
                 block.load_state_dict(saved)
                 done, resumed = state.reports(bi), resumed + 1
             else:
-                done = _prune_block(block, inps, extra[bi], patterns[bi], cfg, ranks, names, mine.start, timer)
+                done = _prune_block(block, inps, extra[bi], patterns[bi], cfg, ranks, names, timer)
             t1 = time.perf_counter()
             inps = _block_outputs(block, bi, inps, extra[bi], device, store, ranks)
             timer["calibration_forward"] += time.perf_counter() - t1

@@ -26,9 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SparseFWError
+from .gram import row_matmul
 from .masks import Pattern
 
 INNER_STOP = 8      # a round's steps end when fewer than 1/INNER_STOP of its rows still improve
+ROW_TILE = 64       # ... counted per tile of 64 consecutive rows of the layer, so that row blocks made of
+                    # whole tiles (sparsefw.fw.fw_solve_rows) take the same steps as the whole layer
 
 
 @dataclass
@@ -64,10 +67,11 @@ def _candidates(W, Q, Ak, Ap, pattern: Pattern, K: int):
                       torch.topk(prune_cost, K, dim=1, largest=False, sorted=False).indices], 1)
 
 
-def _round_steps(G, C, wC, base, wq2, thresh, nm: bool):
+def _round_steps(G, C, wC, base, wq2, thresh, nm: bool, tile):
     """The swap steps of one round inside the working set C (r, 2K) (see :func:`swap_refine`):
     wC the weights there, base w_j^2 G_jj, wq2 2 w_j (G r)_j (updated in place), thresh the
-    per-row threshold of an improving swap. Returns (kept (r, 2K) bool after the swaps, dC (r, 2K)
+    per-row threshold of an improving swap, tile (r,) int64 the rows' tiles (0..T-1; a tile's
+    steps end when fewer than 1/INNER_STOP of its rows improve). Returns (kept (r, 2K) bool after the swaps, dC (r, 2K)
     residual change / w, n_swaps (r,) int64, gain (r, 1) float64 change of the row errors)."""
     r, k2 = C.shape
     K = k2 // 2
@@ -80,6 +84,7 @@ def _round_steps(G, C, wC, base, wq2, thresh, nm: bool):
     live = torch.ones(r, 1, dtype=torch.bool, device=C.device)
     n_swaps = torch.zeros(r, 1, dtype=torch.int64, device=C.device)
     gain = torch.zeros(r, 1, dtype=torch.float64, device=C.device)
+    present = torch.bincount(tile)
     for _ in range(K):
         ka = torch.where(kept, math.inf, base - wq2)            # keep a pruned entry
         pc = torch.where(kept, base + wq2, math.inf)            # prune a kept entry
@@ -100,8 +105,7 @@ def _round_steps(G, C, wC, base, wq2, thresh, nm: bool):
         gl = GC.gather(2, l_.unsqueeze(1).expand(r, k2, 1)).squeeze(2)   # G_al w_l
         ch = ka.gather(1, j) + pc.gather(1, l_) - 2.0 * wj * gl.gather(1, j)
         ok = live & (ch < thresh)
-        n_ok = int(ok.sum())
-        if n_ok == 0:
+        if not bool(ok.any()):
             break
         okf = ok.float()
         kept.scatter_(1, j, ok | kept.gather(1, j))
@@ -111,8 +115,10 @@ def _round_steps(G, C, wC, base, wq2, thresh, nm: bool):
         wq2 += (2.0 * okf) * wC * (gl - gj)
         gain += (ch * okf).double()
         n_swaps += ok
-        live = ok
-        if n_ok * INNER_STOP < r:     # the few rows still swapping continue in the next round
+        # tiles where few rows still swap stop here; their rows continue in the next round
+        few = torch.bincount(tile, weights=ok.squeeze(1).double(), minlength=present.numel()) * INNER_STOP < present
+        live = ok & ~few[tile].unsqueeze(1)
+        if not bool(live.any()):
             break
     return kept, dC, n_swaps.squeeze(1), gain
 
@@ -153,7 +159,7 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         return SwapResult(M, delta, 0, 0)
     W = W.detach().float()
     G = G.detach().float()
-    Q = ((W * ~M) @ G) if Q is None else Q.float().clone()
+    Q = row_matmul(W * ~M, G) if Q is None else Q.float().clone()
     f0 = ((W * ~M) * Q).sum(1, dtype=torch.float64)         # input errors; current = f0 + delta
     dg = torch.diagonal(G)
     ids = torch.arange(d_out, device=W.device)          # rows still improving
@@ -176,7 +182,8 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         wC = Wr.gather(1, C)
         base = wC * wC * dg[C]                                      # w_j^2 G_jj
         thresh = (-rtol * (f0[ids] + delta[ids]).clamp_min(1e-300)).float().unsqueeze(1)
-        kept, dC, n_swaps, gain = _round_steps(G, C, wC, base, 2.0 * wC * Qr.gather(1, C), thresh, nm)
+        kept, dC, n_swaps, gain = _round_steps(G, C, wC, base, 2.0 * wC * Qr.gather(1, C), thresh, nm,
+                                               torch.unique(ids // ROW_TILE, return_inverse=True)[1])
         delta[ids] += gain.squeeze(1)
         dC = dC * wC
         if int(n_swaps.sum()) == 0:
@@ -187,8 +194,7 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=r), 0)[:-1]
         Qr = Qr + F.embedding_bag(C[rows, cols], G, offsets=offsets, per_sample_weights=dC[rows, cols], mode="sum")
         Mr.scatter_(1, C, kept)
-        Akr.scatter_(1, C, torch.where(kept, math.inf, base))
-        Apr.scatter_(1, C, torch.where(kept, base, math.inf))
+        Akr.scatter_(1, C, torch.where(kept, math.inf, base)), Apr.scatter_(1, C, torch.where(kept, base, math.inf))
         moved = n_swaps > 0
         if not bool(moved.all()):
             if Mr is not M:

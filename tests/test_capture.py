@@ -4,7 +4,7 @@ X^T X of the inputs it really receives, and NaN/Inf activations reported."""
 import pytest
 import torch
 
-from sparsefw.capture import accumulate_grams, block_forward, capture_block_inputs
+from sparsefw.capture import block_forward, capture_block_inputs, evaluate_grams
 from sparsefw.cli import main as cli_main
 from sparsefw.models import decoder_blocks, prunable_layers
 
@@ -62,7 +62,7 @@ def test_grams_equal_each_layers_own_inputs(tokenizer, make_tiny, arch):
     inps, extra = capture_block_inputs(m, blocks, windows)
     layers = prunable_layers(blocks[0])
     for _ in range(3):  # repeat: address reuse depends on the allocator's state
-        grams = accumulate_grams(blocks[0], inps, extra[0])
+        grams = evaluate_grams(blocks[0], inps, extra[0])
         seen = {n: torch.zeros_like(g) for n, g in grams.items()}
 
         def make_hook(n):

@@ -283,3 +283,38 @@ def test_fw_solve_on_cuda_matches_cpu(layer_64x128):
     assert gpu.mask.device.type == "cuda"
     assert (gpu.mask.cpu() == cpu.mask).float().mean() > 0.99
     assert gpu.error_final == pytest.approx(cpu.error_final, rel=1e-2)
+
+
+@pytest.mark.parametrize("pattern_s,kw", [
+    ("0.5", {}), ("0.6", {"iterations": 30, "tol": 0.0}), ("2:4", {}), ("2:4", {"fix": "group"}),
+    ("0.5", {"iterations": 0}), ("0.6", {"step": "pairwise", "iterations": 20}), ("0.5", {"swaps": 0})])
+def test_row_blocks_give_the_same_mask(pattern_s, kw):
+    """fw_solve_rows on blocks of 64 or 128 rows (the last block 5 rows) returns exactly the mask
+    of the whole layer, and the summed errors agree; 197 rows, heavy-tailed inputs."""
+    from sparsefw.fw import fw_solve_rows
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(197, 96, generator=g)
+    X = torch.randn(96, 400, generator=g) * torch.rand(96, 1, generator=g) ** 3
+    X[::17] *= 20.0                                          # a few outlier input channels
+    G = (X @ X.T).float()
+    scores = W.abs() * torch.diagonal(G).sqrt()
+    pattern = parse_pattern("2:4" if ":" in pattern_s else "unstructured", float(pattern_s) if ":" not in pattern_s else 0.5)
+    whole = fw_solve_rows(W, G, scores, pattern, None, **kw)
+    for rows in (64, 128):
+        part = fw_solve_rows(W, G, scores, pattern, rows, **kw)
+        assert torch.equal(part.mask, whole.mask), rows
+        assert torch.equal(part.row_iterations, whole.row_iterations)
+        assert part.error_final == pytest.approx(whole.error_final, rel=1e-9)
+    assert whole.error_final < whole.error_warmstart
+
+
+def test_rows_per_block():
+    from sparsefw.fw import SOLVER_BYTES_PER_ENTRY, rows_per_block
+
+    assert rows_per_block((576, 1536), 4.0) == 576                        # fits: all rows
+    per_gib = 2 ** 30 // (SOLVER_BYTES_PER_ENTRY * 28672)                 # 70B down_proj: 780 rows per GiB
+    assert rows_per_block((8192, 28672), 4.0) == (4 * per_gib) // 64 * 64
+    assert rows_per_block((8192, 28672), 0.01) == 64                      # at least one tile
+    with pytest.raises(SparseFWError, match="positive number of GiB"):
+        rows_per_block((8, 8), 0)

@@ -1,0 +1,73 @@
+"""Exact Gram sums (sparsefw/gram.py): the fixed-point grid, a hand-computed sum, independence of
+the window order and split, and the error bound against exact (math.fsum) sums."""
+import math
+import random
+
+import torch
+
+from sparsefw.gram import FixedPointSum, fixed_point_scale
+
+
+def test_scale_keeps_bound_below_2_61():
+    assert fixed_point_scale(1.0) == 60            # 1 < 2^1 -> 1 * 2^60 < 2^61
+    assert fixed_point_scale(3.0) == 59
+    assert fixed_point_scale(0.0) == 0 and fixed_point_scale(float("inf")) == 0
+    for b in (1e-30, 0.7, 12345.678, 1e20):
+        s = fixed_point_scale(b)
+        assert 2.0 ** 60 <= b * 2.0 ** s < 2.0 ** 61
+
+
+def test_hand_computed_sum():
+    x1 = torch.tensor([[1.0, 2.0]])                 # x1^T x1 = [[1, 2], [2, 4]]
+    x2 = torch.tensor([[0.5, -1.0], [0.0, 3.0]])    # [[0.25, -0.5], [-0.5, 10]]
+    acc = FixedPointSum(2, fixed_point_scale(3 * 3.0 ** 2))
+    acc.add_(x1)
+    acc.add_(x2)
+    assert torch.equal(acc.evaluate(), torch.tensor([[1.25, 1.5], [1.5, 14.0]], dtype=torch.float64))
+    diag = FixedPointSum(2, acc.scale, diagonal=True)
+    diag.add_(x1)
+    diag.add_(x2)
+    assert torch.equal(diag.evaluate(), torch.tensor([1.25, 14.0], dtype=torch.float64))
+
+
+def test_order_and_split_do_not_change_a_bit():
+    """The same windows in another order, or as two partial sums added as integers (two processes),
+    give identical int64 sums; plain float64 sums of the same products do not."""
+    torch.manual_seed(0)
+    xs = [torch.randn(16, 24) * (10.0 ** torch.randint(-3, 3, (1, 24))) for _ in range(12)]
+    bound = sum(x.shape[0] for x in xs) * max(float(x.abs().max()) for x in xs) ** 2
+    s = fixed_point_scale(bound)
+
+    def total(order):
+        acc = FixedPointSum(24, s)
+        for i in order:
+            acc.add_(xs[i])
+        return acc.acc
+
+    ref = total(range(12))
+    perm = list(range(12))
+    random.Random(1).shuffle(perm)
+    assert torch.equal(total(perm), ref)
+    assert torch.equal(total(range(5)) + total(range(5, 12)), ref)
+    plain = [sum((xs[i].t() @ xs[i]).double() for i in o) for o in (range(12), perm)]
+    assert not torch.equal(plain[0], plain[1])      # float sums depend on the order
+
+
+def test_error_against_exact_sums():
+    """Against math.fsum of the same float32 window products: every entry within the proven bound
+    n_windows * 2^-(scale+1) (plus the final float64 rounding), and the large entries to ~1e-12 relative."""
+    torch.manual_seed(1)
+    xs = [torch.randn(32, 8) for _ in range(50)]
+    bound = sum(x.shape[0] for x in xs) * max(float(x.abs().max()) for x in xs) ** 2
+    acc = FixedPointSum(8, fixed_point_scale(bound))
+    prods = []
+    for x in xs:
+        acc.add_(x)
+        prods.append((x.t() @ x).double())
+    G = acc.evaluate()
+    exact = torch.tensor([[math.fsum(float(p[i, j]) for p in prods) for j in range(8)] for i in range(8)],
+                         dtype=torch.float64)
+    err = (G - exact).abs()
+    bound = len(xs) * 2.0 ** -(acc.scale + 1) + 2.0 ** -52 * exact.abs()   # grid + the final rounding
+    assert bool((err <= bound).all())
+    assert float((err / exact.abs()).diagonal().max()) < 1e-12
