@@ -142,12 +142,18 @@ class FixedPointSum:
         for r0 in range(0, d, p):
             self._add(slice(r0, r0 + p), x[:, r0:r0 + p].t() @ x)
 
-    def evaluate(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def evaluate(self, dtype: torch.dtype = torch.float64, inplace: bool = False) -> torch.Tensor:
         """G = acc * 2^-scale in ``dtype`` (one rounding from the exact integer sum), converted in
-        row panels; same shape as ``acc``."""
-        out = torch.empty(self.acc.shape, dtype=dtype, device=self.acc.device)
+        row panels; same shape as ``acc``. ``inplace`` (float64 only): written over the int64
+        buffer (no second d_in^2 buffer); the sum cannot be used afterwards."""
+        if inplace and dtype != torch.float64:
+            raise SparseFWError("an in-place evaluation of a Gram sum gives float64 only")
+        out = self.acc.view(torch.float64) if inplace else \
+            torch.empty(self.acc.shape, dtype=dtype, device=self.acc.device)
         d = self.acc.shape[-1]
         p = max(1, PANEL_BYTES // (16 * d)) if not self.diagonal else d
         for r0 in range(0, self.acc.shape[0], p):
             out[r0:r0 + p] = self.acc[r0:r0 + p].double().mul_(2.0 ** -self.scale)
+        if inplace:
+            self.acc = None
         return out

@@ -56,7 +56,7 @@ def _solve_mine(layers: dict, groups: list[list[str]], sums: dict, owner: dict, 
     for group in groups:
         if owner[group[0]] != ranks.rank:
             continue
-        G = sums.pop(group[0]).evaluate()
+        G = sums.pop(group[0]).evaluate(inplace=True)
         try:
             for lname in group:
                 W_new, _, infos[lname] = solve_layer(get_weight(layers[lname]).float().clone(), G, pattern,

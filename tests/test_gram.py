@@ -71,3 +71,14 @@ def test_error_against_exact_sums():
     bound = len(xs) * 2.0 ** -(acc.scale + 1) + 2.0 ** -52 * exact.abs()   # grid + the final rounding
     assert bool((err <= bound).all())
     assert float((err / exact.abs()).diagonal().max()) < 1e-12
+
+
+def test_inplace_evaluation_reuses_the_buffer():
+    torch.manual_seed(2)
+    x = torch.randn(10, 6)
+    acc = FixedPointSum(6, fixed_point_scale(10 * float(x.abs().max()) ** 2))
+    acc.add_(x)
+    ptr, copy = acc.acc.data_ptr(), acc.evaluate()
+    G = acc.evaluate(inplace=True)
+    assert G.dtype == torch.float64 and G.data_ptr() == ptr and torch.equal(G, copy)
+    assert acc.acc is None
