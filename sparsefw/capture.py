@@ -32,10 +32,26 @@ def hidden_from(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _as_dtype(obj, dtype: torch.dtype):
+    """Floating-point tensors in obj (nested tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_as_dtype(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _as_dtype(v, dtype) for k, v in obj.items()}
+    return obj
+
+
 def block_forward(block: nn.Module, h: torch.Tensor, extra) -> torch.Tensor:
     """Run a decoder block on hidden states h (1, seqlen, hidden) with its captured (args,
-    kwargs) ``extra`` (:func:`capture_block_inputs`); returns its output hidden states."""
+    kwargs) ``extra`` (:func:`capture_block_inputs`); returns its output hidden states. h and the
+    floating-point extras are cast to the block's dtype (a block computing in float32 on the CPU,
+    :class:`sparsefw.onload.Float32OnCpu`, receives 16-bit inputs for the first block)."""
     args, kw = extra
+    dt = next((p.dtype for p in block.parameters()), h.dtype)
+    if h.dtype != dt:
+        h, args, kw = h.to(dt), _as_dtype(args, dt), _as_dtype(kw, dt)
     out = block(h, *args, **kw)
     return out[0] if isinstance(out, (tuple, list)) else out
 

@@ -24,7 +24,7 @@ from .errors import SparseFWError
 from .masks import Pattern, parse_pattern, wanda_scores
 from .methods import solve_layer
 from .models import decoder_blocks, get_weight, prunable_layers, resolve_device, set_weight
-from .onload import on_device, place_embeddings
+from .onload import Float32OnCpu, on_device, place_embeddings
 from .owl import outlier_ratio, owl_sparsities
 from .report import LayerReport, prune_summary
 
@@ -232,14 +232,16 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     for bi, block in bar:
         with block_context(bi, block) if block_context else on_device(block, device):   # one block on the device
             saved = state.finished(bi) if state is not None else None
-            if saved is not None:             # pruned before an interruption: its weights as they were
-                block.load_state_dict(saved)
-                done, resumed = state.reports(bi), resumed + 1
-            else:
-                done = _prune_block(block, inps, extra[bi], patterns[bi], cfg, ranks, names, timer)
-            t1 = time.perf_counter()
-            inps = _block_outputs(block, bi, inps, extra[bi], device, store, ranks)
-            timer["calibration_forward"] += time.perf_counter() - t1
+            with Float32OnCpu(block, device) as compute:
+                if saved is not None:             # pruned before an interruption: its weights as they were
+                    block.load_state_dict(saved)
+                    done, resumed = state.reports(bi), resumed + 1
+                else:
+                    done = _prune_block(block, inps, extra[bi], patterns[bi], cfg, ranks, names, timer)
+                compute.round()                   # the next block sees the weights as they will be saved
+                t1 = time.perf_counter()
+                inps = _block_outputs(block, bi, inps, extra[bi], device, store, ranks)
+                timer["calibration_forward"] += time.perf_counter() - t1
             if state is not None and saved is None:
                 state.save(bi, block, done)
         reports += done
