@@ -98,8 +98,11 @@ class Option:
 class LayerStats:
     """Calibration statistics of one layer, as every method receives them.
 
-    G: (d_in, d_in) float64 Gram matrix X X^T of the layer's calibration inputs (squared activation
-    units summed over tokens). Gf: G in float32. col_norms: (d_in,) float32 ||X_j|| = sqrt(G_jj).
+    G: (d_in, d_in) Gram matrix X X^T of the layer's calibration inputs (squared activation units
+    summed over tokens): float64 for methods that set weights (SparseGPT) and for reconstruction,
+    else the float32 ``Gf`` itself (the pipeline does not keep a float64 copy they would not use).
+    Gf: G in float32. col_norms: (d_in,) float32 ||X_j|| = sqrt(Gf_jj) (from Gf, so that masks do
+    not depend on which of the two G is).
     dense_norm: ||W X||_F^2 of the dense layer (the denominator of relative errors).
     percdamp: the run's dampening of G, as a fraction of its mean diagonal (SparseGPT's convention),
     for methods that factor G.
@@ -114,9 +117,9 @@ class LayerStats:
     @classmethod
     def from_gram(cls, W: torch.Tensor, G: torch.Tensor, percdamp: float = 0.01) -> "LayerStats":
         """The statistics of a layer with weight W (d_out, d_in) float32 and Gram matrix G
-        (d_in, d_in) float64 (G on W's device)."""
+        (d_in, d_in) float64 or float32 (G on W's device)."""
         Gf = G.float()
-        col_norms = torch.diagonal(G).clamp_min(0).sqrt().float()
+        col_norms = torch.diagonal(Gf).clamp_min(0).sqrt()
         return cls(G=G, Gf=Gf, col_norms=col_norms, dense_norm=max(dense_output_norm(W, Gf), 1e-300),
                    percdamp=percdamp)
 
@@ -317,9 +320,10 @@ def solve_layer(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, method: str,
     """Choose the mask (and weights) of one layer with a registered method.
 
     Args:
-        W: (d_out, d_in) float32 weights. G: (d_in, d_in) float64 Gram matrix of its inputs, on
-            W's device (masks and FW compute in float32 there; SparseGPT and the least-squares
-            reconstruction in float64).
+        W: (d_out, d_in) float32 weights. G: (d_in, d_in) Gram matrix of its inputs, on W's
+            device, float64 when the method sets weights or ``reconstruct`` (SparseGPT and the
+            least-squares reconstruction compute in float64), else float32 suffices (masks and
+            FW compute in float32).
         pattern: parsed sparsity pattern. method: a name in :data:`METHODS`. options: the
             method's options (missing ones take their defaults; checked here).
         reconstruct: least-squares update of the kept weights after the mask is chosen

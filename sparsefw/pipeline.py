@@ -22,7 +22,7 @@ from .distributed import (Ranks, assign_owners, broadcast_object, broadcast_tens
                           reduce_sum_, window_range)
 from .errors import SparseFWError
 from .masks import Pattern, parse_pattern, wanda_scores
-from .methods import solve_layer
+from .methods import get_method, solve_layer
 from .models import decoder_blocks, get_weight, prunable_layers, resolve_device, set_weight
 from .onload import Float32OnCpu, on_device, place_embeddings
 from .owl import outlier_ratio, owl_sparsities
@@ -51,12 +51,14 @@ def _solve_mine(layers: dict, groups: list[list[str]], sums: dict, owner: dict, 
                 ranks: Ranks) -> dict:
     """Solve and set the layers of the groups this rank owns, one group at a time: G evaluated once
     per group (shared by q/k/v, gate/up), freed with the group's integer sum once its layers are
-    solved. {name: info}. Raises SparseFWError on every rank."""
+    solved; in float64 (over the int64 buffer) for methods that set weights and for reconstruction,
+    else in float32. {name: info}. Raises SparseFWError on every rank."""
     infos, error = {}, None
+    f64 = get_method(cfg.method).updates_weights or cfg.reconstruct
     for group in groups:
         if owner[group[0]] != ranks.rank:
             continue
-        G = sums.pop(group[0]).evaluate(inplace=True)
+        G = sums.pop(group[0]).evaluate(inplace=True) if f64 else sums.pop(group[0]).evaluate(torch.float32)
         try:
             for lname in group:
                 W_new, _, infos[lname] = solve_layer(get_weight(layers[lname]).float().clone(), G, pattern,
@@ -125,7 +127,7 @@ def owl_outlier_ratios(blocks, inps: list, extra: list, cfg: PruneConfig, ranks:
             for n in layers:                                                   # ||X_j||^2 on rank 0
                 reduce_sum_(sums[n].acc, 0, ranks)
             if ranks.is_main:
-                scores = [wanda_scores(get_weight(l).float(), sums[n].evaluate().clamp_min(0).sqrt().float())
+                scores = [wanda_scores(get_weight(l).float(), sums[n].evaluate(torch.float32).clamp_min(0).sqrt())
                           for n, l in layers.items()]
                 ratio = outlier_ratio(scores, float(cfg.owl_m))
             ratios.append(broadcast_object(ratio, 0, ranks))

@@ -159,3 +159,20 @@ def test_true_sequential_grams_come_from_the_partially_pruned_block(tokenizer, m
         down[seq] = seen[names.index("mlp.down_proj")]
     # the option is not a no-op: down_proj's inputs with the pruned q..up differ from the dense ones
     assert float((down[True] - down[False]).norm() / down[False].norm()) > 1e-3
+
+
+def test_reconstruction_keeps_the_first_blocks_mask(tokenizer, make_tiny):
+    """G is float64 with --reconstruct and float32 without; the masks are computed from the same
+    float32 G either way, so block 0 (same dense inputs in both runs) gets the same mask."""
+    base = make_tiny("llama", len(tokenizer), hidden=64)
+    sd = base.state_dict()
+    masks = {}
+    for rec in (False, True):
+        m = make_tiny("llama", len(tokenizer), hidden=64)
+        m.load_state_dict(sd)
+        prune_model(m, tokenizer, PruneConfig(method="sparsefw", sparsity=0.6, reconstruct=rec, **small()),
+                    progress=False)
+        masks[rec] = {n: get_weight(l) != 0 for n, l in prunable_layers(decoder_blocks(m)[0]).items()}
+    assert masks[False].keys() == masks[True].keys()
+    for n in masks[False]:
+        assert torch.equal(masks[False][n], masks[True][n]), n
