@@ -92,7 +92,7 @@ def row_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 PANEL_BYTES = 1 << 28
 """Transient memory of one panel of a product or conversion (256 MiB): a (p, d_in) row panel
-costs 20 bytes per entry (float32 product, float64 scaled copy, int64 terms)."""
+costs 20 bytes per entry (float32 product, int64 terms, headroom)."""
 
 
 def fixed_point_scale(bound: float) -> int:
@@ -128,7 +128,10 @@ class FixedPointSum:
         self.acc = torch.zeros((d,) if diagonal else (d, d), dtype=torch.int64, device=device)
 
     def _add(self, rows: slice, P: torch.Tensor) -> None:
-        self.acc[rows] += P.double().mul_(2.0 ** self.scale).round_().to(torch.int64)
+        # P * 2^scale is exact in float32 (a power of two) and so is its rounding to an integer;
+        # float64 only where 2^scale itself leaves float32's range
+        P = P.mul_(2.0 ** self.scale) if self.scale <= 120 else P.double().mul_(2.0 ** self.scale)
+        self.acc[rows] += P.round_().to(torch.int64)
 
     def add_(self, x: torch.Tensor) -> None:
         """Add one window: x (tokens, d) float, G += x^T x (diagonal: sum of x^2 per column),

@@ -82,3 +82,16 @@ def test_inplace_evaluation_reuses_the_buffer():
     G = acc.evaluate(inplace=True)
     assert G.dtype == torch.float64 and G.data_ptr() == ptr and torch.equal(G, copy)
     assert acc.acc is None
+
+
+def test_float32_and_float64_rounding_paths_agree():
+    """The float32 scaling path (scale <= 120) gives the bits of the float64 path."""
+    torch.manual_seed(3)
+    x = torch.randn(40, 16) * 1e-3
+    s = fixed_point_scale(40 * float(x.abs().max()) ** 2)
+    assert s <= 120
+    fast = FixedPointSum(16, s)
+    fast.add_(x)
+    P = x.t() @ x
+    ref = P.double().mul_(2.0 ** s).round_().to(torch.int64)
+    assert torch.equal(fast.acc, ref)
