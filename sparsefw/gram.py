@@ -110,53 +110,63 @@ def fixed_point_scale(bound: float) -> int:
 
 
 class FixedPointSum:
-    """A Gram matrix (or its diagonal) summed exactly on the grid 2^-scale in one int64 buffer.
+    """A Gram matrix (or its diagonal) summed exactly on the grid 2^-scale in int64.
 
-    Every window's product X_w^T X_w is computed in float32 (as before), rounded once to the
-    grid and added as integers. Integer addition is associative, so the sum does not depend on
-    the order of the windows or on how they are split across processes: one buffer per distinct
-    input, and several processes add their int64 partial sums with any reduction
-    (:func:`sparsefw.distributed.reduce_sum_`) to the same bits as one process. Error: at most
-    2^-(scale+1) per window and entry, i.e. about n_windows * 2^-62 * n_tokens * max|x|^2
-    (scripts/bench_gram_precision.py measures it against exact sums).
+    Every window's product X_w^T X_w is computed in float32, rounded once to the grid and added
+    as integers. Integer addition is associative, so the sum does not depend on the order of the
+    windows or on how they are split across processes: several processes add their int64 partial
+    sums with any reduction (:func:`sparsefw.distributed.reduce_sum_`) to the same bits as one
+    process. Only the upper triangle is kept and computed (G is symmetric): row panels
+    [r0, r1) x [r0, d) of one buffer's worth of memory, d (d + p) / 2 int64 entries for panels of
+    p rows, and half the products' flops. Error: at most 2^-(scale+1) per window and entry, i.e.
+    about n_windows * 2^-62 * n_tokens * max|x|^2 (scripts/bench_gram_precision.py measures it
+    against exact sums).
 
-    acc: (d, d) or (d,) int64. scale: the grid exponent (:func:`fixed_point_scale`).
+    panels: list of int64 tensors ((r1 - r0, d - r0) each; one (d,) tensor for the diagonal).
+    scale: the grid exponent (:func:`fixed_point_scale`).
     """
 
     def __init__(self, d: int, scale: int, diagonal: bool = False, device=None):
-        self.scale, self.diagonal = int(scale), diagonal
-        self.acc = torch.zeros((d,) if diagonal else (d, d), dtype=torch.int64, device=device)
+        self.d, self.scale, self.diagonal = d, int(scale), diagonal
+        p = max(1, min(d, PANEL_BYTES // (20 * max(d, 1))))
+        self.starts = [0] if diagonal else list(range(0, d, p))
+        self.panels = [torch.zeros(d, dtype=torch.int64, device=device)] if diagonal else \
+            [torch.zeros(min(p, d - r0), d - r0, dtype=torch.int64, device=device) for r0 in self.starts]
 
-    def _add(self, rows: slice, P: torch.Tensor) -> None:
+    def _to_grid(self, P: torch.Tensor) -> torch.Tensor:
         # P * 2^scale is exact in float32 (a power of two) and so is its rounding to an integer;
         # float64 only where 2^scale itself leaves float32's range
         P = P.mul_(2.0 ** self.scale) if self.scale <= 120 else P.double().mul_(2.0 ** self.scale)
-        self.acc[rows] += P.round_().to(torch.int64)
+        return P.round_().to(torch.int64)
 
     def add_(self, x: torch.Tensor) -> None:
-        """Add one window: x (tokens, d) float, G += x^T x (diagonal: sum of x^2 per column),
-        in row panels of at most :data:`PANEL_BYTES`."""
+        """Add one window: x (tokens, d) float, G += x^T x (diagonal: sum of x^2 per column)."""
         x = x.float()
-        d = x.shape[1]
         if self.diagonal:
-            self._add(slice(None), (x * x).sum(0))
+            self.panels[0] += self._to_grid((x * x).sum(0))
             return
-        p = max(1, min(d, PANEL_BYTES // (20 * d)))
-        for r0 in range(0, d, p):
-            self._add(slice(r0, r0 + p), x[:, r0:r0 + p].t() @ x)
+        for r0, panel in zip(self.starts, self.panels):
+            panel += self._to_grid(x[:, r0:r0 + panel.shape[0]].t() @ x[:, r0:])
 
-    def evaluate(self, dtype: torch.dtype = torch.float64, inplace: bool = False) -> torch.Tensor:
-        """G = acc * 2^-scale in ``dtype`` (one rounding from the exact integer sum), converted in
-        row panels; same shape as ``acc``. ``inplace`` (float64 only): written over the int64
-        buffer (no second d_in^2 buffer); the sum cannot be used afterwards."""
-        if inplace and dtype != torch.float64:
-            raise SparseFWError("an in-place evaluation of a Gram sum gives float64 only")
-        out = self.acc.view(torch.float64) if inplace else \
-            torch.empty(self.acc.shape, dtype=dtype, device=self.acc.device)
-        d = self.acc.shape[-1]
-        p = max(1, PANEL_BYTES // (16 * d)) if not self.diagonal else d
-        for r0 in range(0, self.acc.shape[0], p):
-            out[r0:r0 + p] = self.acc[r0:r0 + p].double().mul_(2.0 ** -self.scale)
-        if inplace:
-            self.acc = None
+    def tensors(self) -> list[torch.Tensor]:
+        """The int64 buffers (for a reduction across processes)."""
+        return self.panels
+
+    def evaluate(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """G = sum * 2^-scale in ``dtype``, (d, d) (or (d,)), exactly symmetric: the diagonal
+        squares of the panels are symmetrized in integers ((a + b) // 2), the lower triangle is
+        the mirror of the upper. One rounding from the exact integer sum to float64 (then to
+        ``dtype``)."""
+        f = 2.0 ** -self.scale
+        if self.diagonal:
+            return self.panels[0].double().mul_(f).to(dtype)
+        out = torch.empty(self.d, self.d, dtype=dtype, device=self.panels[0].device)
+        for r0, panel in zip(self.starts, self.panels):
+            p = panel.shape[0]
+            sq = panel[:, :p]
+            sq = torch.div(sq + sq.t(), 2, rounding_mode="floor")
+            out[r0:r0 + p, r0:r0 + p] = sq.double().mul_(f)
+            rest = panel[:, p:].double().mul_(f).to(dtype)
+            out[r0:r0 + p, r0 + p:] = rest
+            out[r0 + p:, r0:r0 + p] = rest.t()
         return out

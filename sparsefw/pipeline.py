@@ -51,14 +51,14 @@ def _solve_mine(layers: dict, groups: list[list[str]], sums: dict, owner: dict, 
                 ranks: Ranks) -> dict:
     """Solve and set the layers of the groups this rank owns, one group at a time: G evaluated once
     per group (shared by q/k/v, gate/up), freed with the group's integer sum once its layers are
-    solved; in float64 (over the int64 buffer) for methods that set weights and for reconstruction,
+    solved; in float64 for methods that set weights and for reconstruction,
     else in float32. {name: info}. Raises SparseFWError on every rank."""
     infos, error = {}, None
     f64 = get_method(cfg.method).updates_weights or cfg.reconstruct
     for group in groups:
         if owner[group[0]] != ranks.rank:
             continue
-        G = sums.pop(group[0]).evaluate(inplace=True) if f64 else sums.pop(group[0]).evaluate(torch.float32)
+        G = sums.pop(group[0]).evaluate(torch.float64 if f64 else torch.float32)
         try:
             for lname in group:
                 W_new, _, infos[lname] = solve_layer(get_weight(layers[lname]).float().clone(), G, pattern,
@@ -88,7 +88,8 @@ def _prune_layers(block: nn.Module, groups: list[list[str]], inps: list, extra, 
     owner = assign_owners({g[0]: sum(layer_cost(get_weight(layers[n]).shape) for n in g) for g in groups},
                           ranks.world)
     for g in groups:                          # one reduction per group, in the same order on every rank
-        reduce_sum_(sums[g[0]].acc, owner[g[0]], ranks)
+        for t in sums[g[0]].tensors():
+            reduce_sum_(t, owner[g[0]], ranks)
         if owner[g[0]] != ranks.rank:
             del sums[g[0]]
     infos = _solve_mine(layers, groups, sums, owner, pattern, cfg, ranks)
@@ -125,7 +126,8 @@ def owl_outlier_ratios(blocks, inps: list, extra: list, cfg: PruneConfig, ranks:
                                     outputs=outs)
             ratio = None
             for n in layers:                                                   # ||X_j||^2 on rank 0
-                reduce_sum_(sums[n].acc, 0, ranks)
+                for t in sums[n].tensors():
+                    reduce_sum_(t, 0, ranks)
             if ranks.is_main:
                 scores = [wanda_scores(get_weight(l).float(), sums[n].evaluate(torch.float32).clamp_min(0).sqrt())
                           for n, l in layers.items()]
