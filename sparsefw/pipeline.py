@@ -204,7 +204,8 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
         state: a :class:`sparsefw.resume.RunState`: blocks it holds are loaded instead of pruned,
             every newly pruned block is recorded in it (``--resume``).
     Returns: :func:`sparsefw.report.prune_summary` plus ``owl`` (None or its entry),
-        ``calibration_tokens`` and ``processes``; the same on every rank.
+        ``calibration_tokens``, ``processes``, ``resumed_blocks`` and ``block_seconds`` (wall
+        seconds per block, loading and writing a streamed block included); the same on every rank.
     Raises: SparseFWError: bad configuration, N:M not dividing some d_in, short calibration text,
         NaN/Inf activations (on every rank, whichever rank found it).
     """
@@ -232,8 +233,9 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(blocks)), desc=f"{cfg.method} {pattern if pattern.kind == 'nm' else cfg.sparsity}",
                unit="block", disable=not (progress and ranks.is_main))
-    resumed = 0
+    resumed, block_seconds = 0, []
     for bi, block in bar:
+        tb = time.perf_counter()
         with block_context(bi, block) if block_context else on_device(block, device):   # one block on the device
             saved = state.finished(bi) if state is not None else None
             with Float32OnCpu(block, device) as compute:
@@ -249,8 +251,9 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
             if state is not None and saved is None:
                 state.save(bi, block, done)
         reports += done
+        block_seconds.append(time.perf_counter() - tb)
         bar.set_postfix(err=f"{sum(r.error_final for r in done) / len(done):.4f}",
                         wanda=f"{sum(r.error_wanda for r in done) / len(done):.4f}")
     place_embeddings(model, blocks, home)   # the model ends where it started
     return {**prune_summary(reports, timer, t0), "owl": owl, "calibration_tokens": int(windows.numel()),
-            "processes": ranks.world, "resumed_blocks": resumed}
+            "processes": ranks.world, "resumed_blocks": resumed, "block_seconds": block_seconds}

@@ -79,6 +79,7 @@ def test_methods_and_patterns(tokenizer, make_tiny, method, pattern, options):
         nz = sum(int((get_weight(l) != 0).sum()) for b in decoder_blocks(m) for l in prunable_layers(b).values())
         assert nz <= round(0.4 * tot) + 14
     assert math.isfinite(rep["mean_error_final"])
+    assert len(rep["block_seconds"]) == len(decoder_blocks(m)) and all(t > 0 for t in rep["block_seconds"])
 
 
 def test_sparsefw_beats_wanda_on_tiny_llama(tokenizer, make_tiny):
