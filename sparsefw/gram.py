@@ -46,8 +46,7 @@ def damped_hessian(G: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torc
         (H, dead, lam): H (d_in, d_in) float64 dampened matrix, dead (d_in,) bool inputs whose
         diagonal was 0, lam the dampening added (float, squared activation units).
     """
-    H = G.detach().to(torch.float64).clone()
-    H = 0.5 * (H + H.T)  # exact symmetry for Cholesky
+    H = symmetrize_(G.detach().to(torch.float64).clone())  # exact symmetry for Cholesky
     diag = torch.diagonal(H)
     dead = diag == 0
     idx = torch.nonzero(dead, as_tuple=True)[0]
@@ -55,6 +54,18 @@ def damped_hessian(G: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torc
     lam = float(percdamp) * float(torch.diagonal(H).mean())
     torch.diagonal(H).add_(lam)
     return H, dead, lam
+
+
+def symmetrize_(A: torch.Tensor, panel: int = 1024) -> torch.Tensor:
+    """A <- (A + A^T) / 2 in place, in square panels (no second (d, d) buffer); the same bits as
+    ``0.5 * (A + A.T)``. A: (d, d) float. Returns A."""
+    d = A.shape[0]
+    for r0 in range(0, d, panel):
+        for c0 in range(r0, d, panel):
+            avg = 0.5 * (A[r0:r0 + panel, c0:c0 + panel] + A[c0:c0 + panel, r0:r0 + panel].T)
+            A[r0:r0 + panel, c0:c0 + panel] = avg
+            A[c0:c0 + panel, r0:r0 + panel] = avg.T
+    return A
 
 
 def cholesky(A: torch.Tensor, what: str = "the dampened Gram matrix") -> torch.Tensor:

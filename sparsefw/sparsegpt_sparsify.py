@@ -40,7 +40,7 @@ import math
 import torch
 
 from .errors import SparseFWError
-from .gram import check_layer_inputs, cholesky, damped_hessian
+from .gram import check_layer_inputs, cholesky, damped_hessian, symmetrize_
 from .masks import Pattern
 
 
@@ -96,9 +96,11 @@ def sparsegpt_prune(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, blocksiz
     Wd = W.detach().to(torch.float64).clone()
     Wd[:, dead] = 0.0
     L = cholesky(H, "the dampened Gram matrix")
+    del H
     Hinv = torch.cholesky_inverse(L)
-    U = torch.linalg.cholesky(0.5 * (Hinv + Hinv.T), upper=True)  # H^-1 = U^T U
-    del H, L, Hinv
+    del L
+    U = torch.linalg.cholesky(symmetrize_(Hinv), upper=True)  # H^-1 = U^T U
+    del Hinv
 
     if pattern.kind == "unstructured":
         total = d_in - pattern.kept_per_row(d_in)            # pruned per row

@@ -109,3 +109,13 @@ def test_float32_and_float64_rounding_paths_agree():
     fast.add_(x)
     ref = (x.t() @ x).double().mul_(2.0 ** s).round_().to(torch.int64)
     assert torch.equal(fast.tensors()[0], ref)
+
+
+def test_symmetrize_in_place_equals_the_formula():
+    from sparsefw.gram import symmetrize_
+
+    torch.manual_seed(4)
+    A = torch.randn(37, 37, dtype=torch.float64)
+    ref = 0.5 * (A + A.T)
+    out = symmetrize_(A, panel=8)
+    assert out is A and torch.equal(A, ref)
