@@ -14,7 +14,7 @@ def test_bf16_block_computes_in_float32_on_cpu_and_returns_bf16():
         assert torch.equal(lin.weight.detach().to(torch.bfloat16), w0)      # exact upcast
         lin.weight.data[0, 0] = 1.0 + 2.0 ** -12                           # not a bf16 value
         compute.round()
-        assert lin.weight.dtype == torch.float32 and float(lin.weight[0, 0]) == 1.0
+        assert lin.weight.dtype == torch.float32 and float(lin.weight.detach()[0, 0]) == 1.0
     assert lin.weight.dtype == torch.bfloat16
     assert torch.equal(lin.weight[1:], w0[1:])
 
