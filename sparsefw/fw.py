@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .errors import SparseFWError
 from .gram import row_matmul
 from .masks import Pattern, group_rank, select
-from .swaps import swap_refine
+from .swaps import ROW_TILE, swap_refine
 
 STEP_RULES = ("pairwise", "linesearch", "harmonic")
 FIX_MODES = ("row", "group")
@@ -709,8 +709,6 @@ def rows_per_block(shape: tuple[int, int], budget_gib: float) -> int:
 
     Args: shape: (d_out, d_in). budget_gib: memory budget in GiB (> 0).
     Raises: SparseFWError for a budget that is not a positive number."""
-    from .swaps import ROW_TILE
-
     if not isinstance(budget_gib, (int, float)) or not math.isfinite(budget_gib) or budget_gib <= 0:
         raise SparseFWError(f"solver memory must be a positive number of GiB (e.g. 4), got {budget_gib!r}")
     d_out, d_in = shape
@@ -737,8 +735,6 @@ def fw_solve_rows(W: torch.Tensor, G: torch.Tensor, warm_scores: torch.Tensor, p
         one block ran.
     Raises: as :func:`fw_solve`; SparseFWError for a block size that is not a multiple of ROW_TILE.
     """
-    from .swaps import ROW_TILE
-
     d_out = W.shape[0]
     if block_rows is None or block_rows >= d_out or pattern.kind == "per-matrix":
         return fw_solve(W, G, warm_scores, pattern, dense_norm=dense_norm, **kw)

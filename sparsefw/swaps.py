@@ -67,12 +67,13 @@ def _candidates(W, Q, Ak, Ap, pattern: Pattern, K: int):
                       torch.topk(prune_cost, K, dim=1, largest=False, sorted=False).indices], 1)
 
 
-def _round_steps(G, C, wC, base, wq2, thresh, nm: bool, tile):
+def _round_steps(G, C, wC, base, wq2, thresh, nm: bool, ids):
     """The swap steps of one round inside the working set C (r, 2K) (see :func:`swap_refine`):
     wC the weights there, base w_j^2 G_jj, wq2 2 w_j (G r)_j (updated in place), thresh the
-    per-row threshold of an improving swap, tile (r,) int64 the rows' tiles (0..T-1; a tile's
-    steps end when fewer than 1/INNER_STOP of its rows improve). Returns (kept (r, 2K) bool after the swaps, dC (r, 2K)
-    residual change / w, n_swaps (r,) int64, gain (r, 1) float64 change of the row errors)."""
+    per-row threshold of an improving swap, ids (r,) int64 the rows' indices in the layer (a tile
+    of ROW_TILE rows ends its steps when fewer than 1/INNER_STOP of its rows improve). Returns
+    (kept (r, 2K) bool after the swaps, dC (r, 2K) residual change / w, n_swaps (r,) int64, gain
+    (r, 1) float64 change of the row errors)."""
     r, k2 = C.shape
     K = k2 // 2
     d_in = G.shape[0]
@@ -84,6 +85,7 @@ def _round_steps(G, C, wC, base, wq2, thresh, nm: bool, tile):
     live = torch.ones(r, 1, dtype=torch.bool, device=C.device)
     n_swaps = torch.zeros(r, 1, dtype=torch.int64, device=C.device)
     gain = torch.zeros(r, 1, dtype=torch.float64, device=C.device)
+    tile = torch.unique(ids // ROW_TILE, return_inverse=True)[1]
     present = torch.bincount(tile)
     for _ in range(K):
         ka = torch.where(kept, math.inf, base - wq2)            # keep a pruned entry
@@ -182,8 +184,7 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         wC = Wr.gather(1, C)
         base = wC * wC * dg[C]                                      # w_j^2 G_jj
         thresh = (-rtol * (f0[ids] + delta[ids]).clamp_min(1e-300)).float().unsqueeze(1)
-        kept, dC, n_swaps, gain = _round_steps(G, C, wC, base, 2.0 * wC * Qr.gather(1, C), thresh, nm,
-                                               torch.unique(ids // ROW_TILE, return_inverse=True)[1])
+        kept, dC, n_swaps, gain = _round_steps(G, C, wC, base, 2.0 * wC * Qr.gather(1, C), thresh, nm, ids)
         delta[ids] += gain.squeeze(1)
         dC = dC * wC
         if int(n_swaps.sum()) == 0:
@@ -194,7 +195,8 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=r), 0)[:-1]
         Qr = Qr + F.embedding_bag(C[rows, cols], G, offsets=offsets, per_sample_weights=dC[rows, cols], mode="sum")
         Mr.scatter_(1, C, kept)
-        Akr.scatter_(1, C, torch.where(kept, math.inf, base)), Apr.scatter_(1, C, torch.where(kept, base, math.inf))
+        Akr.scatter_(1, C, torch.where(kept, math.inf, base))
+        Apr.scatter_(1, C, torch.where(kept, base, math.inf))
         moved = n_swaps > 0
         if not bool(moved.all()):
             if Mr is not M:

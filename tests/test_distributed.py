@@ -1,6 +1,7 @@
 """Several processes (sparsefw/distributed.py): ``torchrun`` with 2 CPU processes (gloo) gives exactly
 the masks and weights of 1 process for every method (tests/dist_driver.py), a failure on one rank
-fails the run with one error line and no output, and the window ranges are whole chunks."""
+fails the run with one error line and no output, and the window ranges are contiguous (whole chunks
+when asked)."""
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def setup(tmp_path_factory, tokenizer, make_tiny):
 
 
 def test_two_processes_equal_one(setup):
-    """20 windows = chunks of 8, 8, 4: rank 0 takes windows 0-7, rank 1 windows 8-19."""
+    """20 windows: rank 0 takes windows 0-9, rank 1 windows 10-19."""
     d, text = setup
     for n in (1, 2):
         r = torchrun(n, HERE / "dist_driver.py", d / "model", text, d / f"out{n}")
@@ -54,7 +55,7 @@ def test_two_processes_equal_one(setup):
 
 
 def test_failing_rank_fails_the_run(setup, tokenizer, make_tiny):
-    """Rank 1's windows (the second chunk of 8 of 16) hold a token whose embedding is NaN: both
+    """Rank 1's windows (the second 8 of 16) hold a token whose embedding is NaN: both
     processes stop with rank 1's message, printed once, and nothing is written."""
     d, text = setup
     windows = calibration_windows(tokenizer, str(text), 16, 24, seed=0)

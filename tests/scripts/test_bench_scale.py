@@ -1,24 +1,17 @@
 """scripts/bench_scale.py on a tiny override of the Llama-3-8B shape: part b with two methods records
 positive seconds and peak RSS per cell, a second run skips the cells, a prune that fails is recorded
 (not raised), and the Markdown has the extrapolation table, with the GPU column from a gpu_check JSON."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = ["hidden_size=64", "intermediate_size=128", "num_attention_heads=4", "num_key_value_heads=2",
         "vocab_size=49152"]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    path = ROOT / "scripts" / "bench_scale.py"
-    spec = importlib.util.spec_from_file_location("bench_scale", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(script):
+    return script("bench_scale")
 
 
 def _args(tmp_path, *extra):

@@ -1,25 +1,18 @@
 """scripts/make_shaped_checkpoint.py on a tiny override of each shape: the checkpoint loads with
 plain transformers, a slice holds the same tensors as the full checkpoint, the norms carry the
 outlier channels (so Wanda and magnitude differ), and the streaming prune accepts it."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 49152}
 
 
 @pytest.fixture(scope="module")
-def shaped():
-    path = ROOT / "scripts" / "make_shaped_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("make_shaped_checkpoint", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def shaped(script):
+    return script("make_shaped_checkpoint")
 
 
 @pytest.mark.parametrize("shape", ["llama3-8b", "qwen2.5-7b"])
