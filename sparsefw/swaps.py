@@ -127,7 +127,7 @@ def _round_steps(G, C, wC, base, wq2, thresh, nm: bool, ids):
 
 def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: Pattern,
                 Q: torch.Tensor | None = None, max_rounds: int = 50, working_set: int = 8,
-                rtol: float = 1e-6) -> SwapResult:
+                rtol: float = 1e-6, overwrite_q: bool = False) -> SwapResult:
     """Refine a mask by exact swaps (see the module docstring).
 
     Every round picks a working set of 2K entries per row (the K best keep and the K best prune
@@ -146,6 +146,8 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         Q: (d_out, d_in) float32 (W ⊙ ~mask) G if the caller has it (saves one GEMM).
         max_rounds: cap on the rounds. working_set: K (1 = plain best-pair swaps).
         rtol: a swap counts only if it lowers the row's error by more than rtol times the error.
+        overwrite_q: Q (float32) may be updated in place instead of copied (saves one (d_out, d_in)
+            buffer; the caller must not use Q afterwards).
     Returns:
         :class:`SwapResult` (``iterations`` = rounds).
     Raises:
@@ -161,7 +163,7 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         return SwapResult(M, delta, 0, 0)
     W = W.detach().float()
     G = G.detach().float()
-    Q = row_matmul(W * ~M, G) if Q is None else Q.float().clone()
+    Q = row_matmul(W * ~M, G) if Q is None else Q if overwrite_q and Q.dtype == torch.float32 else Q.float().clone()
     f0 = ((W * ~M) * Q).sum(1, dtype=torch.float64)         # input errors; current = f0 + delta
     dg = torch.diagonal(G)
     ids = torch.arange(d_out, device=W.device)          # rows still improving
@@ -193,7 +195,7 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         rows, cols = dC.nonzero(as_tuple=True)                  # G r on all columns
         offsets = torch.zeros(r, dtype=torch.int64, device=W.device)
         offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=r), 0)[:-1]
-        Qr = Qr + F.embedding_bag(C[rows, cols], G, offsets=offsets, per_sample_weights=dC[rows, cols], mode="sum")
+        Qr.add_(F.embedding_bag(C[rows, cols], G, offsets=offsets, per_sample_weights=dC[rows, cols], mode="sum"))
         Mr.scatter_(1, C, kept)
         Akr.scatter_(1, C, torch.where(kept, math.inf, base))
         Apr.scatter_(1, C, torch.where(kept, base, math.inf))

@@ -313,7 +313,7 @@ def test_rows_per_block():
     from sparsefw.fw import SOLVER_BYTES_PER_ENTRY, rows_per_block
 
     assert rows_per_block((576, 1536), 4.0) == 576                        # fits: all rows
-    per_gib = 2 ** 30 // (SOLVER_BYTES_PER_ENTRY * 28672)                 # 70B down_proj: 780 rows per GiB
+    per_gib = 2 ** 30 // (SOLVER_BYTES_PER_ENTRY * 28672)                 # 70B down_proj: 374 rows per GiB
     assert rows_per_block((8192, 28672), 4.0) == (4 * per_gib) // 64 * 64
     assert rows_per_block((8192, 28672), 0.01) == 64                      # at least one tile
     with pytest.raises(SparseFWError, match="positive number of GiB"):
