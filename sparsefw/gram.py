@@ -34,7 +34,22 @@ def check_layer_inputs(W: torch.Tensor, G: torch.Tensor, percdamp: float) -> Non
         raise SparseFWError(f"percdamp must be a finite number >= 0 (e.g. 0.01), got {percdamp!r}")
 
 
-def damped_hessian(G: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+FACTOR_FLOAT64_MAX_DIM = 16384
+"""Widest input (d_in) whose dampened Gram matrix SparseGPT factors in float64. Its factorization
+holds G and two more d_in x d_in buffers: 6.4 GB in float64 at 16384 (Llama-3-8B's widest input is
+14336), but 19.7 GB at Llama-3-70B's down_proj (28672), which then would not fit a 16 GiB host or a
+24 GB GPU. Wider inputs are factored in float32, as the reference SparseGPT does at every width
+(with the same 1% dampening): 9.9 GB there."""
+
+
+def factor_dtype(d_in: int) -> torch.dtype:
+    """The dtype in which SparseGPT factors the dampened Gram matrix of a layer with ``d_in``
+    inputs: float64 up to :data:`FACTOR_FLOAT64_MAX_DIM`, float32 above."""
+    return torch.float64 if d_in <= FACTOR_FLOAT64_MAX_DIM else torch.float32
+
+
+def damped_hessian(G: torch.Tensor, percdamp: float, dtype: torch.dtype = torch.float64
+                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The dampened Hessian of SparseGPT: dead inputs get diag 1, then + percdamp * mean(diag) I.
 
     Source: SparseGPT reference implementation (``fasterprune``), Frantar & Alistarh 2023 Sec. 3.
@@ -42,11 +57,12 @@ def damped_hessian(G: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torc
     Args:
         G: (d_in, d_in) float Gram matrix X X^T (symmetric positive semi-definite).
         percdamp: dampening as a fraction of the mean diagonal (>= 0).
+        dtype: dtype of the result (float64; SparseGPT passes :func:`factor_dtype`).
     Returns:
-        (H, dead, lam): H (d_in, d_in) float64 dampened matrix, dead (d_in,) bool inputs whose
-        diagonal was 0, lam the dampening added (float, squared activation units).
+        (H, dead, lam): H (d_in, d_in) ``dtype`` dampened matrix (a new buffer), dead (d_in,) bool
+        inputs whose diagonal was 0, lam the dampening added (float, squared activation units).
     """
-    H = symmetrize_(G.detach().to(torch.float64).clone())  # exact symmetry for Cholesky
+    H = symmetrize_(G.detach().to(dtype, copy=True))  # exact symmetry for Cholesky
     diag = torch.diagonal(H)
     dead = diag == 0
     idx = torch.nonzero(dead, as_tuple=True)[0]

@@ -21,6 +21,7 @@ from .config import PruneConfig
 from .distributed import (Ranks, assign_owners, broadcast_object, broadcast_tensor_, layer_cost, raise_if_any,
                           reduce_sum_, window_range)
 from .errors import SparseFWError
+from .gram import factor_dtype
 from .masks import Pattern, parse_pattern, wanda_scores
 from .methods import get_method, solve_layer
 from .models import decoder_blocks, get_weight, prunable_layers, resolve_device, set_weight
@@ -51,14 +52,17 @@ def _solve_mine(layers: dict, groups: list[list[str]], sums: dict, owner: dict, 
                 ranks: Ranks) -> dict:
     """Solve and set the layers of the groups this rank owns, one group at a time: G evaluated once
     per group (shared by q/k/v, gate/up), freed with the group's integer sum once its layers are
-    solved; in float64 for methods that set weights and for reconstruction,
-    else in float32. {name: info}. Raises SparseFWError on every rank."""
+    solved; in float64 for reconstruction and for methods that set weights (SparseGPT: in its
+    :func:`sparsefw.gram.factor_dtype`, float32 above d_in 16384), else in float32.
+    {name: info}. Raises SparseFWError on every rank."""
     infos, error = {}, None
-    f64 = get_method(cfg.method).updates_weights or cfg.reconstruct
+    sets_weights = get_method(cfg.method).updates_weights
     for group in groups:
         if owner[group[0]] != ranks.rank:
             continue
-        G = sums.pop(group[0]).evaluate(torch.float64 if f64 else torch.float32)
+        d_in = get_weight(layers[group[0]]).shape[1]
+        dtype = torch.float64 if cfg.reconstruct else factor_dtype(d_in) if sets_weights else torch.float32
+        G = sums.pop(group[0]).evaluate(dtype)
         try:
             for lname in group:
                 W_new, _, infos[lname] = solve_layer(get_weight(layers[lname]).float().clone(), G, pattern,
@@ -179,7 +183,7 @@ def _owl_patterns(blocks, inps, extra, cfg: PruneConfig, ranks: Ranks, names, bl
 @torch.no_grad()
 def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Tensor | None = None,
                 progress: bool = True, ranks: Ranks | None = None, block_context=None,
-                pattern: Pattern | None = None, state=None) -> dict:
+                pattern: Pattern | None = None, state=None, after_capture=None) -> dict:
     """Prune a causal LM in place, block by block (Wanda/SparseGPT sequential scheme).
 
     One block at a time is moved to the device (:mod:`sparsefw.onload`); with several processes
@@ -203,6 +207,8 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
             :func:`check_prunable` (api, streaming); None: both run here.
         state: a :class:`sparsefw.resume.RunState`: blocks it holds are loaded instead of pruned,
             every newly pruned block is recorded in it (``--resume``).
+        after_capture: ``f()`` called once the first block's inputs are captured, when the modules
+            before the first block are no longer needed (streaming drops the embeddings then).
     Returns: :func:`sparsefw.report.prune_summary` plus ``owl`` (None or its entry),
         ``calibration_tokens``, ``processes``, ``resumed_blocks`` and ``block_seconds`` (wall
         seconds per block, loading and writing a streamed block included); the same on every rank.
@@ -225,6 +231,8 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     mine = window_range(windows.shape[0], ranks)
     t1 = time.perf_counter()
     inps, extra = capture_block_inputs(model, blocks, windows[list(mine)], store)
+    if after_capture is not None:
+        after_capture()
     timer = {"calibration_forward": time.perf_counter() - t1, "gram": 0.0}   # seconds per part
     patterns, owl = [pattern] * len(blocks), None
     if cfg.owl:
@@ -254,6 +262,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
         block_seconds.append(time.perf_counter() - tb)
         bar.set_postfix(err=f"{sum(r.error_final for r in done) / len(done):.4f}",
                         wanda=f"{sum(r.error_wanda for r in done) / len(done):.4f}")
-    place_embeddings(model, blocks, home)   # the model ends where it started
+    if model.get_input_embeddings().weight.device.type != "meta":
+        place_embeddings(model, blocks, home)   # the model ends where it started
     return {**prune_summary(reports, timer, t0), "owl": owl, "calibration_tokens": int(windows.numel()),
             "processes": ranks.world, "resumed_blocks": resumed, "block_seconds": block_seconds}

@@ -11,7 +11,8 @@ are. The output is a normal sharded checkpoint (``model-0000i-of-0000n.safetenso
 same tensors as the in-memory run.
 
 Peak memory: one block's weights + the calibration activations + the block's Gram matrices and
-solver state + the embeddings (README, "Scale").
+solver state (README, "Scale"). The embeddings are read for the first pass only (the capture of the
+first block's inputs) and dropped back to meta after it.
 """
 from __future__ import annotations
 
@@ -223,8 +224,14 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
     report = None
     with contextlib.ExitStack() as stack:
         stage = stack.enter_context(staged_output(output, overwrite)) if ranks.is_main else None
+        def drop_outside():          # embeddings etc. are read from the checkpoint again when written
+            for m in outside:
+                m.to("meta")
+            _return_freed_memory()
+
         res = prune_model(model, tok, cfg, progress=progress, ranks=ranks, pattern=pattern, state=state,
-                          block_context=_block_context(model, module_names, reader, device, dtype, stage, shard, out_map))
+                          block_context=_block_context(model, module_names, reader, device, dtype, stage, shard, out_map),
+                          after_capture=drop_outside)
         if stage is not None:
             _write_rest(stage, folder, reader, wmap, out_map, shard(len(blocks)), dtype)
             report = run_report(model_name, cfg, device, dtype, res, t0, stream=True)

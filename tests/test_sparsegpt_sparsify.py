@@ -156,3 +156,20 @@ def test_sparsegpt_on_cuda_matches_cpu(layer_64x128):
     Wc, Mc = sparsegpt_prune(W, G, pat)
     Wg, Mg = sparsegpt_prune(W.cuda(), G.cuda(), pat)
     assert torch.allclose(Wg.cpu(), Wc, atol=1e-4) and torch.equal(Mg.cpu(), Mc)
+
+
+def test_wide_layers_factor_in_float32(monkeypatch):
+    # above FACTOR_FLOAT64_MAX_DIM, G is factored in float32 as in the reference SparseGPT: on a
+    # well-conditioned layer the mask equals the float64 one and the weights agree to float32 precision
+    import sparsefw.gram as gram
+
+    W, G = correlated_layer()
+    assert gram.factor_dtype(W.shape[1]) == torch.float64
+    p = parse_pattern("unstructured", 0.5)
+    W64, m64 = sparsegpt_prune(W, G, p, blocksize=16)
+    monkeypatch.setattr(gram, "FACTOR_FLOAT64_MAX_DIM", W.shape[1] - 1)
+    assert gram.factor_dtype(W.shape[1]) == torch.float32 and gram.factor_dtype(W.shape[1] - 1) == torch.float64
+    W32, m32 = sparsegpt_prune(W, G.float(), p, blocksize=16)
+    assert torch.equal(m32, m64) and (m32.sum(1) == 32).all()
+    assert torch.allclose(W32, W64, rtol=1e-4, atol=1e-5) and not torch.equal(W32, W64)
+    assert output_error(W, W32, G) == pytest.approx(output_error(W, W64, G), rel=1e-4)
