@@ -99,8 +99,8 @@ class LayerStats:
     """Calibration statistics of one layer, as every method receives them.
 
     G: (d_in, d_in) Gram matrix X X^T of the layer's calibration inputs (squared activation units
-    summed over tokens): float64 for methods that set weights (SparseGPT; float32 above d_in
-    16384, :func:`sparsefw.gram.factor_dtype`) and for reconstruction, else the float32 ``Gf`` itself (the pipeline does not keep a float64 copy they would not use).
+    summed over tokens): for methods that set weights (SparseGPT) and for reconstruction in
+    :func:`sparsefw.gram.factor_dtype` (float64, float32 above d_in 16384), else the float32 ``Gf`` itself (the pipeline does not keep a float64 copy they would not use).
     Gf: G in float32. col_norms: (d_in,) float32 ||X_j|| = sqrt(Gf_jj) (from Gf, so that masks do
     not depend on which of the two G is).
     dense_norm: ||W X||_F^2 of the dense layer (the denominator of relative errors).
@@ -321,9 +321,9 @@ def solve_layer(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, method: str,
 
     Args:
         W: (d_out, d_in) float32 weights. G: (d_in, d_in) Gram matrix of its inputs, on W's
-            device, float64 for ``reconstruct`` and for methods that set weights (SparseGPT
-            factors in :func:`sparsefw.gram.factor_dtype`: float32 above d_in 16384 suffices),
-            else float32 suffices (masks and FW compute in float32).
+            device, in :func:`sparsefw.gram.factor_dtype` (float64, float32 above d_in 16384)
+            for ``reconstruct`` and for methods that set weights (SparseGPT), else float32
+            suffices (masks and FW compute in float32).
         pattern: parsed sparsity pattern. method: a name in :data:`METHODS`. options: the
             method's options (missing ones take their defaults; checked here).
         reconstruct: least-squares update of the kept weights after the mask is chosen

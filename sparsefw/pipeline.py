@@ -52,17 +52,16 @@ def _solve_mine(layers: dict, groups: list[list[str]], sums: dict, owner: dict, 
                 ranks: Ranks) -> dict:
     """Solve and set the layers of the groups this rank owns, one group at a time: G evaluated once
     per group (shared by q/k/v, gate/up), freed with the group's integer sum once its layers are
-    solved; in float64 for reconstruction and for methods that set weights (SparseGPT: in its
-    :func:`sparsefw.gram.factor_dtype`, float32 above d_in 16384), else in float32.
+    solved; for methods that set weights (SparseGPT) and for reconstruction in
+    :func:`sparsefw.gram.factor_dtype` (float64, float32 above d_in 16384), else in float32.
     {name: info}. Raises SparseFWError on every rank."""
     infos, error = {}, None
-    sets_weights = get_method(cfg.method).updates_weights
+    factors = get_method(cfg.method).updates_weights or cfg.reconstruct
     for group in groups:
         if owner[group[0]] != ranks.rank:
             continue
         d_in = get_weight(layers[group[0]]).shape[1]
-        dtype = torch.float64 if cfg.reconstruct else factor_dtype(d_in) if sets_weights else torch.float32
-        G = sums.pop(group[0]).evaluate(dtype)
+        G = sums.pop(group[0]).evaluate(factor_dtype(d_in) if factors else torch.float32)
         try:
             for lname in group:
                 W_new, _, infos[lname] = solve_layer(get_weight(layers[lname]).float().clone(), G, pattern,

@@ -20,8 +20,10 @@ Sources: the layer-wise reconstruction problem of OBC / SparseGPT (Frantar & Ali
 2023 Sec. 3: "the optimal values of the remaining weights ... solve a linear regression"); the
 "--reconstruct" step of SparseFW .
 
-Solvers (G can have condition numbers up to 1e8, docs/solver.md; the system, its
-residuals and the result are float64):
+Solvers (G can have condition numbers up to 1e8, docs/solver.md; the system and its
+residuals are float64 for inputs up to :data:`sparsefw.gram.FACTOR_FLOAT64_MAX_DIM` (16384) wide and
+float32 above, where three float64 d_in x d_in buffers would not fit; the Jacobi scaling is applied
+in place and rows are solved in chunks of ~1 GiB of work buffers):
 * ``"cg"`` (default): Jacobi-preconditioned conjugate gradient on all rows at once; each
   iteration is one dense (rows, d_in) x (d_in, d_in) GEMM, which runs ~10x faster per flop here
   than LAPACK's Cholesky (measured ~45 vs ~5 GFLOP/s on one thread). The CG iterations run in
@@ -42,7 +44,7 @@ import torch
 
 from .errors import SparseFWError
 from .fw import dense_output_norm, reconstruction_error, weight_error
-from .gram import check_layer_inputs, cholesky, damped_hessian
+from .gram import check_layer_inputs, cholesky, damped_hessian, factor_dtype
 
 DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
 SOLVERS = ("cg", "cg64", "cholesky")
@@ -60,34 +62,35 @@ def _check_mask(mask, shape: tuple[int, int]) -> torch.Tensor:
     return mask
 
 
-def _solve_cholesky(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
-                    out: torch.Tensor, chunk_bytes: int) -> None:
-    """Exact solve of A_SS x_S = B_S for the given rows (batched Cholesky, chunked), into ``out``.
+def _solve_cholesky(Ah: torch.Tensor, b: torch.Tensor, m: torch.Tensor, rows: torch.Tensor,
+                    y: torch.Tensor, chunk_bytes: int) -> None:
+    """Exact solve of Ah_SS y_S = b_S for the given rows (batched Cholesky, chunked), into ``y``.
 
-    A: (d_in, d_in) float64 SPD; B: (d_out, d_in) float64 right-hand sides; mask: (d_out, d_in)
-    bool; rows: int64 indices; out: (d_out, d_in) float64, written in place.
+    Ah: (d_in, d_in) SPD (float64, or float32 above FACTOR_FLOAT64_MAX_DIM); b: (r, d_in) right-hand
+    sides, 0 off each row's support S; m: (r, d_in) bool supports; rows: int64 indices into the r
+    rows; y: (r, d_in), written in place on the given rows. Systems in Ah's dtype.
     """
-    d_in = A.shape[0]
-    Aflat = A.reshape(-1)
-    counts = mask[rows].sum(dim=1)
+    d_in = Ah.shape[0]
+    Aflat = Ah.reshape(-1)
+    counts = m[rows].sum(dim=1)
     for k in torch.unique(counts).tolist():
         if k == 0:
             continue
         rk = rows[counts == k]
-        # per row in a chunk: k*k float64 system + int64 index + factor = 24 k^2 bytes
+        # per row in a chunk: k*k system + int64 index + factor = 24 k^2 bytes (float64)
         step = max(1, int(chunk_bytes) // (24 * k * k))
         for c0 in range(0, rk.numel(), step):
             r = rk[c0:c0 + step]
-            cols = torch.nonzero(mask[r], as_tuple=True)[1].view(r.numel(), k)   # sorted per row
+            cols = torch.nonzero(m[r], as_tuple=True)[1].view(r.numel(), k)   # sorted per row
             A_SS = Aflat[cols.unsqueeze(2) * d_in + cols.unsqueeze(1)]          # (c, k, k)
-            b = torch.gather(B[r], 1, cols).unsqueeze(2)                        # (c, k, 1)
+            rhs = torch.gather(b[r], 1, cols).unsqueeze(2)                      # (c, k, 1)
             L = cholesky(A_SS, "the Gram matrix restricted to a row's kept inputs")
             del A_SS
             # two triangular solves: ~6x faster here than torch.cholesky_solve
-            y = torch.linalg.solve_triangular(L, b, upper=False)
-            x = torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(2)
+            z = torch.linalg.solve_triangular(L, rhs, upper=False)
+            x = torch.linalg.solve_triangular(L.mT, z, upper=True).squeeze(2)
             del L
-            out[r] = out[r].scatter_(1, cols, x)
+            y[r] = torch.zeros_like(y[r]).scatter_(1, cols, x)
 
 
 def _cg(Ah: torch.Tensor, rhs: torch.Tensor, m: torch.Tensor, thresh: torch.Tensor,
@@ -126,56 +129,52 @@ def _cg(Ah: torch.Tensor, rhs: torch.Tensor, m: torch.Tensor, thresh: torch.Tens
 
 
 CG_INNER_TOL = 1e-4     # relative residual reduction asked of one reduced-precision CG solve
-CG_REFINEMENTS = 4      # float64 residual checks / corrections after the first CG solve
+CG_REFINEMENTS = 4      # residual checks (in the system's dtype) / corrections after the first CG solve
+ROW_CHUNK_BYTES = 1 << 30
+"""Rows of a layer are reconstructed in chunks whose per-row work buffers (about 16 vectors of
+d_in entries: weights, right-hand side, iterate, support, residual, CG vectors) fit 1 GiB, so that
+a 70B down_proj (8192 x 28672) does not hold a dozen (d_out, d_in) float64 matrices at once. Rows
+are independent: chunking does not change a row's result."""
 
 
-def _solve_cg(A: torch.Tensor, B: torch.Tensor, X0: torch.Tensor, mask: torch.Tensor,
-              rows: torch.Tensor, out: torch.Tensor, tol: float, maxiter: int,
+def _solve_cg(Ah: torch.Tensor, b: torch.Tensor, y: torch.Tensor, m: torch.Tensor, tol: float, maxiter: int,
               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
-    """Jacobi-preconditioned CG with float64 iterative refinement, all given rows at once.
+    """Jacobi-preconditioned CG with iterative refinement, all given rows at once.
 
-    Solves A_SS x_S = B_S for every row from the warm start X0 = W ⊙ M, into ``out``. The system
-    is Jacobi-scaled (unit diagonal, CG on D^-1/2 A D^-1/2 = preconditioned CG). The residual of
-    the current x is computed in float64; the correction is solved by CG (:func:`_cg`) in
-    ``dtype`` (float32: the GEMMs run ~2x faster than float64 here, AVX2) to a relative residual of
-    max(tol, CG_INNER_TOL); then the float64 residual is checked again, up to CG_REFINEMENTS times
-    (mixed-precision iterative refinement: Wilkinson 1963; Carson & Higham, SIAM J. Sci. Comput.
-    2018, Algorithm 1.1). A row is done once ||r|| <= tol ||b|| in float64. With
+    Solves Ah_SS y_S = b_S for every row from the warm start ``y`` (updated in place), where Ah is
+    the Jacobi-scaled system D A D (unit diagonal; CG on it is preconditioned CG on A). The
+    residual of the current y is computed in Ah's dtype (float64 up to
+    :data:`sparsefw.gram.FACTOR_FLOAT64_MAX_DIM` inputs); the correction is solved by CG
+    (:func:`_cg`) in ``dtype`` (float32: the GEMMs run ~2x faster than float64 here, AVX2) to a
+    relative residual of max(tol, CG_INNER_TOL); then the residual is checked again, up to
+    CG_REFINEMENTS times (mixed-precision iterative refinement: Wilkinson 1963; Carson & Higham,
+    SIAM J. Sci. Comput. 2018, Algorithm 1.1). A row is done once ||r|| <= tol ||b||. With
     ``dtype=torch.float64`` this is plain PCG with one residual check. Measured on 28 SmolLM2
     layers (60% and 2:4 SparseFW masks): float32 at tol 1e-3 gives the float64 tol-1e-5 layer
     error to 6 digits in the mean (worst layer +0.19%) at 2.4x less time. CG lowers the damped
     objective monotonically, so even unconverged rows are better than the warm start.
 
-    Args: A (d_in, d_in) float64 SPD; B (d_out, d_in) float64 right-hand sides (rows of A w);
-    X0 (d_out, d_in) float64 warm start; mask (d_out, d_in) bool; rows int64 indices; out
-    (d_out, d_in) float64, written in place; tol > 0; maxiter: cap on the CG iterations summed
-    over refinements.
-    Returns: (left, iterations): int64 indices of the rows not converged (their current iterate is
-    already in ``out``) and the CG iterations run.
+    Args: Ah (d_in, d_in) SPD with unit diagonal; b (r, d_in) right-hand sides, 0 off the
+    supports; y (r, d_in) warm start, same dtype as Ah, updated in place; m (r, d_in) supports in
+    Ah's dtype (0/1); tol > 0; maxiter: cap on the CG iterations summed over refinements.
+    Returns: (left, iterations): int64 indices of the rows not converged and the CG iterations run.
     """
-    sc = torch.diagonal(A).rsqrt()                      # Jacobi scaling, diag(A) > 0
-    Ah = sc.unsqueeze(1) * A * sc.unsqueeze(0)          # unit diagonal, float64
-    Aw = Ah.to(dtype)
-    m = mask[rows].to(torch.float64)
-    b = B[rows] * m * sc
-    y = X0[rows] / sc
-    thresh = (tol * tol) * (b * b).sum(1)
-    active = torch.arange(rows.numel(), device=A.device)
+    Aw = Ah.to(dtype)                                   # no copy when the dtypes agree
+    thresh = (tol * tol) * (b * b).sum(1, dtype=torch.float64)
+    active = torch.arange(b.shape[0], device=b.device)
     its = 0
     for ref in range(CG_REFINEMENTS + 2):
-        r = b[active] - (y[active] @ Ah).mul_(m[active])    # float64 residual
-        rr = (r * r).sum(1)
+        r = b[active] - (y[active] @ Ah).mul_(m[active])    # residual in Ah's dtype
+        rr = (r * r).sum(1, dtype=torch.float64)
         keep = rr > thresh[active]
         active, r, rr = active[keep], r[keep], rr[keep]
         if active.numel() == 0 or its >= maxiter or ref > CG_REFINEMENTS:
             break
-        inner = thresh[active] if dtype == torch.float64 else \
-            torch.maximum(thresh[active], (CG_INNER_TOL ** 2) * rr)
+        inner = thresh[active] if dtype == Ah.dtype else torch.maximum(thresh[active], (CG_INNER_TOL ** 2) * rr)
         d, n = _cg(Aw, r.to(dtype), m[active].to(dtype), inner, maxiter - its)
-        y[active] += d.to(torch.float64)
+        y[active] += d.to(y.dtype)
         its += n
-    out[rows] = y * sc
-    return rows[active], its
+    return active, its
 
 
 def _reconstruct(W, G, mask, percdamp, solver, tol, maxiter, chunk_bytes):
@@ -189,27 +188,34 @@ def _reconstruct(W, G, mask, percdamp, solver, tol, maxiter, chunk_bytes):
         raise SparseFWError(f"unknown solver '{solver}': use one of {', '.join(SOLVERS)}")
     if not (tol > 0 and maxiter >= 0):
         raise SparseFWError(f"CG needs tol > 0 and maxiter >= 0, got tol={tol}, maxiter={maxiter}")
-    A, _, _ = damped_hessian(G, percdamp)               # G + lambda I, dead diag -> 1
-    Wd = W.detach().to(torch.float64)
-    B = Wd @ A                                          # row i: (A w_i)^T, A symmetric
-    out = torch.zeros(d_out, d_in, dtype=torch.float64, device=W.device)
+    A, _, _ = damped_hessian(G, percdamp, factor_dtype(d_in))   # G + lambda I, dead diag -> 1
+    sc = torch.diagonal(A).rsqrt()                      # Jacobi scaling, diag(A) > 0
+    Ah = A.mul_(sc.unsqueeze(1)).mul_(sc.unsqueeze(0))  # D A D in place: unit diagonal
+    del A
+    W_new = torch.zeros(d_out, d_in, dtype=torch.float32, device=W.device)
     counts = mask.sum(dim=1)
     full = counts == d_in                               # full support: the optimum is W itself
-    out[full] = Wd[full]
+    W_new[full] = W[full].float()
     rows = torch.nonzero((counts > 0) & ~full, as_tuple=True)[0]
     info = {"solver": solver, "rows_solved": int(rows.numel()), "cg_unconverged": 0}
-    if rows.numel():
+    if solver in ("cg", "cg64"):
+        info["cg_iterations"] = 0
+    step = max(1, ROW_CHUNK_BYTES // (16 * d_in * Ah.element_size()))
+    for chunk in rows.split(step):
+        m = mask[chunk].to(Ah.dtype)
+        w = W[chunk].to(Ah.dtype) / sc                  # the dense weights in the scaled variables
+        b = (w @ Ah).mul_(m)                            # (D A w)_S, A symmetric
+        y = w * m                                       # warm start W ⊙ M
+        del w
         if solver in ("cg", "cg64"):
-            left, its = _solve_cg(A, B, Wd * mask, mask, rows, out, tol, maxiter,
-                                  torch.float32 if solver == "cg" else torch.float64)
-            info["cg_unconverged"] = int(left.numel())
-            info["cg_iterations"] = its
+            left, its = _solve_cg(Ah, b, y, m, tol, maxiter, torch.float32 if solver == "cg" else torch.float64)
+            info["cg_unconverged"] += int(left.numel())
+            info["cg_iterations"] = max(info["cg_iterations"], its)
             if left.numel():                            # finish the stragglers exactly
-                _solve_cholesky(A, B, mask, left, out, chunk_bytes)
+                _solve_cholesky(Ah, b, m.bool(), left, y, chunk_bytes)
         else:
-            _solve_cholesky(A, B, mask, rows, out, chunk_bytes)
-    W_new = out.to(torch.float32)
-    W_new[~mask] = 0.0
+            _solve_cholesky(Ah, b, m.bool(), torch.arange(chunk.numel(), device=W.device), y, chunk_bytes)
+        W_new[chunk] = (y * sc).float().mul_(m)
     return W_new, info
 
 

@@ -184,3 +184,25 @@ def test_cg_unconverged_rows_are_finished_by_cholesky_and_beat_the_warm_start():
         for i in range(6):  # damped objective (w - x)^T A (w - x) decreases from W ⊙ M
             d0, d1 = Wd[i] * ~mask[i], Wd[i] - res.weight[i].double()
             assert float(d1 @ A @ d1) < float(d0 @ A @ d0)
+
+
+@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+def test_row_chunks_and_float32_for_wide_layers(monkeypatch, solver):
+    # rows are solved in chunks of ROW_CHUNK_BYTES (here 3 rows): the same weights as one chunk;
+    # above FACTOR_FLOAT64_MAX_DIM the system is float32: the same optimum to float32 precision
+    import sparsefw.gram as gram
+    import sparsefw.reconstruct as rec
+
+    W, X = layer_with_inputs(d_out=12, d_in=32, n=200, seed=5)
+    G = X @ X.T
+    mask = prune_mask(wanda_scores(W, torch.diagonal(G).sqrt()), parse_pattern("unstructured", 0.5))
+    whole = reconstruct_weights(W, G, mask, solver=solver, tol=1e-8)
+    monkeypatch.setattr(rec, "ROW_CHUNK_BYTES", 3 * 16 * 32 * 8)
+    chunked = reconstruct_weights(W, G, mask, solver=solver, tol=1e-8)
+    assert torch.equal(chunked != 0, whole != 0)
+    assert torch.allclose(chunked, whole, rtol=1e-5, atol=1e-5)       # CG stops per row at tol: float32 digits
+    monkeypatch.setattr(gram, "FACTOR_FLOAT64_MAX_DIM", 16)
+    narrow = reconstruct_weights(W, G.float(), mask, solver=solver, tol=1e-5)
+    assert torch.equal(narrow != 0, whole != 0)
+    assert output_error(W, narrow, G) == pytest.approx(output_error(W, whole, G), rel=1e-4)
+    assert output_error(W, narrow, G) < 0.9 * output_error(W, W * mask, G)
