@@ -15,6 +15,11 @@ inputs), SparseFW with the library defaults vs SparseGPT in one run, and fits th
 of time vs d_in:
 
     python scripts/bench_solver.py --threads 1 --scaling 1536x576,576x1536,896x4864,4096x14336
+
+``--products WIDTHS`` times the two paths of the sparse product update (GEMM vs gather of rows of G)
+per width and density, for ``sparsefw.fw.DENSE_ABOVE``:
+
+    python scripts/bench_solver.py --threads 2 --products 576,1536,4096,14336 --out results/bench_products.json
 """
 from __future__ import annotations
 
@@ -123,6 +128,34 @@ def gemm_gflops(d_out: int, d_in: int, reps: int = 5) -> float:
     return 2 * d_out * d_in * d_in * reps / (time.perf_counter() - t) / 1e9
 
 
+def products(widths: list[int], rows: int = 512, densities=(0.03, 0.05, 0.07, 0.09, 0.11)) -> dict:
+    """Seconds of :func:`sparsefw.fw.gram_product` by the GEMM path vs the gather path, per input width
+    and density of the change (rows x 0.55 d_in compact columns, as with alpha 0.9 at 50%), and the
+    gather/GEMM ratio: the crossing is where ``DENSE_ABOVE`` belongs."""
+    from sparsefw.fw import gram_product
+
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for d_in in widths:
+        X = torch.randn(d_in, 1024, generator=g)
+        G = X @ X.T
+        del X
+        c = int(0.55 * d_in)
+        cols = torch.stack([torch.randperm(d_in, generator=g)[:c].sort().values for _ in range(rows)])
+        for dens in densities:
+            E = torch.randn(rows, c, generator=g) * (torch.rand(rows, c, generator=g) < dens * d_in / c)
+            t = {}
+            for path, da in (("gemm", 0.0), ("gather", 1.0)):
+                gram_product(E, G, cols, da)                 # warm-up
+                t0 = time.perf_counter()
+                gram_product(E, G, cols, da)
+                t[path] = time.perf_counter() - t0
+            out[f"{d_in}/{dens:.2f}"] = {**t, "ratio": t["gather"] / t["gemm"]}
+            print(f"d_in {d_in:6d} density {dens:.2f}: GEMM {t['gemm']:.3f} s, gather {t['gather']:.3f} s, "
+                  f"gather/GEMM {t['gather'] / t['gemm']:.2f}", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -139,9 +172,15 @@ def main():
     ap.add_argument("--out", default="bench_solver.json")
     ap.add_argument("--scaling", default="", help="only the scaling run: shapes like 1536x576,576x1536,896x4864,4096x14336")
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens of the synthetic scaling layers")
+    ap.add_argument("--products", default="", help="only the GEMM-vs-gather crossing: input widths like 576,1536,4096,14336")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.products:
+        res = {"threads": torch.get_num_threads(), "products": products([int(w) for w in a.products.split(",")])}
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        print(f"wrote {a.out}")
+        return
     if a.scaling:
         shapes = [tuple(int(v) for v in s.split("x")) for s in a.scaling.split(",")]
         res = {"threads": torch.get_num_threads(), "pattern": f"{a.pattern} {a.sparsity}",

@@ -17,7 +17,7 @@ from torch import nn
 
 from .distributed import Ranks, all_max, all_sum, broadcast_object, raise_if_any
 from .errors import SparseFWError
-from .gram import FixedPointSum, fixed_point_scale
+from .gram import FixedPointSum, all_finite, fixed_point_scale
 from .models import get_weight, prunable_layers
 from .onload import module_device
 
@@ -58,7 +58,7 @@ def block_forward(block: nn.Module, h: torch.Tensor, extra) -> torch.Tensor:
 
 def check_finite(x: torch.Tensor, where: str) -> None:
     """Raise SparseFWError if x has NaN/Inf (``where`` names the place, e.g. a layer)."""
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise SparseFWError(f"NaN/Inf in the activations entering {where}; the model's weights or "
                             "the calibration text produce non-finite values (check the checkpoint, "
                             "use float32)")

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SparseFWError
-from .gram import row_matmul
+from .gram import all_finite, row_matmul
 from .masks import Pattern, group_rank, select
 from .swaps import ROW_TILE, swap_refine
 
@@ -202,8 +202,8 @@ def _rounding_key(Z: torch.Tensor, tiebreak: torch.Tensor) -> torch.Tensor:
 DENSE_ABOVE = 0.05
 """Fraction of nonzeros in W ⊙ D above which (W ⊙ D) G is one dense GEMM instead of a gather of
 rows of G (``embedding_bag``). A gather costs nnz * d_in memory-bound reads, the GEMM
-2 * r * d_in^2 flops at BLAS speed; scripts/bench_solver.py ``--products`` measures the crossing
-(the README's Solver section)."""
+2 * r * d_in^2 flops at BLAS speed; ``scripts/bench_solver.py --products`` times both per width and
+density (docs/solver.md, "Sparse products")."""
 
 
 def gram_product(E: torch.Tensor, G: torch.Tensor, cols: torch.Tensor | None = None,
@@ -412,7 +412,7 @@ def _check_solver_args(W, G, pattern, step, tol, iterations):
     pattern.check_shape(tuple(W.shape))
     W = W.detach().float().contiguous()
     G = G.detach().float().contiguous()
-    if not (torch.isfinite(W).all() and torch.isfinite(G).all()):
+    if not all_finite(W, G):
         raise SparseFWError("weights or Gram matrix contain NaN/Inf; check the model and calibration data")
     return W, G
 
@@ -590,8 +590,17 @@ class _FWRun:
         else:
             D = V - st.Z
             E = st.W * D
-            if self.incremental:                             # S += (W ⊙ (V - V_prev)) G
+            if self.incremental and it == 1 and self.per_row:
+                # S = (W ⊙ (V - Z0)) G, on all columns: the first candidate rounds to V in every
+                # row whose step exceeds 1/2, so V becomes the last candidate, with this product
+                Hv = gram_product(st.W * (V - st.V), self.G, st.view.idx, self.dense_above, full=True)
+                st.S = Hv.clone() if st.view.idx is None else Hv.gather(1, st.view.idx)
+                self.cand_H[st.ids] = Hv.neg_()
+                self.cand[st.ids] = V.bool()
+                del Hv
+            elif self.incremental:                           # S += (W ⊙ (V - V_prev)) G
                 st.S += self.product(st.W * (V - st.V), st.view.idx)
+            if self.incremental:
                 st.V = V
                 H = st.S - st.P                              # (W ⊙ (V - Z)) G
             else:

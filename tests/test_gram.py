@@ -119,3 +119,14 @@ def test_symmetrize_in_place_equals_the_formula():
     ref = 0.5 * (A + A.T)
     out = symmetrize_(A, panel=8)
     assert out is A and torch.equal(A, ref)
+
+
+def test_all_finite_finds_nan_and_both_infinities():
+    from sparsefw.gram import all_finite
+
+    x = torch.randn(5, 7)
+    assert all_finite(x, x.double(), x.bfloat16(), torch.empty(0, 3))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[4, 6] = bad
+        assert not all_finite(y) and not all_finite(x, y) and not all_finite(y.bfloat16())
