@@ -192,6 +192,18 @@ def block_solve_seconds(report: dict, blocks: int) -> list[float]:
     return out
 
 
+def code_version() -> str:
+    """The git commit of the package code that runs (``+dirty`` with uncommitted changes), or ``unknown``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sparsefw"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def measure_prune(ckpt: Path, method: str, blocks: int, key: str, a, env: dict) -> tuple[dict, Path]:
     """One streaming prune of ``ckpt`` in a fresh child: the cell (see the module docstring) and its
     output folder (which the caller deletes)."""
@@ -200,10 +212,11 @@ def measure_prune(ckpt: Path, method: str, blocks: int, key: str, a, env: dict) 
     shutil.rmtree(run_dir, ignore_errors=True)
     out, log = run_dir / "out", a.workdir / "logs" / f"{slug}.log"
     cmd = prune_cmd(ckpt, method, out, a)
+    code = code_version()                   # before the run: the code the child imports
     print(f"[{key}] {shlex.join(cmd[1:])}", flush=True)
     r = run_measured(cmd, env, log, a.timeout_s, a.heartbeat_s)
     cell = {"method": method, "blocks": blocks, "extra_args": a.extra_args, "cmd": shlex.join(cmd), "log": str(log),
-            **r, "threads": a.threads, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            **r, "threads": a.threads, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code}
     rep_path = out / "report.json"
     cell["completed"] = r["rc"] == 0 and rep_path.exists()
     if cell["completed"]:
@@ -385,13 +398,19 @@ def render_b(res: dict) -> list[str]:
     cells = {k: c for k, c in res["cells"].items() if k.startswith("b/")}
     if not cells:
         return lines + ["not run (`--part b`)", ""]
-    lines += ["| shape | blocks | method | completed | wall s | pruning s | s/block | solve s/layer | peak RSS GiB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| shape | blocks | method | threads | completed | wall s | pruning s | s/block | forwards + Gram / "
+              "reporting / solve, s/block | solve s/layer | peak RSS GiB | code |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, c in cells.items():
         _, shape, label = k.split("/", 2)
-        lines.append(f"| {shape} | {c['blocks']} | {label} | {'yes' if c['completed'] else 'no (rc ' + str(c['rc']) + ')'} "
-                     f"| {c['wall_s']:.1f} | {fmt(c.get('prune_s'))} | {fmt(c.get('s_per_block'), '.2f')} | "
-                     f"{fmt(c.get('solve_s_per_layer'), '.3f')} | {c['peak_rss_gib']:.2f} |")
+        t, n = c.get("timings") or {}, max(c.get("blocks") or 1, 1)
+        fg = t.get("calibration_forward", 0.0) + t.get("gram", 0.0)
+        rest = sum(v for key, v in t.items() if key not in ("calibration_forward", "gram", "reporting", "other"))
+        parts = f"{fg / n:.0f} / {t.get('reporting', 0.0) / n:.0f} / {rest / n:.0f}" if t else ""
+        lines.append(f"| {shape} | {c['blocks']} | {label} | {c.get('threads', '?')} | "
+                     f"{'yes' if c['completed'] else 'no (rc ' + str(c['rc']) + ')'} "
+                     f"| {c['wall_s']:.1f} | {fmt(c.get('prune_s'))} | {fmt(c.get('s_per_block'), '.2f')} | {parts} | "
+                     f"{fmt(c.get('solve_s_per_layer'), '.3f')} | {c['peak_rss_gib']:.2f} | {c.get('code', '?')} |")
     return lines + [""]
 
 
@@ -427,7 +446,7 @@ def render(res: dict, gpu_json: Path) -> str:
     s, host = res["settings"], res.get("host", {})
     head = ["# bench_scale: streaming prunes at Llama-3 shapes", "",
             f"`scripts/bench_scale.py`; sparsity {s['sparsity']}, {s['nsamples']} x {s['seqlen']} calibration "
-            f"tokens (wiki), --stream, --device cpu, {host.get('threads', '?')} threads; host {host.get('platform', '?')}"
+            f"tokens (wiki), --stream, --device cpu; host {host.get('platform', '?')}"
             + (f"; checkpoint overrides {s['shape_set']}" if s.get("shape_set") else "") + ".", ""]
     return "\n".join(head + render_a(res) + render_b(res) + render_c(res, gpu, gpu_json))
 

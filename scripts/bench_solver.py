@@ -172,7 +172,8 @@ def main():
     ap.add_argument("--out", default="bench_solver.json")
     ap.add_argument("--scaling", default="", help="only the scaling run: shapes like 1536x576,576x1536,896x4864,4096x14336")
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens of the synthetic scaling layers")
-    ap.add_argument("--products", default="", help="only the GEMM-vs-gather crossing: input widths like 576,1536,4096,14336")
+    ap.add_argument("--products", default="",
+                    help="only the GEMM-vs-gather crossing: input widths like 576,1536,4096,14336")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -660,7 +660,8 @@ class _FWRun:
             return mask, None
         if self.per_row:     # (W ⊙ (1 - mask)) G = Q0 + (W ⊙ (warm - mask)) G, from the last candidate's product
             change = self.full.W * (self.cand.float() - self.best_free.float())
-            Qm = self.cand_H.add_(gram_product(change, self.G, self.view.idx, self.dense_above, full=True)).add_(self.Q0)
+            Qm = self.cand_H.add_(gram_product(change, self.G, self.view.idx, self.dense_above, full=True))
+            Qm.add_(self.Q0)
             self.cand_H = self.Q0 = self.full = change = None
             res = swap_refine(self.W, self.G, mask, self.pattern, Q=Qm, max_rounds=swaps, working_set=working_set,
                               overwrite_q=True)

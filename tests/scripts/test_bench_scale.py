@@ -34,6 +34,12 @@ def test_part_b_cells_resume_failure_and_extrapolation(bench, tmp_path):
     md = (tmp_path / "bench_scale.md").read_text()
     assert "## (c) Extrapolated hours for the full model" in md
     assert "| llama3-8b | wanda |" in md and "| 32 |" in md and "not measured" in md
+    cols = next(line for line in md.splitlines() if line.startswith("| llama3-8b | 2 | wanda |")).split("|")
+    wanda = res["cells"]["b/llama3-8b/wanda"]
+    assert cols[4].strip() == str(wanda["threads"]) and cols[12].strip() == wanda["code"] != "?"
+    fg, rep, _ = (float(v) for v in cols[9].split("/"))          # per block: forwards + Gram, reporting, solve
+    t = wanda["timings"]
+    assert fg == round((t["calibration_forward"] + t["gram"]) / 2) and rep == round(t["reporting"] / 2)
 
     assert bench.main(_args(tmp_path, *base)) == 0                             # resumed: nothing re-run
     assert json.loads((tmp_path / "bench_scale.json").read_text())["cells"] == res["cells"]
