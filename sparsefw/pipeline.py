@@ -185,32 +185,27 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
                 pattern: Pattern | None = None, state=None, after_capture=None) -> dict:
     """Prune a causal LM in place, block by block (Wanda/SparseGPT sequential scheme).
 
-    One block at a time is moved to the device (:mod:`sparsefw.onload`); with several processes
-    (``ranks``) the work is shared as :mod:`sparsefw.distributed` describes, with the same masks and
-    weights as one process. ``cfg.owl``: a dense pre-pass first sets every block's sparsity
-    (:func:`owl_outlier_ratios`). ``cfg.true_sequential``: the layer groups (q/k/v, o, gate/up,
-    down) are pruned in the order the block runs them, each fitted to the block's inputs with the
-    earlier groups pruned (SparseGPT's ``--true-sequential``); by default every layer's G comes
-    from one pass of the block as it enters.
+    One block at a time is moved to the device (:mod:`sparsefw.onload`); with several processes (``ranks``) the
+    work is shared as :mod:`sparsefw.distributed` describes, with the same masks and weights as one process.
+    ``cfg.owl``: a dense pre-pass first sets every block's sparsity (:func:`owl_outlier_ratios`).
+    ``cfg.true_sequential``: the layer groups (q/k/v, o, gate/up, down) are pruned in the order the block runs
+    them, each fitted to the block's inputs with the earlier groups pruned (SparseGPT's ``--true-sequential``); by
+    default every layer's G comes from one pass of the block as it enters.
 
     Args:
-        model: a Hugging Face causal LM, any dtype, on the CPU or the compute device.
-        tokenizer: its tokenizer. cfg: the run configuration.
-        windows: optional (nsamples, seqlen) int64 calibration tokens (default: drawn from
-            ``cfg.calib`` with ``cfg.seed``, starting with BOS as ``cfg.bos`` says).
-        progress: tqdm bar over blocks (main process). ranks: this process's
-            :class:`sparsefw.distributed.Ranks` (default: one process on ``cfg.device``).
-        block_context: ``f(index, block, write=True)`` -> context manager around the work on one
-            block (default :func:`sparsefw.onload.on_device`; streaming reads and writes blocks).
-        pattern: the parsed pattern when the caller already ran ``cfg.validate()`` and
-            :func:`check_prunable` (api, streaming); None: both run here.
-        state: a :class:`sparsefw.resume.RunState`: blocks it holds are loaded instead of pruned,
-            every newly pruned block is recorded in it (``--resume``).
-        after_capture: ``f()`` called once the first block's inputs are captured, when the modules
-            before the first block are no longer needed (streaming drops the embeddings then).
-    Returns: :func:`sparsefw.report.prune_summary` plus ``owl`` (None or its entry),
-        ``calibration_tokens``, ``processes``, ``resumed_blocks`` and ``block_seconds`` (wall
-        seconds per block, loading and writing a streamed block included); the same on every rank.
+        model: a Hugging Face causal LM, any dtype, on the CPU or the device. tokenizer: its tokenizer. cfg: the run.
+        windows: optional (nsamples, seqlen) int64 calibration tokens (default: drawn from ``cfg.calib`` with
+            ``cfg.seed``, starting with BOS as ``cfg.bos`` says).
+        progress: tqdm bar (main process). ranks: :class:`sparsefw.distributed.Ranks` (default: one process).
+        block_context: ``f(index, block, write=True)`` -> context manager around the work on one block (default
+            :func:`sparsefw.onload.on_device`; streaming reads and writes blocks).
+        pattern: the parsed pattern if the caller ran ``cfg.validate()`` and :func:`check_prunable` (None: run here).
+        state: a :class:`sparsefw.resume.RunState`: blocks it holds are loaded instead of pruned, every newly pruned
+            block is recorded in it (``--resume``).
+        after_capture: ``f()`` called once the first block's inputs are captured (streaming drops the embeddings).
+    Returns: :func:`sparsefw.report.prune_summary` plus ``owl`` (None or its entry), ``calibration_tokens``,
+        ``processes``, ``resumed_blocks`` and ``block_seconds`` (wall seconds per block, loading and writing a
+        streamed block included); the same on every rank.
     Raises: SparseFWError: bad configuration, N:M not dividing some d_in, short calibration text,
         NaN/Inf activations (on every rank, whichever rank found it).
     """

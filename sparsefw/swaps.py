@@ -130,26 +130,24 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
                 rtol: float = 1e-6, overwrite_q: bool = False) -> SwapResult:
     """Refine a mask by exact swaps (see the module docstring).
 
-    Every round picks a working set of 2K entries per row (the K best keep and the K best prune
-    candidates by their single-entry change), then swaps inside it, up to K steps: per step and
-    row the better of (the best keep candidate with its best prune partner) and (the best prune
-    candidate with its best keep partner), cross term included (N:M: the best of the K group
-    pairs); G r is updated on the working set only (a (2K x 2K) block of G), then on all columns
-    with the applied swaps (a gather of 2 rows of G per swap). An entry swapped in a round stays
-    until the next round; a round's steps end when fewer than 1/INNER_STOP (1/8) of its rows still
-    improve. A row stops when its round finds no improving pair.
+    Every round picks a working set of 2K entries per row (the K best keep and the K best prune candidates by
+    their single-entry change), then swaps inside it, up to K steps: per step and row the better of (the best keep
+    candidate with its best prune partner) and (the best prune candidate with its best keep partner), cross term
+    included (N:M: the best of the K group pairs); G r is updated on the working set only (a (2K x 2K) block of
+    G), then on all columns with the applied swaps (a gather of 2 rows of G per swap). An entry swapped in a round
+    stays until the next round; a round's steps end when fewer than 1/INNER_STOP (1/8) of its rows still improve.
+    A row stops when its round finds no improving pair.
 
     Args:
         W: (d_out, d_in) float weights. G: (d_in, d_in) float Gram matrix X X^T.
-        mask: (d_out, d_in) bool, True = kept, meeting ``pattern`` (unstructured: k per row; N:M:
-            n per group of m). ``per-matrix`` masks are returned unchanged.
+        mask: (d_out, d_in) bool, True = kept, meeting ``pattern`` (unstructured: k per row; N:M: n per group of m).
+            ``per-matrix`` masks are returned unchanged.
         Q: (d_out, d_in) float32 (W ⊙ ~mask) G if the caller has it (saves one GEMM).
         max_rounds: cap on the rounds. working_set: K (1 = plain best-pair swaps).
         rtol: a swap counts only if it lowers the row's error by more than rtol times the error.
-        overwrite_q: Q (float32) may be updated in place instead of copied (saves one (d_out, d_in)
-            buffer; the caller must not use Q afterwards).
-    Returns:
-        :class:`SwapResult` (``iterations`` = rounds).
+        overwrite_q: Q (float32) may be updated in place instead of copied (saves one (d_out, d_in) buffer; the
+            caller must not use Q afterwards).
+    Returns: :class:`SwapResult` (``iterations`` = rounds).
     Raises:
         SparseFWError: shape mismatch between W, G, mask and Q.
     """
