@@ -27,6 +27,7 @@ from torch import nn
 
 from sparsefw.errors import SparseFWError
 from sparsefw.fw import dense_output_norm, reconstruction_error, weight_error
+from sparsefw.gram import all_finite
 from sparsefw.masks import Pattern, magnitude_scores, select
 from sparsefw.methods import solve_layer
 
@@ -62,7 +63,7 @@ def layer_gram(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ||W X||^2 = trace(W G W^T) for the layer's matrix W (c_out, d_in)."""
     X = layer_inputs(module, x).double()
     G = X.t() @ X
-    if not torch.isfinite(G).all():
+    if not all_finite(G):
         raise SparseFWError("NaN/Inf in the calibration activations; check the checkpoint and the images")
     return G
 

@@ -100,7 +100,8 @@ class LayerStats:
 
     G: (d_in, d_in) Gram matrix X X^T of the layer's calibration inputs (squared activation units
     summed over tokens): for methods that set weights (SparseGPT) and for reconstruction in
-    :func:`sparsefw.gram.factor_dtype` (float64, float32 above d_in 16384), else the float32 ``Gf`` itself (the pipeline does not keep a float64 copy they would not use).
+    :func:`sparsefw.gram.factor_dtype` (float64, float32 above d_in 16384), else the float32 ``Gf``
+    itself (the pipeline does not keep a float64 copy they would not use).
     Gf: G in float32. col_norms: (d_in,) float32 ||X_j|| = sqrt(Gf_jj) (from Gf, so that masks do
     not depend on which of the two G is).
     dense_norm: ||W X||_F^2 of the dense layer (the denominator of relative errors).

@@ -212,9 +212,9 @@ def _reconstruct(W, G, mask, percdamp, solver, tol, maxiter, chunk_bytes):
             info["cg_unconverged"] += int(left.numel())
             info["cg_iterations"] = max(info["cg_iterations"], its)
             if left.numel():                            # finish the stragglers exactly
-                _solve_cholesky(Ah, b, m.bool(), left, y, chunk_bytes)
+                _solve_cholesky(Ah, b, mask[chunk], left, y, chunk_bytes)
         else:
-            _solve_cholesky(Ah, b, m.bool(), torch.arange(chunk.numel(), device=W.device), y, chunk_bytes)
+            _solve_cholesky(Ah, b, mask[chunk], torch.arange(chunk.numel(), device=W.device), y, chunk_bytes)
         W_new[chunk] = (y * sc).float().mul_(m)
     return W_new, info
 
