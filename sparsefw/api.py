@@ -24,6 +24,7 @@ from .distributed import Ranks, barrier, broadcast_object, init_ranks
 from .onload import placed_for_eval
 from .paths import cache_dir, write_atomic
 from .config import PruneConfig
+from .experts import saved_tensor_names, split_tensor_name, tensor_name
 from .pipeline import check_prunable, prune_model
 from .report import run_report
 from .resume import run_state
@@ -100,8 +101,12 @@ def _zeroshot(mdl, tok, tasks, limit, device, block_class, ranks) -> dict | None
 def _count_zeros(mdl, names: list[str]) -> dict:
     """Zeros among the pruned weights, counted on the in-memory tensors."""
     sd = mdl.state_dict()
-    zeros = sum(int((sd[f"{n}.weight"] == 0).sum()) for n in names)
-    total = sum(sd[f"{n}.weight"].numel() for n in names)
+    ts = []
+    for n in names:
+        key, e = split_tensor_name(tensor_name(n))
+        ts.append(sd[key] if e is None else sd[key][e])
+    zeros = sum(int((t == 0).sum()) for t in ts)
+    total = sum(t.numel() for t in ts)
     return {"zeros": zeros, "total": total, "achieved_sparsity": zeros / max(total, 1)}
 
 
@@ -114,7 +119,7 @@ def _prune_in_memory(model: str, cfg: PruneConfig, pattern, output, overwrite, e
     device, progress = ranks.device, progress and ranks.is_main
     state = run_state(model, cfg, output, ranks, resume, overwrite)
     mdl, tok = load_model(model, dtype=cfg.dtype, device="cpu")   # blocks are onloaded one at a time
-    names = check_prunable(mdl, pattern)
+    names = check_prunable(mdl, pattern, cfg.skip_unknown)
     block_class = type(decoder_blocks(mdl)[0]).__name__
     bos_id = bos_token_id(tok, cfg.bos)
     pseq = int(ppl_seqlen or cfg.seqlen)
@@ -134,7 +139,7 @@ def _prune_in_memory(model: str, cfg: PruneConfig, pattern, output, overwrite, e
         extra["zeroshot"] = _zeroshot(mdl, tok, zeroshot, zeroshot_limit, device, block_class, ranks)
     report = run_report(model, cfg, device, mdl.get_input_embeddings().weight.dtype, res, t0, **extra)
     if output is not None and ranks.is_main:
-        save_pruned(mdl, tok, output, report, [f"{n}.weight" for n in names], overwrite=overwrite,
+        save_pruned(mdl, tok, output, report, saved_tensor_names(mdl, names), overwrite=overwrite,
                     max_shard_size=max_shard_size)
     else:  # not saved (or not by this process): count on the in-memory tensors
         report.update(_count_zeros(mdl, names))

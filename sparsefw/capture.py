@@ -17,6 +17,7 @@ from torch import nn
 
 from .distributed import Ranks, all_max, all_sum, broadcast_object, raise_if_any
 from .errors import SparseFWError
+from .experts import expert_layers, is_fused_experts, routed_experts
 from .gram import FixedPointSum, all_finite, fixed_point_scale
 from .models import get_weight, prunable_layers
 from .onload import module_device
@@ -65,8 +66,14 @@ def check_finite(x: torch.Tensor, where: str) -> None:
 
 
 def full_names(model: nn.Module) -> dict[int, str]:
-    """id(module) -> its full name in ``model`` (e.g. ``model.layers.3.self_attn.q_proj``)."""
-    return {id(m): n for n, m in model.named_modules()}
+    """id(module) -> its full name in ``model`` (e.g. ``model.layers.3.self_attn.q_proj``), expert
+    slices included (``model.layers.3.mlp.experts.down_proj[5]``, :mod:`sparsefw.experts`)."""
+    out = {}
+    for n, m in model.named_modules():
+        out[id(m)] = n
+        if is_fused_experts(m):
+            out.update({id(l): ln for ln, l in expert_layers(m, n).items()})
+    return out
 
 
 @torch.no_grad()
@@ -167,7 +174,8 @@ class _InputHooks:
                 self.inputs.clear()
                 self.ran.clear()
                 try:
-                    o = block_forward(block, h.to(dev), extra)
+                    with routed_experts(block):
+                        o = block_forward(block, h.to(dev), extra)
                     if outputs is not None:
                         outputs.append(o.to(h.device))
                 except StopForward:
@@ -203,7 +211,8 @@ def accumulate_grams(block: nn.Module, inps: list, extra, groups: list[list[str]
         diagonal: sum only diag(G) = ||X_j||^2 per input feature (OWL's pre-pass).
         outputs: if a list, the block's (1, seqlen, hidden) outputs are appended to it (on each
             input's device); else each window's forward stops once the groups' layers have run.
-    Returns: {first layer of each group: FixedPointSum} (d_in, d_in) (or (d_in,)) on the layer's device.
+    Returns: {first layer of each group: FixedPointSum} (d_in, d_in) (or (d_in,)) on the layer's device,
+        its ``tokens`` attribute the calibration tokens summed (all ranks; an expert's: those routed to it).
     Raises: SparseFWError on NaN/Inf activations (on every rank).
     """
     layers = prunable_layers(block)
@@ -225,6 +234,8 @@ def accumulate_grams(block: nn.Module, inps: list, extra, groups: list[list[str]
     tokens = all_sum([peak[r][1] for r in reps], ranks)
     sums = {r: FixedPointSum(get_weight(todo[r]).shape[1], fixed_point_scale(tokens[i] * maxes[i] ** 2),
                              diagonal, get_weight(todo[r]).device) for i, r in enumerate(reps)}
+    for i, r in enumerate(reps):
+        sums[r].tokens = int(tokens[i])          # calibration tokens behind G (an expert: those routed to it)
 
     def add(rep, x):
         t = time.perf_counter()
@@ -269,14 +280,15 @@ def layer_groups(block: nn.Module, inps: list, extra, ranks: Ranks) -> list[list
 
         handles = [l.register_forward_hook(make_hook(n)) for n, l in prunable_layers(block).items()]
         try:
-            block_forward(block, inps[0].to(module_device(block)), extra)
+            with routed_experts(block):
+                block_forward(block, inps[0].to(module_device(block)), extra)
         finally:
             for hd in handles:
                 hd.remove()
         seen: set = set()
         groups = [[n for n in g if not (n in seen or seen.add(n))] for g in groups]   # first run only
         groups = [g for g in groups if g]
-        missing = [n for n in prunable_layers(block) if n not in seen]
-        if missing:
-            groups.append(missing)                # layers the forward did not run: last, together
+        # layers the forward did not run on this window (e.g. experts no token was routed to): last,
+        # each on its own (no shared input is assumed)
+        groups += [[n] for n in prunable_layers(block) if n not in seen]
     return broadcast_object(groups, src, ranks)

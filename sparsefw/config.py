@@ -57,6 +57,10 @@ class PruneConfig:
     owl_lambda: float = _f(0.08, "OWL's lambda: block sparsities span 2 lambda around --sparsity")
     true_sequential: bool = _f(False, "prune q/k/v, o, gate/up, down in turn, each fitted to the block's "
                                "inputs with the earlier ones pruned (slower)")
+    min_expert_tokens: int = _f(32, "an MoE expert routed fewer calibration tokens than this is magnitude-pruned "
+                                "(counted in the report)")
+    skip_unknown: bool = _f(False, "leave block weights of a form sparsefw cannot prune (e.g. unsupported fused "
+                            "experts) dense, listed in the report, instead of failing")
     options: dict = field(default_factory=dict, metadata={"help": None})
 
     def __init__(self, **kw):
@@ -89,6 +93,8 @@ class PruneConfig:
         resolve_dtype(self.dtype)
         if self.bos not in BOS_MODES:
             raise SparseFWError(f"unknown BOS mode '{self.bos}': use one of {', '.join(BOS_MODES)}")
+        if int(self.min_expert_tokens) < 0:
+            raise SparseFWError(f"min_expert_tokens must be >= 0, got {self.min_expert_tokens}")
         if int(self.nsamples) < 1 or int(self.seqlen) < 2:
             raise SparseFWError(f"nsamples must be >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
         if self.owl:

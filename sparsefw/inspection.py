@@ -2,7 +2,9 @@
 
 The pruned layers are the 2-D ``*.weight`` tensors inside numbered decoder blocks (a name with a
 ``.N.`` block index, e.g. ``model.layers.3.mlp.down_proj.weight``), i.e. the Linear layers that
-``sparsefw prune`` prunes; embeddings, the LM head and 1-D norms are reported apart. For an N:M
+``sparsefw prune`` prunes, and every expert's slice of fused 3-D expert tensors (experts, d_out,
+d_in) such as ``model.layers.3.mlp.experts.down_proj``, reported as ``...down_proj[e]`` (MoE routers,
+``...gate.weight``, are not pruned); embeddings, the LM head and 1-D norms are reported apart. For an N:M
 pattern every group of M consecutive inputs of a row (along d_in, the semi-structured layout of
 NVIDIA's sparse tensor cores and ``torch.sparse.to_sparse_semi_structured``) must hold at most N
 nonzeros.
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import SparseFWError
+from .experts import EXPERT_PARAMS, ROUTER_NAMES, split_tensor_name
 from .masks import parse_pattern
 from .paths import HUB_ID
 
@@ -77,18 +80,37 @@ def nm_violations(W: torch.Tensor, n: int, m: int) -> tuple[int, tuple[int, int]
     return count, (r, g * m)
 
 
+def _pruned_parts(name: str, t: torch.Tensor, want: dict | None):
+    """(row name, 2-D weight) of the pruned layers inside tensor ``name``: the tensor itself, or
+    each expert's slice ``name[e]`` of a fused 3-D expert tensor (experts, d_out, d_in)."""
+    if want is not None:
+        if name not in want:
+            return []
+        idx = want[name]
+        return [(name, t)] if idx is None else [(f"{name}[{e}]", t[e]) for e in sorted(idx)]
+    if _BLOCK.search(name) is None:
+        return []
+    if t.dim() == 2 and name.endswith(".weight") and name.rsplit(".", 2)[-2] not in ROUTER_NAMES:
+        return [(name, t)]
+    if t.dim() == 3 and name.rsplit(".", 1)[-1] in EXPERT_PARAMS:
+        return [(f"{name}[{e}]", t[e]) for e in range(t.shape[0])]
+    return []
+
+
 def inspect_checkpoint(path: str | Path, pattern: str | None = None, names=None) -> dict:
     """Sparsity of every pruned layer of a saved checkpoint, from its safetensors files.
 
     Args:
         path: a folder with ``*.safetensors`` (``save_pretrained`` output) or a hub id.
         pattern: ``"N:M"`` to check in every pruned layer (e.g. ``"2:4"``), or None.
-        names: the state-dict names of the pruned tensors when known (the pipeline passes them);
-            None = every 2-D ``*.weight`` inside a numbered block (see the module docstring).
+        names: the state-dict names of the pruned tensors when known (the pipeline passes them;
+            ``key[e]`` = expert e of a fused 3-D tensor); None = every 2-D ``*.weight`` inside a
+            numbered block and every expert of its fused 3-D expert tensors (see the module docstring).
     Returns: JSON-able dict {"path", "files", "bytes" (size on disk of the safetensors), "dtypes"
         {dtype: tensors}, "layers": [{"name", "shape", "dtype", "zeros", "numel", "sparsity"
         [, "nm_violations", "nm_first"]}], "pruned_layers", "zeros", "total", "sparsity" (over the
-        pruned layers), "other_tensors", "other_sparsity", "pattern", "pattern_holds" (bool or
+        pruned layers), "expert_layers", "expert_zeros", "expert_total", "expert_sparsity" (the
+        expert slices among them), "other_tensors", "other_sparsity", "pattern", "pattern_holds" (bool or
         None), "pattern_failing_layers"}.
     Raises: SparseFWError: no such folder / hub id, no safetensors in it, bad pattern, a
         pattern that does not divide a layer's d_in, or a name of ``names`` not in the files.
@@ -103,7 +125,14 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None, names=None)
         if p is None:
             raise SparseFWError(f"--pattern for inspect must be N:M (e.g. 2:4), got '{pattern}'")
         nm = (p.n, p.m)
-    want = None if names is None else set(names)
+    want = None
+    if names is not None:                      # tensor key -> None (whole) or the expert indices
+        want = {}
+        for n in names:
+            key, e = split_tensor_name(n)
+            want.setdefault(key, set() if e is not None else None)
+            if e is not None:
+                want[key].add(e)
     layers, dtypes = [], {}
     other = other_zeros = 0
     for f in files:
@@ -112,27 +141,31 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None, names=None)
                 t = fh.get_tensor(name)
                 dt = str(t.dtype).replace("torch.", "")
                 dtypes[dt] = dtypes.get(dt, 0) + 1
-                pruned = (name in want) if want is not None else \
-                    (t.dim() == 2 and name.endswith(".weight") and _BLOCK.search(name) is not None)
-                if pruned:
-                    z = int((t == 0).sum())
-                    row = {"name": name, "shape": list(t.shape), "dtype": dt, "zeros": z, "numel": t.numel(),
-                           "sparsity": z / max(t.numel(), 1)}
+                for rname, w in _pruned_parts(name, t, want):
+                    z = int((w == 0).sum())
+                    row = {"name": rname, "shape": list(w.shape), "dtype": dt, "zeros": z, "numel": w.numel(),
+                           "sparsity": z / max(w.numel(), 1)}
                     if nm:
-                        row["nm_violations"], row["nm_first"] = nm_violations(t, *nm)
+                        row["nm_violations"], row["nm_first"] = nm_violations(w, *nm)
                     layers.append(row)
-                else:
-                    other += t.numel()
-                    other_zeros += int((t == 0).sum())
-    missing = (want or set()) - {r["name"] for r in layers}
+                    other -= w.numel()
+                    other_zeros -= z
+                other += t.numel()
+                other_zeros += int((t == 0).sum())
+    wanted = {k if v is None else f"{k}[{e}]" for k, v in (want or {}).items() for e in (v or [None])}
+    missing = wanted - {r["name"] for r in layers}
     if missing:
         raise SparseFWError(f"{len(missing)} pruned tensors are missing from the saved files, e.g. {sorted(missing)[0]}")
     zeros = sum(r["zeros"] for r in layers)
     total = sum(r["numel"] for r in layers)
+    experts = [r for r in layers if r["name"].endswith("]") or ".experts." in r["name"]]
+    expert_zeros, expert_total = sum(r["zeros"] for r in experts), sum(r["numel"] for r in experts)
     failing = [r["name"] for r in layers if r.get("nm_violations")]
     return {"path": str(folder), "files": [f.name for f in files], "bytes": sum(f.stat().st_size for f in files),
             "dtypes": dtypes, "layers": layers, "pruned_layers": len(layers), "zeros": zeros, "total": total,
-            "sparsity": zeros / max(total, 1), "other_tensors": other,
+            "sparsity": zeros / max(total, 1), "expert_layers": len(experts), "expert_zeros": expert_zeros,
+            "expert_total": expert_total, "expert_sparsity": expert_zeros / max(expert_total, 1),
+            "other_tensors": other,
             "other_sparsity": other_zeros / max(other, 1), "pattern": pattern,
             "pattern_holds": (not failing) if nm else None, "pattern_failing_layers": failing}
 
@@ -150,6 +183,9 @@ def format_inspection(info: dict, per_layer: bool = True) -> str:
              f"{info['other_tensors']:,} weights, sparsity {info['other_sparsity']:.4f}",
              f"dtype {', '.join(f'{k} ({v} tensors)' for k, v in info['dtypes'].items())}; "
              f"{len(info['files'])} safetensors file(s), {info['bytes']:,} bytes on disk"]
+    if info.get("expert_layers"):
+        lines.insert(1, f"of which {info['expert_layers']} are MoE expert weights: sparsity "
+                        f"{info['expert_sparsity']:.4f} ({info['expert_zeros']:,} zeros of {info['expert_total']:,})")
     if info.get("pattern"):
         if info["pattern_holds"]:
             lines.append(f"{info['pattern']} holds in all {info['pruned_layers']} layers")

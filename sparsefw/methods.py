@@ -377,3 +377,20 @@ def solve_layer(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, method: str,
     info["timings"] = timings
     info["seconds"] = time.perf_counter() - t0
     return W_new, mask, info
+
+
+def expert_fallback(W: torch.Tensor, G: torch.Tensor, pattern: Pattern, tokens: int) -> tuple[torch.Tensor, dict]:
+    """The rule for an expert that received fewer calibration tokens than ``--min-expert-tokens``:
+    magnitude pruning (the one criterion that needs no activations). Errors are measured on the
+    tokens it did receive, and are 0 (not measured) when it received none.
+
+    Args: W: (d_out, d_in) float32. G: (d_in, d_in) Gram matrix of its routed tokens. pattern: as
+        :func:`sparsefw.methods.solve_layer`. tokens: calibration tokens routed to the expert.
+    Returns: (W_new (d_out, d_in) float32, info for :class:`sparsefw.report.LayerReport`)."""
+    if tokens > 0 and bool(torch.diagonal(G).gt(0).any()):
+        W_new, _, info = solve_layer(W, G, pattern, "magnitude")
+    else:
+        W_new = W * select(magnitude_scores(W), pattern)
+        info = {"error_warmstart": 0.0, "error_final": 0.0, "error_wanda": 0.0, "chosen": "magnitude"}
+    info.update(tokens=tokens, fallback="magnitude")
+    return W_new, info

@@ -209,8 +209,22 @@ def _is_conv1d(mod: nn.Module) -> bool:
 
 
 def prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
-    """The Linear layers of a block: ``nn.Linear`` and GPT-2's ``Conv1D`` (weight transposed)."""
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    """The prunable layers of a block, by name within the block: ``nn.Linear``, GPT-2's
+    ``Conv1D`` (weight transposed) and every expert's slice of fused 3-D expert weights
+    (:class:`sparsefw.experts.ExpertLinear`, named ``<experts>.gate_up_proj[e]`` /
+    ``<experts>.down_proj[e]``). In a block with fused experts the routers (``gate``,
+    ``shared_expert_gate``) are not prunable."""
+    from .experts import expert_layers, is_fused_experts, is_router
+
+    mods = list(block.named_modules())
+    moe = any(is_fused_experts(m) for _, m in mods)
+    out: dict[str, nn.Module] = {}
+    for n, m in mods:
+        if is_fused_experts(m):
+            out.update(expert_layers(m, n))
+        elif (isinstance(m, nn.Linear) or _is_conv1d(m)) and not (moe and is_router(n, m)):
+            out[n] = m
+    return out
 
 
 def get_weight(layer: nn.Module) -> torch.Tensor:

@@ -21,30 +21,39 @@ from .config import PruneConfig
 from .distributed import (Ranks, assign_owners, broadcast_object, broadcast_tensor_, layer_cost, raise_if_any,
                           reduce_sum_, window_range)
 from .errors import SparseFWError
+from .experts import ExpertLinear, unknown_parameters
 from .gram import factor_dtype
 from .masks import Pattern, parse_pattern, wanda_scores
-from .methods import get_method, solve_layer
+from .methods import expert_fallback, get_method, solve_layer
 from .models import decoder_blocks, get_weight, prunable_layers, resolve_device, set_weight
 from .onload import Float32OnCpu, on_device, place_embeddings
 from .owl import outlier_ratio, owl_sparsities
 from .report import LayerReport, prune_summary
 
 
-def check_prunable(model: nn.Module, pattern: Pattern) -> list[str]:
+def check_prunable(model: nn.Module, pattern: Pattern, skip_unknown: bool = False) -> list[str]:
     """Check that the pattern applies to every prunable layer before any work is done.
 
-    Returns the full names of the prunable layers. Raises SparseFWError (N:M not dividing d_in,
-    no Linear layers found).
+    Args: model: the causal LM. pattern: the parsed pattern. skip_unknown: leave weights of unknown
+        form (:func:`sparsefw.experts.unknown_parameters`) dense instead of failing.
+    Returns the full names of the prunable layers (expert slices as ``...down_proj[e]``).
+    Raises SparseFWError: N:M not dividing some d_in, no Linear layers found, or (without
+    ``skip_unknown``) parameters of 2+ dimensions in a block that no prunable layer covers.
     """
     names = full_names(model)
-    out = []
-    for block in decoder_blocks(model):
+    out, unknown = [], []
+    for bi, block in enumerate(decoder_blocks(model)):
         for _, layer in prunable_layers(block).items():
             W = get_weight(layer)
             pattern.check_shape(tuple(W.shape), names[id(layer)])
             out.append(names[id(layer)])
+        unknown += unknown_parameters(block, names[id(block)])
     if not out:
         raise SparseFWError(f"no Linear layers found in the decoder blocks of {type(model).__name__}")
+    if unknown and not skip_unknown:
+        raise SparseFWError(f"{len(unknown)} weights of the decoder blocks are of a form sparsefw cannot prune yet "
+                            f"(e.g. {unknown[0]}, shape {tuple(model.get_parameter(unknown[0]).shape)}); pass "
+                            "--skip-unknown to leave them dense (they are listed in the report)")
     return out
 
 
@@ -61,13 +70,21 @@ def _solve_mine(layers: dict, groups: list[list[str]], sums: dict, owner: dict, 
         if owner[group[0]] != ranks.rank:
             continue
         d_in = get_weight(layers[group[0]]).shape[1]
+        tokens = getattr(sums[group[0]], "tokens", None)
         G = sums.pop(group[0]).evaluate(factor_dtype(d_in) if factors else torch.float32)
         try:
             for lname in group:
-                W_new, _, infos[lname] = solve_layer(get_weight(layers[lname]).float().clone(), G, pattern,
-                                                     cfg.method, cfg.options, cfg.reconstruct, float(cfg.percdamp))
-                set_weight(layers[lname], W_new)
-                del W_new
+                layer = layers[lname]
+                W = get_weight(layer).float().clone()
+                if isinstance(layer, ExpertLinear) and tokens is not None and tokens < int(cfg.min_expert_tokens):
+                    W_new, infos[lname] = expert_fallback(W, G, pattern, tokens)
+                else:
+                    W_new, _, infos[lname] = solve_layer(W, G, pattern, cfg.method, cfg.options, cfg.reconstruct,
+                                                         float(cfg.percdamp))
+                    if isinstance(layer, ExpertLinear):
+                        infos[lname]["tokens"] = tokens
+                set_weight(layer, W_new)
+                del W_new, W
         except SparseFWError as e:
             error = e
             break
@@ -189,8 +206,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     work is shared as :mod:`sparsefw.distributed` describes, with the same masks and weights as one process.
     ``cfg.owl``: a dense pre-pass first sets every block's sparsity (:func:`owl_outlier_ratios`).
     ``cfg.true_sequential``: the layer groups (q/k/v, o, gate/up, down) are pruned in the order the block runs
-    them, each fitted to the block's inputs with the earlier groups pruned (SparseGPT's ``--true-sequential``); by
-    default every layer's G comes from one pass of the block as it enters.
+    them, each fitted to the block's inputs with the earlier groups pruned (SparseGPT's ``--true-sequential``).
 
     Args:
         model: a Hugging Face causal LM, any dtype, on the CPU or the device. tokenizer: its tokenizer. cfg: the run.
@@ -204,15 +220,15 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
             block is recorded in it (``--resume``).
         after_capture: ``f()`` called once the first block's inputs are captured (streaming drops the embeddings).
     Returns: :func:`sparsefw.report.prune_summary` plus ``owl`` (None or its entry), ``calibration_tokens``,
-        ``processes``, ``resumed_blocks`` and ``block_seconds`` (wall seconds per block, loading and writing a
-        streamed block included); the same on every rank.
+        ``unpruned_unknown`` (weights left dense by ``cfg.skip_unknown``), ``processes``, ``resumed_blocks``,
+        ``block_seconds`` (wall seconds per block, streamed reads and writes included); the same on every rank.
     Raises: SparseFWError: bad configuration, N:M not dividing some d_in, short calibration text,
         NaN/Inf activations (on every rank, whichever rank found it).
     """
     t0 = time.perf_counter()
     if pattern is None:
         pattern = cfg.validate()
-        check_prunable(model, pattern)
+        check_prunable(model, pattern, cfg.skip_unknown)
     ranks = ranks or Ranks(0, 1, resolve_device(cfg.device))
     if windows is None:
         windows = calibration_windows(tokenizer, cfg.calib, int(cfg.nsamples), int(cfg.seqlen), int(cfg.seed),
@@ -259,4 +275,5 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     if model.get_input_embeddings().weight.device.type != "meta":
         place_embeddings(model, blocks, home)   # the model ends where it started
     return {**prune_summary(reports, timer, t0), "owl": owl, "calibration_tokens": int(windows.numel()),
+            "unpruned_unknown": [u for b in blocks for u in unknown_parameters(b, names[id(b)])],
             "processes": ranks.world, "resumed_blocks": resumed, "block_seconds": block_seconds}

@@ -290,6 +290,14 @@ def _card_body(report: dict, folder, name: str, label: str) -> str:
     if "achieved_sparsity" in report:
         lines.append(f"| sparsity of the pruned Linear weights (counted on the saved tensors) | | "
                      f"{report['achieved_sparsity']:.4f} ({report.get('zeros', 0):,} of {report.get('total', 0):,}) |")
+    if report.get("expert_layers"):
+        lines.append(f"| MoE expert slices pruned (of them magnitude-pruned: fewer than "
+                     f"{report.get('min_expert_tokens')} routed calibration tokens) | | {report['expert_layers']} "
+                     f"({report.get('experts_fallback', 0)}) |")
+    unknown = report.get("unpruned_unknown") or []
+    if unknown:
+        lines.append(f"| block weights left dense (--skip-unknown) | | {len(unknown)}: {', '.join(unknown[:5])}"
+                     f"{' ...' if len(unknown) > 5 else ''} |")
     layers = report.get("layers") or []
     errs = [float(l["error_final"]) for l in layers if l.get("error_final") is not None]
     wanda = [float(l["error_wanda"]) for l in layers if l.get("error_wanda") is not None]

@@ -63,13 +63,21 @@ def prune_summary(reports: list[LayerReport], timer: dict, t0: float) -> dict:
     """The summary of :func:`sparsefw.pipeline.prune_model`: ``layers`` (dicts), ``seconds`` since
     ``t0`` (``time.perf_counter``), mean relative errors (final, Wanda's mask, warmstart),
     ``error_reduction_vs_wanda`` = 1 - mean(final)/mean(wanda), the geometric mean of the
-    per-layer ratios, FW iteration and swap counts, and ``timings`` (seconds per part)."""
+    per-layer ratios, FW iteration and swap counts, and ``timings`` (seconds per part). MoE:
+    ``expert_layers`` (expert slices pruned), ``experts_fallback`` (of them, magnitude-pruned for
+    lack of routed calibration tokens) and ``experts_without_tokens`` (none at all: left out of
+    the error means)."""
+    all_reports = reports
+    reports = [r for r in reports if r.extra.get("tokens", 1) != 0]   # experts no token reached: no error
     n = max(len(reports), 1)
     mf = sum(r.error_final for r in reports) / n
     mw = sum(r.error_wanda for r in reports) / n
     ms = sum(r.error_warmstart for r in reports) / n
     geo = math.exp(sum(math.log(max(r.error_final, 1e-30) / max(r.error_wanda, 1e-30)) for r in reports) / n)
-    return {"layers": [asdict(r) for r in reports], "seconds": time.perf_counter() - t0, "mean_error_final": mf,
+    experts = [r for r in all_reports if "tokens" in r.extra]
+    return {"layers": [asdict(r) for r in all_reports],
+            "expert_layers": len(experts), "experts_fallback": sum(1 for r in experts if r.extra.get("fallback")),
+            "experts_without_tokens": sum(1 for r in experts if r.extra["tokens"] == 0), "seconds": time.perf_counter() - t0, "mean_error_final": mf,
             "mean_error_wanda": mw, "mean_error_warmstart": ms,
             "error_reduction_vs_wanda": 1.0 - mf / mw if mw > 0 else 0.0,
             "geomean_ratio_vs_wanda": geo,

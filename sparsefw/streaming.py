@@ -192,6 +192,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
     from .capture import full_names
     from .distributed import barrier, broadcast_object, init_ranks
     from .onload import outside_modules
+    from .experts import is_fused_experts, saved_tensor_names
     from .pipeline import check_prunable, prune_model
     from .report import run_report
     from .resume import run_state
@@ -201,11 +202,14 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
     pattern = pattern or cfg.validate()
     _return_freed_memory()
     ranks = init_ranks(cfg.device)
-    state = run_state(model_name, cfg, output, ranks, resume, overwrite)
     folder = checkpoint_folder(model_name)
     model, tok, dtype = _load_empty(folder, cfg)
+    if any(is_fused_experts(m) for m in model.modules()):
+        raise SparseFWError(f"--stream does not support mixture-of-experts models yet ({type(model).__name__}: "
+                            "transformers converts their fused expert weights on load); prune without --stream")
     blocks = decoder_blocks(model)
-    names = check_prunable(model, pattern)
+    names = check_prunable(model, pattern, cfg.skip_unknown)
+    state = run_state(model_name, cfg, output, ranks, resume, overwrite)
     wmap = weight_map(folder)
     reader = _Reader(folder, wmap)
     device = ranks.device
@@ -235,7 +239,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
         if stage is not None:
             _write_rest(stage, folder, reader, wmap, out_map, shard(len(blocks)), dtype)
             report = run_report(model_name, cfg, device, dtype, res, t0, stream=True)
-            write_report(stage, report, [f"{n}.weight" for n in names])
+            write_report(stage, report, saved_tensor_names(model, names))
     barrier(ranks)
     state.remove()
     return broadcast_object(report, 0, ranks)

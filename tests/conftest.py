@@ -52,12 +52,22 @@ def tiny_model(arch: str, vocab: int, hidden: int = 32, layers: int = 2, seed: i
     elif arch == "gpt2":
         cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, vocab_size=vocab, n_positions=512)
         m = tf.GPT2LMHeadModel(cfg)
+    elif arch == "mixtral":
+        cfg = tf.MixtralConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+                               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **common)
+        m = tf.MixtralForCausalLM(cfg)
+    elif arch == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                                num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=True, **common)
+        m = tf.Qwen3MoeForCausalLM(cfg)
     else:
         raise ValueError(arch)
     return m.eval()
 
 
 ARCHS = ("llama", "qwen2", "gemma3", "opt", "gpt2")
+MOE_ARCHS = ("mixtral", "qwen3_moe")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 every method variant, each into OUT/<variant>/ (written by the main process only). A script, not a
 test module: it imports nothing from the tests.
 
-    torchrun --standalone --nproc_per_node 2 tests/dist_driver.py MODEL_DIR TEXT_FILE OUT
+    torchrun --standalone --nproc_per_node 2 tests/dist_driver.py MODEL_DIR TEXT_FILE OUT [VARIANT,...]
 """
 import sys
 
@@ -21,6 +21,7 @@ VARIANTS["sparsegpt+ts__unstructured"] = dict(method="sparsegpt", true_sequentia
 
 if __name__ == "__main__":
     model, text, out = sys.argv[1:4]
-    for name, kw in VARIANTS.items():
+    only = sys.argv[4].split(",") if len(sys.argv) > 4 else list(VARIANTS)
+    for name, kw in ((n, VARIANTS[n]) for n in only):
         api.prune(model, output=f"{out}/{name}", sparsity=0.5, calib=text, nsamples=20, seqlen=24,
                   device="cpu", progress=False, **kw)

@@ -54,6 +54,28 @@ def test_two_processes_equal_one(setup):
         assert '"processes": 2' in rep and ('"achieved_sparsity": 0.5' in rep or "owl" in variant)
 
 
+MOE_VARIANTS = ("sparsefw__unstructured", "sparsegpt__2of4", "sparsefw+owl+ts__unstructured")
+
+
+def test_two_processes_equal_one_on_moe(setup, tokenizer, make_tiny):
+    """Mixtral (fused experts, routed calibration): 1 and 2 processes give the same tensors."""
+    d, text = setup
+    m = make_tiny("mixtral", len(tokenizer), hidden=32, layers=2)
+    m.save_pretrained(d / "moe")
+    tokenizer.save_pretrained(d / "moe")
+    for n in (1, 2):
+        r = torchrun(n, HERE / "dist_driver.py", d / "moe", text, d / f"moe{n}", ",".join(MOE_VARIANTS))
+        assert r.returncode == 0, r.stderr[-3000:]
+    for variant in MOE_VARIANTS:
+        one = load_file(d / "moe1" / variant / "model.safetensors")
+        two = load_file(d / "moe2" / variant / "model.safetensors")
+        assert one.keys() == two.keys() and any(".experts." in k for k in one)
+        for k in one:
+            assert torch.equal(one[k], two[k]), (variant, k)
+        rep = (d / "moe2" / variant / "report.json").read_text()
+        assert '"processes": 2' in rep and '"expert_layers": 16' in rep
+
+
 def test_failing_rank_fails_the_run(setup, tokenizer, make_tiny):
     """Rank 1's windows (the second 8 of 16) hold a token whose embedding is NaN: both
     processes stop with rank 1's message, printed once, and nothing is written."""

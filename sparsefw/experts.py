@@ -1,0 +1,190 @@
+"""Fused mixture-of-experts weights as prunable 2-D layers (model plumbing; no pruning math).
+
+In transformers 5 the experts of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, PhiMoE, GraniteMoE and the
+DeepSeek-V3 family are no ``nn.Linear`` modules: one ``*Experts`` module (decorated with
+``transformers.integrations.moe.use_experts_implementation``) holds two fused 3-D parameters,
+``gate_up_proj`` (experts, 2 f, d) (or ``up_proj`` without a gate) and ``down_proj`` (experts, d, f),
+and its forward routes every token to its top-k experts. Here expert e's slice of each parameter is
+a prunable layer of its own: :class:`ExpertLinear`, a Linear whose weight is the view
+``param[e]`` (d_out, d_in), so masks and new weights are written straight into the fused tensor.
+gate and up of one expert are one matrix with one input (per-row and N:M masks act along d_in).
+
+While a block is calibrated (:func:`routed_experts`), the experts module runs a plain loop over
+the experts that calls these layers on exactly the tokens the router sends to each expert, so the
+forward hooks of :mod:`sparsefw.capture` see every expert's routed inputs. The Gram matrices are
+not weighted by the routing weights: each expert's mask problem is its own reconstruction, and the
+routing weight scales the output of the whole expert (after the gate's nonlinearity), which a
+per-layer weighting cannot express; llm-compressor's hooks on unfused expert Linears see the same
+unweighted routed tokens. Routers (``gate``) are not pruned.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+"""Last name components of a block's router layers (not pruned): Mixtral/Qwen/OLMoE ``gate``,
+Qwen2-MoE's ``shared_expert_gate`` (an ``nn.Linear`` to one output)."""
+
+_LAYERS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def is_fused_experts(mod: nn.Module) -> bool:
+    """True for a transformers experts module with fused 3-D weights in the (experts, d_out, d_in)
+    layout (``is_transposed`` False) that :class:`ExpertLinear` supports."""
+    return (hasattr(mod, "has_gate") and hasattr(mod, "is_transposed") and not mod.is_transposed
+            and isinstance(getattr(mod, "down_proj", None), torch.Tensor) and mod.down_proj.dim() == 3
+            and isinstance(getattr(mod, "gate_up_proj" if mod.has_gate else "up_proj", None), torch.Tensor))
+
+
+def is_router(name: str, mod: nn.Module) -> bool:
+    """A block's router: a module whose last name component is in :data:`ROUTER_NAMES` or whose
+    class name ends in ``Router`` (``MixtralTopKRouter``, ``DeepseekV3TopkRouter``)."""
+    return name.rsplit(".", 1)[-1] in ROUTER_NAMES or type(mod).__name__.lower().endswith("router")
+
+
+class ExpertLinear(nn.Module):
+    """Expert ``e``'s slice of the fused parameter ``pname`` of an experts module, as a Linear.
+
+    ``weight`` is the view ``getattr(experts, pname)[e]`` (d_out, d_in) of whatever tensor the
+    module holds now (so a block cast to float32 and back, or moved, is followed), ``bias`` the
+    matching slice of ``<pname>_bias`` when the experts have biases. Not registered as a submodule:
+    state dicts, saving and streaming see only the fused parameters."""
+
+    def __init__(self, experts: nn.Module, pname: str, e: int):
+        super().__init__()
+        self.__dict__["_experts"] = weakref.ref(experts)   # not a child module; no cycle keeping it alive
+        self.pname, self.e = pname, e
+
+    @property
+    def experts(self) -> nn.Module:
+        return self._experts()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.experts, self.pname)[self.e]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = getattr(self.experts, f"{self.pname}_bias", None) if getattr(self.experts, "has_bias", False) else None
+        return None if b is None else b[self.e]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.pname}[{self.e}], {tuple(self.weight.shape)}"
+
+
+def expert_layers(experts: nn.Module, prefix: str) -> dict[str, ExpertLinear]:
+    """{``<prefix>.gate_up_proj[e]`` (or ``up_proj[e]``), ``<prefix>.down_proj[e]``: ExpertLinear}
+    for every expert e, in the order a token runs through them; the same objects on every call
+    (forward hooks registered on them stay valid)."""
+    layers = _LAYERS.get(experts)
+    if layers is None:
+        up = "gate_up_proj" if experts.has_gate else "up_proj"
+        layers = [ExpertLinear(experts, p, e) for e in range(experts.down_proj.shape[0]) for p in (up, "down_proj")]
+        _LAYERS[experts] = layers
+    return {f"{prefix}.{l.pname}[{l.e}]" if prefix else f"{l.pname}[{l.e}]": l for l in layers}
+
+
+def _routed_forward(experts: nn.Module, layers: dict):
+    """The experts' forward as a loop over experts that calls :class:`ExpertLinear` layers on each
+    expert's routed tokens (transformers' eager semantics: gate/activation by the module's own
+    ``_apply_gate`` / ``act_fn``, optional post-expert norm, routing weights, sum over the top-k)."""
+    up = [l for l in layers.values() if l.pname != "down_proj"]
+    down = [l for l in layers.values() if l.pname == "down_proj"]
+
+    def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        out = torch.zeros_like(hidden_states)
+        for e in range(len(down)):
+            tok, pos = torch.where(top_k_index == e)
+            if tok.numel() == 0:
+                continue
+            h = up[e](hidden_states[tok])
+            h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+            y = down[e](h)
+            if getattr(experts, "has_post_expert_norm", False):
+                y = experts.post_expert_norm(y)
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+    return forward
+
+
+@contextlib.contextmanager
+def routed_experts(block: nn.Module):
+    """Context manager: every fused experts module of ``block`` runs :func:`_routed_forward`, so
+    forward hooks on its :class:`ExpertLinear` layers fire with each expert's routed tokens."""
+    mods = [(n, m) for n, m in block.named_modules() if is_fused_experts(m)]
+    saved = [m.__dict__.get("forward") for _, m in mods]
+    for n, m in mods:
+        m.forward = _routed_forward(m, expert_layers(m, n))
+    try:
+        yield
+    finally:
+        for (_, m), f in zip(mods, saved):
+            del m.forward
+            if f is not None:
+                m.forward = f
+
+
+def unknown_parameters(block: nn.Module, prefix: str = "") -> list[str]:
+    """Full names of the block's parameters with 2 or more dimensions that are neither a Linear's
+    (or GPT-2 ``Conv1D``'s) weight, nor a supported fused expert weight, nor a router's: weights
+    the pruning would otherwise leave dense without saying so."""
+    out = []
+    for mname, mod in block.named_modules():
+        known = (isinstance(mod, nn.Linear) or (type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"))
+                 or is_router(mname, mod))
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() < 2 or known or (is_fused_experts(mod) and (pname in EXPERT_PARAMS)):
+                continue
+            full = ".".join(x for x in (prefix, mname, pname) if x)
+            out.append(full)
+    return out
+
+
+def tensor_name(layer: str) -> str:
+    """The saved tensor of a prunable layer's weight: ``<layer>.weight`` for a Linear, the layer
+    name itself for an expert slice (``a.experts.down_proj[3]``: index 3 of tensor ``a.experts.down_proj``)."""
+    return layer if layer.endswith("]") else f"{layer}.weight"
+
+
+def split_tensor_name(name: str) -> tuple[str, int | None]:
+    """``"a.experts.down_proj[3]"`` -> (``"a.experts.down_proj"``, 3); any other name -> (name, None)."""
+    if name.endswith("]") and "[" in name:
+        base, idx = name[:-1].rsplit("[", 1)
+        return base, int(idx)
+    return name, None
+
+
+def saved_tensor_names(model: nn.Module, layers: list[str]) -> list[str]:
+    """The names, in the files ``model.save_pretrained`` writes, of the tensors holding the pruned
+    ``layers`` (full layer names as :func:`sparsefw.pipeline.check_prunable` returns them).
+
+    transformers 5 saves some models in their original checkpoint layout (Mixtral's fused experts
+    as ``block_sparse_moe.experts.<e>.w1/w2/w3.weight``, Qwen3-MoE's as
+    ``mlp.experts.<e>.gate_proj/up_proj/down_proj.weight``): the names come from transformers' own
+    ``revert_weight_conversion`` applied to shape-only (meta) tensors. A fused tensor saved as is
+    gives one ``name[e]`` per expert (:func:`split_tensor_name`)."""
+    keys = sorted({split_tensor_name(tensor_name(n))[0] for n in layers})
+    if not any(n.endswith("]") for n in layers):
+        return keys
+    params = dict(model.named_parameters())
+    meta = {k: torch.empty(params[k].shape, device="meta") for k in keys}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        meta = revert_weight_conversion(model, meta)
+    except ImportError:    # older transformers: saved as held in memory
+        pass
+    out = []
+    for k in sorted(meta):
+        v = meta[k]
+        out += [f"{k}[{e}]" for e in range(v.shape[0])] if v.dim() == 3 else [k]
+    return out

@@ -1,0 +1,154 @@
+"""Mixture-of-experts models: every expert's slice of the fused 3-D expert weights is pruned on
+the tokens the router sends to it; routers and unknown weights are never pruned silently."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsefw import api
+from sparsefw.capture import capture_block_inputs, evaluate_grams
+from sparsefw.config import PruneConfig
+from sparsefw.errors import SparseFWError
+from sparsefw.experts import ExpertLinear, routed_experts, saved_tensor_names
+from sparsefw.masks import magnitude_scores, parse_pattern, select
+from sparsefw.models import decoder_blocks, get_weight, prunable_layers
+from sparsefw.pipeline import check_prunable, prune_model
+
+MOE = ("mixtral", "qwen3_moe")
+
+
+def _windows(vocab: int, n: int = 4, seqlen: int = 32) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_prunable_layers_are_expert_slices_and_not_the_router(make_tiny, arch):
+    m = make_tiny(arch, 64)
+    block = decoder_blocks(m)[0]
+    layers = prunable_layers(block)
+    experts = block.mlp.experts
+    E = experts.down_proj.shape[0]
+    names = [n for n in layers if "experts" in n]
+    assert names == [f"mlp.experts.{p}[{e}]" for e in range(E) for p in ("gate_up_proj", "down_proj")]
+    assert not any(n.endswith("gate") for n in layers)          # the router stays dense
+    lay = layers["mlp.experts.down_proj[2]"]
+    assert isinstance(lay, ExpertLinear)
+    W = get_weight(lay)
+    assert W.data_ptr() == experts.down_proj[2].data_ptr() and W.shape == experts.down_proj.shape[1:]
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_routed_forward_equals_the_model_forward(make_tiny, arch):
+    m = make_tiny(arch, 64)
+    x = _windows(64, 1)
+    with torch.no_grad():
+        ref = m(x).logits
+        with routed_experts(decoder_blocks(m)[0]), routed_experts(decoder_blocks(m)[1]):
+            got = m(x).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_expert_gram_is_over_exactly_the_routed_tokens(make_tiny, arch):
+    """G of expert e's gate_up = sum of x x^T over the tokens whose router top-k holds e; G of its
+    down_proj = the same over act(x W_gate^T) * (x W_up^T); reference computed here from the router's
+    logits, top-k by hand."""
+    m = make_tiny(arch, 64)
+    blocks = decoder_blocks(m)
+    inps, extra = capture_block_inputs(m, blocks, _windows(64))
+    block = blocks[0]
+    moe_in = []
+    hd = block.mlp.register_forward_pre_hook(lambda mod, args: moe_in.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for h in inps:
+            block(h, *extra[0][0], **extra[0][1])
+    hd.remove()
+    X = torch.cat(moe_in).double()                                    # (tokens, d)
+    experts, k = block.mlp.experts, m.config.num_experts_per_tok
+    logits = X @ block.mlp.gate.weight.double().T
+    top = torch.topk(torch.softmax(logits, -1), k, dim=-1).indices      # (tokens, k)
+    grams = evaluate_grams(block, inps, extra[0])
+    f = experts.down_proj.shape[2]
+    for e in range(experts.down_proj.shape[0]):
+        Xe = X[(top == e).any(1)]
+        assert Xe.shape[0] > 0
+        torch.testing.assert_close(grams[f"mlp.experts.gate_up_proj[{e}]"], Xe.T @ Xe, rtol=1e-5, atol=1e-6)
+        gu = Xe @ experts.gate_up_proj[e].double().T
+        H = F.silu(gu[:, :f]) * gu[:, f:]
+        torch.testing.assert_close(grams[f"mlp.experts.down_proj[{e}]"], H.T @ H, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_moe_prune_save_reload_every_expert_at_target(tmp_path, tokenizer, save_tiny, arch):
+    from transformers import AutoModelForCausalLM
+
+    from sparsefw.inspection import inspect_checkpoint
+
+    src, _ = save_tiny(arch)
+    out = tmp_path / "pruned"
+    res = api.prune(str(src), output=str(out), method="sparsefw", sparsity=0.5, progress=False,
+                    nsamples=4, seqlen=32, min_expert_tokens=1)
+    rep = json.loads((out / "report.json").read_text())
+    E, nblocks = res.model.config.num_local_experts if arch == "mixtral" else res.model.config.num_experts, 2
+    assert rep["expert_layers"] == 2 * E * nblocks
+    assert rep["achieved_sparsity"] == pytest.approx(0.5)
+    # every expert matrix of the saved checkpoint: 50% zeros in every row (in transformers' saved layout)
+    info = inspect_checkpoint(out)
+    rows = [r for r in info["layers"] if ".experts." in r["name"]]
+    assert len(rows) == 3 * E * nblocks and info["expert_layers"] == len(rows)
+    assert all(r["sparsity"] == 0.5 for r in rows)
+    re = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for block in decoder_blocks(re):
+        for e in range(E):
+            for W in (block.mlp.experts.gate_up_proj[e], block.mlp.experts.down_proj[e]):
+                assert ((W != 0).sum(1) == W.shape[1] // 2).all()
+        assert (block.mlp.gate.weight != 0).all()                  # router dense
+    x = torch.randint(0, len(tokenizer), (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(re(x).logits, res.model(x).logits, rtol=0, atol=0)
+    card = (out / "README.md").read_text()
+    assert f"| {2 * E * nblocks} (0) |" in card and "MoE expert weights: sparsity 0.5000" in card
+
+
+def test_expert_with_too_few_tokens_falls_back_to_magnitude(make_tiny, tokenizer):
+    m = make_tiny("mixtral", len(tokenizer))
+    before = {n: get_weight(l).clone() for n, l in prunable_layers(decoder_blocks(m)[0]).items()}
+    cfg = PruneConfig(method="wanda", sparsity=0.5, nsamples=2, seqlen=16, device="cpu", min_expert_tokens=10 ** 6)
+    res = prune_model(m, tokenizer, cfg, windows=_windows(len(tokenizer), 2, 16), progress=False)
+    assert res["expert_layers"] == 16 and res["experts_fallback"] == 16
+    pat = parse_pattern("unstructured", 0.5)
+    for n, W in before.items():
+        got = get_weight(prunable_layers(decoder_blocks(m)[0])[n])
+        if "experts" in n:                                           # magnitude's mask, exactly
+            assert torch.equal(got != 0, select(magnitude_scores(W), pat)), n
+
+
+def test_unknown_3d_parameter_fails_in_one_line_unless_skipped(make_tiny, tokenizer):
+    m = make_tiny("llama", len(tokenizer))
+    decoder_blocks(m)[1].mlp.register_parameter("fused_extra", torch.nn.Parameter(torch.randn(2, 8, 32)))
+    pat = parse_pattern("unstructured", 0.5)
+    with pytest.raises(SparseFWError, match=r"model\.layers\.1\.mlp\.fused_extra, shape \(2, 8, 32\).*--skip-unknown"):
+        check_prunable(m, pat)
+    assert len(check_prunable(m, pat, skip_unknown=True)) == 14
+    cfg = PruneConfig(method="magnitude", sparsity=0.5, nsamples=2, seqlen=16, device="cpu", skip_unknown=True)
+    res = prune_model(m, tokenizer, cfg, windows=_windows(len(tokenizer), 2, 16), progress=False)
+    assert res["unpruned_unknown"] == ["model.layers.1.mlp.fused_extra"]
+
+
+def test_stream_refuses_moe_with_one_error(tmp_path, save_tiny):
+    src, _ = save_tiny("mixtral")
+    with pytest.raises(SparseFWError, match="--stream does not support mixture-of-experts"):
+        api.prune(str(src), output=str(tmp_path / "o"), stream=True, method="magnitude", progress=False,
+                  nsamples=2, seqlen=16)
+    assert not (tmp_path / "o").exists()
+
+
+def test_saved_tensor_names_follow_transformers_layout(make_tiny):
+    m = make_tiny("mixtral", 64, layers=1)
+    names = check_prunable(m, parse_pattern("unstructured", 0.5))
+    saved = saved_tensor_names(m, names)
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in saved
+    assert "model.layers.0.self_attn.q_proj.weight" in saved and len(saved) == 4 + 3 * 4
