@@ -133,22 +133,6 @@ def routed_experts(block: nn.Module):
                 m.forward = f
 
 
-def unknown_parameters(block: nn.Module, prefix: str = "") -> list[str]:
-    """Full names of the block's parameters with 2 or more dimensions that are neither a Linear's
-    (or GPT-2 ``Conv1D``'s) weight, nor a supported fused expert weight, nor a router's: weights
-    the pruning would otherwise leave dense without saying so."""
-    out = []
-    for mname, mod in block.named_modules():
-        known = (isinstance(mod, nn.Linear) or (type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"))
-                 or is_router(mname, mod))
-        for pname, p in mod.named_parameters(recurse=False):
-            if p.dim() < 2 or known or (is_fused_experts(mod) and (pname in EXPERT_PARAMS)):
-                continue
-            full = ".".join(x for x in (prefix, mname, pname) if x)
-            out.append(full)
-    return out
-
-
 def tensor_name(layer: str) -> str:
     """The saved tensor of a prunable layer's weight: ``<layer>.weight`` for a Linear, the layer
     name itself for an expert slice (``a.experts.down_proj[3]``: index 3 of tensor ``a.experts.down_proj``)."""

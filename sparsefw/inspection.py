@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import SparseFWError
-from .experts import EXPERT_PARAMS, ROUTER_NAMES, split_tensor_name
+from .experts import EXPERT_PARAMS, ROUTER_NAMES
 from .masks import parse_pattern
 from .paths import HUB_ID
 
@@ -80,14 +80,13 @@ def nm_violations(W: torch.Tensor, n: int, m: int) -> tuple[int, tuple[int, int]
     return count, (r, g * m)
 
 
-def _pruned_parts(name: str, t: torch.Tensor, want: dict | None):
+def _pruned_parts(name: str, t: torch.Tensor, want: set | None):
     """(row name, 2-D weight) of the pruned layers inside tensor ``name``: the tensor itself, or
     each expert's slice ``name[e]`` of a fused 3-D expert tensor (experts, d_out, d_in)."""
     if want is not None:
-        if name not in want:
-            return []
-        idx = want[name]
-        return [(name, t)] if idx is None else [(f"{name}[{e}]", t[e]) for e in sorted(idx)]
+        if name in want:
+            return [(name, t)]
+        return [(f"{name}[{e}]", t[e]) for e in range(t.shape[0]) if f"{name}[{e}]" in want] if t.dim() == 3 else []
     if _BLOCK.search(name) is None:
         return []
     if t.dim() == 2 and name.endswith(".weight") and name.rsplit(".", 2)[-2] not in ROUTER_NAMES:
@@ -125,14 +124,7 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None, names=None)
         if p is None:
             raise SparseFWError(f"--pattern for inspect must be N:M (e.g. 2:4), got '{pattern}'")
         nm = (p.n, p.m)
-    want = None
-    if names is not None:                      # tensor key -> None (whole) or the expert indices
-        want = {}
-        for n in names:
-            key, e = split_tensor_name(n)
-            want.setdefault(key, set() if e is not None else None)
-            if e is not None:
-                want[key].add(e)
+    want = None if names is None else set(names)
     layers, dtypes = [], {}
     other = other_zeros = 0
     for f in files:
@@ -141,19 +133,19 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None, names=None)
                 t = fh.get_tensor(name)
                 dt = str(t.dtype).replace("torch.", "")
                 dtypes[dt] = dtypes.get(dt, 0) + 1
-                for rname, w in _pruned_parts(name, t, want):
+                parts = _pruned_parts(name, t, want)
+                for rname, w in parts:
                     z = int((w == 0).sum())
                     row = {"name": rname, "shape": list(w.shape), "dtype": dt, "zeros": z, "numel": w.numel(),
                            "sparsity": z / max(w.numel(), 1)}
                     if nm:
                         row["nm_violations"], row["nm_first"] = nm_violations(w, *nm)
                     layers.append(row)
-                    other -= w.numel()
-                    other_zeros -= z
-                other += t.numel()
-                other_zeros += int((t == 0).sum())
-    wanted = {k if v is None else f"{k}[{e}]" for k, v in (want or {}).items() for e in (v or [None])}
-    missing = wanted - {r["name"] for r in layers}
+                covered = sum(w.numel() for _, w in parts)
+                if covered < t.numel():            # the rest of the tensor (all of it when nothing is pruned)
+                    other += t.numel() - covered
+                    other_zeros += int((t == 0).sum()) - sum(r["zeros"] for r in layers[len(layers) - len(parts):])
+    missing = (want or set()) - {r["name"] for r in layers}
     if missing:
         raise SparseFWError(f"{len(missing)} pruned tensors are missing from the saved files, e.g. {sorted(missing)[0]}")
     zeros = sum(r["zeros"] for r in layers)

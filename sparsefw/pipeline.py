@@ -21,11 +21,11 @@ from .config import PruneConfig
 from .distributed import (Ranks, assign_owners, broadcast_object, broadcast_tensor_, layer_cost, raise_if_any,
                           reduce_sum_, window_range)
 from .errors import SparseFWError
-from .experts import ExpertLinear, unknown_parameters
+from .experts import ExpertLinear
 from .gram import factor_dtype
 from .masks import Pattern, parse_pattern, wanda_scores
 from .methods import expert_fallback, get_method, solve_layer
-from .models import decoder_blocks, get_weight, prunable_layers, resolve_device, set_weight
+from .models import decoder_blocks, get_weight, prunable_layers, resolve_device, set_weight, unknown_parameters
 from .onload import Float32OnCpu, on_device, place_embeddings
 from .owl import outlier_ratio, owl_sparsities
 from .report import LayerReport, prune_summary
@@ -35,14 +35,14 @@ def check_prunable(model: nn.Module, pattern: Pattern, skip_unknown: bool = Fals
     """Check that the pattern applies to every prunable layer before any work is done.
 
     Args: model: the causal LM. pattern: the parsed pattern. skip_unknown: leave weights of unknown
-        form (:func:`sparsefw.experts.unknown_parameters`) dense instead of failing.
+        form (:func:`sparsefw.models.unknown_parameters`) dense instead of failing.
     Returns the full names of the prunable layers (expert slices as ``...down_proj[e]``).
     Raises SparseFWError: N:M not dividing some d_in, no Linear layers found, or (without
     ``skip_unknown``) parameters of 2+ dimensions in a block that no prunable layer covers.
     """
     names = full_names(model)
     out, unknown = [], []
-    for bi, block in enumerate(decoder_blocks(model)):
+    for block in decoder_blocks(model):
         for _, layer in prunable_layers(block).items():
             W = get_weight(layer)
             pattern.check_shape(tuple(W.shape), names[id(layer)])
@@ -70,13 +70,13 @@ def _solve_mine(layers: dict, groups: list[list[str]], sums: dict, owner: dict, 
         if owner[group[0]] != ranks.rank:
             continue
         d_in = get_weight(layers[group[0]]).shape[1]
-        tokens = getattr(sums[group[0]], "tokens", None)
+        tokens = sums[group[0]].tokens
         G = sums.pop(group[0]).evaluate(factor_dtype(d_in) if factors else torch.float32)
         try:
             for lname in group:
                 layer = layers[lname]
                 W = get_weight(layer).float().clone()
-                if isinstance(layer, ExpertLinear) and tokens is not None and tokens < int(cfg.min_expert_tokens):
+                if isinstance(layer, ExpertLinear) and tokens < int(cfg.min_expert_tokens):
                     W_new, infos[lname] = expert_fallback(W, G, pattern, tokens)
                 else:
                     W_new, _, infos[lname] = solve_layer(W, G, pattern, cfg.method, cfg.options, cfg.reconstruct,

@@ -77,7 +77,8 @@ def prune_summary(reports: list[LayerReport], timer: dict, t0: float) -> dict:
     experts = [r for r in all_reports if "tokens" in r.extra]
     return {"layers": [asdict(r) for r in all_reports],
             "expert_layers": len(experts), "experts_fallback": sum(1 for r in experts if r.extra.get("fallback")),
-            "experts_without_tokens": sum(1 for r in experts if r.extra["tokens"] == 0), "seconds": time.perf_counter() - t0, "mean_error_final": mf,
+            "experts_without_tokens": sum(1 for r in experts if r.extra["tokens"] == 0),
+            "seconds": time.perf_counter() - t0, "mean_error_final": mf,
             "mean_error_wanda": mw, "mean_error_warmstart": ms,
             "error_reduction_vs_wanda": 1.0 - mf / mw if mw > 0 else 0.0,
             "geomean_ratio_vs_wanda": geo,
