@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import SparseFWError
+
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 """Last name components of a block's router layers (not pruned): Mixtral/Qwen/OLMoE ``gate``,
@@ -171,4 +173,45 @@ def saved_tensor_names(model: nn.Module, layers: list[str]) -> list[str]:
     for k in sorted(meta):
         v = meta[k]
         out += [f"{k}[{e}]" for e in range(v.shape[0])] if v.dim() == 3 else [k]
+    return out
+
+
+def checkpoint_to_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors read from a checkpoint (in its saved layout, e.g. Mixtral's per-expert
+    ``block_sparse_moe.experts.<e>.w1/w2/w3.weight``) -> the model's parameter names and layout (the
+    fused 3-D ``mlp.experts.gate_up_proj`` / ``down_proj``), with transformers' own load-time weight
+    conversion (``conversion_mapping``: renamings, then at most one converter per key, as
+    ``from_pretrained`` applies them). The forward twin of ``revert_weight_conversion``; a subset of
+    the checkpoint (one decoder block) converts on its own because every converter merges tensors of
+    one layer only.
+
+    Args: model: the (meta) model the tensors are for. tensors: saved name -> tensor (any dtype).
+    Returns: parameter name -> tensor (new tensors where converted, the inputs where only renamed).
+    Raises: SparseFWError if transformers has no weight conversion (older than 5) and names differ."""
+    try:
+        from copy import deepcopy
+
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (PrefixChange, WeightConverter, WeightRenaming,
+                                                     dot_natural_key, rename_source_key)
+    except ImportError:
+        raise SparseFWError("this transformers has no weight conversion; stream a checkpoint whose "
+                            "tensor names match the model's, or prune without --stream") from None
+    conversions = [c for c in get_model_conversion_mapping(model) if not isinstance(c, PrefixChange)]
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    pending: dict[str, object] = {}
+    for key, t in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):
+        name, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None:
+            pattern = key
+            conv = pending.setdefault(name, WeightRenaming(key, name))
+        else:
+            conv = pending.setdefault(name, deepcopy(by_pattern[pattern]))
+        conv.add_tensor(name, key, pattern, t)
+    out = {}
+    for name, conv in pending.items():
+        for target, t in conv.convert(name, model=model, config=model.config).items():
+            out[target] = t[0] if isinstance(t, list) else t
     return out

@@ -90,11 +90,34 @@ class _Reader:
         return out
 
 
-def _materialize(model, names: list[str], reader: _Reader, device, dtype) -> None:
+def _materialize(model, names: list[str], reader: _Reader, device, dtype, tensors: dict | None = None) -> None:
+    """Put the model's tensors ``names`` on ``device`` (floating point ones in ``dtype``), read from
+    the checkpoint, or taken from ``tensors`` (name -> tensor) when given."""
     from accelerate.utils import set_module_tensor_to_device
 
-    for n, t in reader.read(names).items():
+    tensors = reader.read(names) if tensors is None else tensors
+    for n in names:
+        t = tensors[n]
         set_module_tensor_to_device(model, n, device, value=t, dtype=dtype if t.is_floating_point() else None)
+
+
+def _read_block(model, pre: str, names: list[str], reader: _Reader, device, dtype) -> tuple[list[str], bool]:
+    """Read one block's tensors ``names`` (model names under ``pre``) onto ``device``. A block saved
+    in another layout than the model holds it (fused MoE experts saved per expert) goes through
+    transformers' weight conversion. Returns (checkpoint keys read, converted)."""
+    if all(n in reader.wmap for n in names):
+        _materialize(model, names, reader, device, dtype)
+        return names, False
+    from .experts import checkpoint_to_model_tensors
+
+    keys = [k for k in reader.wmap if k.startswith(pre + ".")]
+    tensors = checkpoint_to_model_tensors(model, reader.read(keys))
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise SparseFWError(f"tensor '{missing[0]}' is neither in the checkpoint's safetensors nor made by "
+                            "transformers' weight conversion from them; the checkpoint does not match its config")
+    _materialize(model, names, reader, device, dtype, tensors)
+    return keys, True
 
 
 def _return_freed_memory() -> None:
@@ -128,12 +151,14 @@ def _load_empty(folder: Path, cfg):
     return model.eval(), tok, dtype
 
 
-def _write_rest(stage: Path, folder: Path, reader: _Reader, wmap: dict, out_map: dict, shard: str, dtype) -> None:
+def _write_rest(stage: Path, folder: Path, reader: _Reader, wmap: dict, out_map: dict, shard: str, dtype,
+                read: set) -> None:
     """Write the tensors outside the blocks (as they are, in ``dtype``) to ``shard``, the index,
-    the tokenizer and config files (config's dtype = the one written)."""
+    the tokenizer and config files (config's dtype = the one written). ``read``: the checkpoint
+    keys the blocks were read from."""
     from safetensors.torch import save_file
 
-    block_names = set(out_map)
+    block_names = set(out_map) | read
     tensors = reader.read([n for n in wmap if n not in block_names])
     tensors = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in tensors.items()}
     save_file(tensors, str(stage / shard), metadata={"format": "pt"})
@@ -150,24 +175,31 @@ def _write_rest(stage: Path, folder: Path, reader: _Reader, wmap: dict, out_map:
     (stage / "config.json").write_text(json.dumps(c, indent=2))
 
 
-def _block_context(model, names: dict, reader: _Reader, device, dtype, stage, shard, out_map: dict):
+def _block_context(model, names: dict, reader: _Reader, device, dtype, stage, shard, out_map: dict, read: set):
     """The ``block_context`` of :func:`sparsefw.pipeline.prune_model` for streaming: read the
     block from the checkpoint onto ``device``, and afterwards write it to its own shard (unless
-    ``write=False``: OWL's read-only pass) and drop it back to meta. ``names``: module id -> full
-    name (:func:`sparsefw.capture.full_names`)."""
+    ``write=False``: OWL's read-only pass) in the checkpoint's layout and drop it back to meta.
+    ``names``: module id -> full name (:func:`sparsefw.capture.full_names`); the checkpoint keys
+    read are added to ``read``."""
     from safetensors.torch import save_file
 
     @contextlib.contextmanager
     def block_context(bi, block, write=True):
         pre = names[id(block)]
-        _materialize(model, [f"{pre}.{n}" for n, _ in block.named_parameters()], reader, device, dtype)
+        keys, converted = _read_block(model, pre, [f"{pre}.{n}" for n in block.state_dict()], reader, device, dtype)
+        read.update(keys)
         for n, b in block.named_buffers():   # non-persistent buffers (rotary) are built on meta
             if b.device.type == "meta":
                 raise SparseFWError(f"buffer {pre}.{n} cannot be streamed; use the in-memory run")
         block.to(device)
         yield block
         if stage is not None and write:
-            sd = {f"{pre}.{n}": p.detach().to("cpu").contiguous() for n, p in block.named_parameters()}
+            sd = {f"{pre}.{n}": p.detach().to("cpu") for n, p in block.state_dict().items()}
+            if converted:        # back to the saved layout, as save_pretrained writes it
+                from transformers.core_model_loading import revert_weight_conversion
+
+                sd = revert_weight_conversion(model, sd)
+            sd = {n: t.contiguous() for n, t in sd.items()}
             save_file(sd, str(stage / shard(bi)), metadata={"format": "pt"})
             out_map.update({n: shard(bi) for n in sd})
         block.to("meta")
@@ -192,7 +224,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
     from .capture import full_names
     from .distributed import barrier, broadcast_object, init_ranks
     from .onload import outside_modules
-    from .experts import is_fused_experts, saved_tensor_names
+    from .experts import saved_tensor_names
     from .pipeline import check_prunable, prune_model
     from .report import run_report
     from .resume import run_state
@@ -204,9 +236,6 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
     ranks = init_ranks(cfg.device)
     folder = checkpoint_folder(model_name)
     model, tok, dtype = _load_empty(folder, cfg)
-    if any(is_fused_experts(m) for m in model.modules()):
-        raise SparseFWError(f"--stream does not support mixture-of-experts models yet ({type(model).__name__}: "
-                            "transformers converts their fused expert weights on load); prune without --stream")
     blocks = decoder_blocks(model)
     names = check_prunable(model, pattern, cfg.skip_unknown)
     state = run_state(model_name, cfg, output, ranks, resume, overwrite)
@@ -225,6 +254,7 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
         return f"model-{i + 1:05d}-of-{nshards:05d}.safetensors"
 
     out_map: dict[str, str] = {}
+    read: set[str] = set()
     report = None
     with contextlib.ExitStack() as stack:
         stage = stack.enter_context(staged_output(output, overwrite)) if ranks.is_main else None
@@ -234,10 +264,11 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
             _return_freed_memory()
 
         res = prune_model(model, tok, cfg, progress=progress, ranks=ranks, pattern=pattern, state=state,
-                          block_context=_block_context(model, module_names, reader, device, dtype, stage, shard, out_map),
+                          block_context=_block_context(model, module_names, reader, device, dtype, stage, shard, out_map,
+                                                        read),
                           after_capture=drop_outside)
         if stage is not None:
-            _write_rest(stage, folder, reader, wmap, out_map, shard(len(blocks)), dtype)
+            _write_rest(stage, folder, reader, wmap, out_map, shard(len(blocks)), dtype, read)
             report = run_report(model_name, cfg, device, dtype, res, t0, stream=True)
             write_report(stage, report, saved_tensor_names(model, names))
     barrier(ranks)

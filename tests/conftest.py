@@ -45,6 +45,18 @@ def tiny_model(arch: str, vocab: int, hidden: int = 32, layers: int = 2, seed: i
                                   num_key_value_heads=2, head_dim=8, sliding_window=16,
                                   **common)
         m = tf.Gemma3ForCausalLM(cfg)
+    elif arch == "qwen3":
+        cfg = tf.Qwen3Config(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=8, **common)
+        m = tf.Qwen3ForCausalLM(cfg)
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+                               num_key_value_heads=2, **common)
+        m = tf.MistralForCausalLM(cfg)
+    elif arch == "phi3":     # fused qkv_proj and gate_up_proj: one Linear each, one input
+        cfg = tf.Phi3Config(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+                            num_key_value_heads=2, pad_token_id=0, **common)
+        m = tf.Phi3ForCausalLM(cfg)
     elif arch == "opt":
         cfg = tf.OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_attention_heads=4,
                            word_embed_proj_dim=hidden, max_position_embeddings=512, **common)
@@ -61,13 +73,30 @@ def tiny_model(arch: str, vocab: int, hidden: int = 32, layers: int = 2, seed: i
                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
                                 num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=True, **common)
         m = tf.Qwen3MoeForCausalLM(cfg)
+    elif arch == "olmoe":
+        cfg = tf.OlmoeConfig(hidden_size=hidden, intermediate_size=hidden, num_attention_heads=4,
+                             num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **common)
+        m = tf.OlmoeForCausalLM(cfg)
+    elif arch == "qwen2_moe":    # routed experts + a shared expert behind a sigmoid gate
+        cfg = tf.Qwen2MoeConfig(hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden,
+                                shared_expert_intermediate_size=hidden, num_attention_heads=4,
+                                num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                decoder_sparse_step=1, **common)
+        m = tf.Qwen2MoeForCausalLM(cfg)
+    elif arch == "deepseek_v3":  # MLA attention, a dense first block, then shared + routed experts
+        cfg = tf.DeepseekV3Config(hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden,
+                                  num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                                  num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+                                  first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+                                  qk_nope_head_dim=4, v_head_dim=8, **common)
+        m = tf.DeepseekV3ForCausalLM(cfg)
     else:
         raise ValueError(arch)
     return m.eval()
 
 
-ARCHS = ("llama", "qwen2", "gemma3", "opt", "gpt2")
-MOE_ARCHS = ("mixtral", "qwen3_moe")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "opt", "gpt2")
+MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3")
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +134,12 @@ def layer_64x128():
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     """Every supported architecture in turn (a test taking ``arch`` runs once per architecture)."""
+    return request.param
+
+
+@pytest.fixture(params=MOE_ARCHS)
+def moe_arch(request) -> str:
+    """Every mixture-of-experts architecture in turn."""
     return request.param
 
 

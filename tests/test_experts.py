@@ -17,21 +17,24 @@ from sparsefw.masks import magnitude_scores, parse_pattern, select
 from sparsefw.models import decoder_blocks, get_weight, prunable_layers
 from sparsefw.pipeline import check_prunable, prune_model
 
-MOE = ("mixtral", "qwen3_moe")
 
 
 def _windows(vocab: int, n: int = 4, seqlen: int = 32) -> torch.Tensor:
     return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("arch", MOE)
-def test_prunable_layers_are_expert_slices_and_not_the_router(make_tiny, arch):
-    m = make_tiny(arch, 64)
-    block = decoder_blocks(m)[0]
+def _moe_blocks(model) -> list:
+    """The decoder blocks with routed experts (DeepSeek-V3's first block is dense)."""
+    return [b for b in decoder_blocks(model) if hasattr(b.mlp, "experts")]
+
+
+def test_prunable_layers_are_expert_slices_and_not_the_router(make_tiny, moe_arch):
+    m = make_tiny(moe_arch, 64)
+    block = _moe_blocks(m)[0]
     layers = prunable_layers(block)
     experts = block.mlp.experts
     E = experts.down_proj.shape[0]
-    names = [n for n in layers if "experts" in n]
+    names = [n for n in layers if n.startswith("mlp.experts.")]
     assert names == [f"mlp.experts.{p}[{e}]" for e in range(E) for p in ("gate_up_proj", "down_proj")]
     assert not any(n.endswith("gate") for n in layers)          # the router stays dense
     lay = layers["mlp.experts.down_proj[2]"]
@@ -40,9 +43,8 @@ def test_prunable_layers_are_expert_slices_and_not_the_router(make_tiny, arch):
     assert W.data_ptr() == experts.down_proj[2].data_ptr() and W.shape == experts.down_proj.shape[1:]
 
 
-@pytest.mark.parametrize("arch", MOE)
-def test_routed_forward_equals_the_model_forward(make_tiny, arch):
-    m = make_tiny(arch, 64)
+def test_routed_forward_equals_the_model_forward(make_tiny, moe_arch):
+    m = make_tiny(moe_arch, 64)
     x = _windows(64, 1)
     with torch.no_grad():
         ref = m(x).logits
@@ -51,7 +53,7 @@ def test_routed_forward_equals_the_model_forward(make_tiny, arch):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
 def test_expert_gram_is_over_exactly_the_routed_tokens(make_tiny, arch):
     """G of expert e's gate_up = sum of x x^T over the tokens whose router top-k holds e; G of its
     down_proj = the same over act(x W_gate^T) * (x W_up^T); reference computed here from the router's
@@ -75,33 +77,35 @@ def test_expert_gram_is_over_exactly_the_routed_tokens(make_tiny, arch):
     for e in range(experts.down_proj.shape[0]):
         Xe = X[(top == e).any(1)]
         assert Xe.shape[0] > 0
-        torch.testing.assert_close(grams[f"mlp.experts.gate_up_proj[{e}]"], Xe.T @ Xe, rtol=1e-5, atol=1e-6)
-        gu = Xe @ experts.gate_up_proj[e].double().T
+        gu = Xe @ experts.gate_up_proj[e].detach().double().T
         H = F.silu(gu[:, :f]) * gu[:, f:]
-        torch.testing.assert_close(grams[f"mlp.experts.down_proj[{e}]"], H.T @ H, rtol=1e-5, atol=1e-6)
+        for name, ref in ((f"mlp.experts.gate_up_proj[{e}]", Xe.T @ Xe), (f"mlp.experts.down_proj[{e}]", H.T @ H)):
+            # float32 window products: ~1e-7 of the largest entry; a wrong token set differs by O(1)
+            torch.testing.assert_close(grams[name], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("arch", MOE)
-def test_moe_prune_save_reload_every_expert_at_target(tmp_path, tokenizer, save_tiny, arch):
+def test_moe_prune_save_reload_every_expert_at_target(tmp_path, tokenizer, save_tiny, moe_arch):
     from transformers import AutoModelForCausalLM
 
     from sparsefw.inspection import inspect_checkpoint
 
-    src, _ = save_tiny(arch)
+    src, _ = save_tiny(moe_arch)
     out = tmp_path / "pruned"
     res = api.prune(str(src), output=str(out), method="sparsefw", sparsity=0.5, progress=False,
                     nsamples=4, seqlen=32, min_expert_tokens=1)
     rep = json.loads((out / "report.json").read_text())
-    E, nblocks = res.model.config.num_local_experts if arch == "mixtral" else res.model.config.num_experts, 2
-    assert rep["expert_layers"] == 2 * E * nblocks
+    nmoe = len(_moe_blocks(res.model))
+    E = _moe_blocks(res.model)[0].mlp.experts.down_proj.shape[0]
+    assert rep["expert_layers"] == 2 * E * nmoe
     assert rep["achieved_sparsity"] == pytest.approx(0.5)
-    # every expert matrix of the saved checkpoint: 50% zeros in every row (in transformers' saved layout)
+    # every prunable matrix of the saved checkpoint, experts included: 50% zeros in every row (in
+    # transformers' saved layout: gate, up and down of every expert)
     info = inspect_checkpoint(out)
     rows = [r for r in info["layers"] if ".experts." in r["name"]]
-    assert len(rows) == 3 * E * nblocks and info["expert_layers"] == len(rows)
-    assert all(r["sparsity"] == 0.5 for r in rows)
+    assert len(rows) == 3 * E * nmoe and info["expert_layers"] == len(rows)
+    assert all(r["sparsity"] == 0.5 for r in info["layers"]) and len(info["layers"]) > len(rows)
     re = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    for block in decoder_blocks(re):
+    for block in _moe_blocks(re):
         for e in range(E):
             for W in (block.mlp.experts.gate_up_proj[e], block.mlp.experts.down_proj[e]):
                 assert ((W != 0).sum(1) == W.shape[1] // 2).all()
@@ -110,7 +114,7 @@ def test_moe_prune_save_reload_every_expert_at_target(tmp_path, tokenizer, save_
     with torch.no_grad():
         torch.testing.assert_close(re(x).logits, res.model(x).logits, rtol=0, atol=0)
     card = (out / "README.md").read_text()
-    assert f"| {2 * E * nblocks} (0) |" in card and "MoE expert weights: sparsity 0.5000" in card
+    assert f"| {2 * E * nmoe} (0) |" in card and "MoE expert weights: sparsity 0.5000" in card
 
 
 def test_expert_with_too_few_tokens_falls_back_to_magnitude(make_tiny, tokenizer):
@@ -136,14 +140,6 @@ def test_unknown_3d_parameter_fails_in_one_line_unless_skipped(make_tiny, tokeni
     cfg = PruneConfig(method="magnitude", sparsity=0.5, nsamples=2, seqlen=16, device="cpu", skip_unknown=True)
     res = prune_model(m, tokenizer, cfg, windows=_windows(len(tokenizer), 2, 16), progress=False)
     assert res["unpruned_unknown"] == ["model.layers.1.mlp.fused_extra"]
-
-
-def test_stream_refuses_moe_with_one_error(tmp_path, save_tiny):
-    src, _ = save_tiny("mixtral")
-    with pytest.raises(SparseFWError, match="--stream does not support mixture-of-experts"):
-        api.prune(str(src), output=str(tmp_path / "o"), stream=True, method="magnitude", progress=False,
-                  nsamples=2, seqlen=16)
-    assert not (tmp_path / "o").exists()
 
 
 def test_saved_tensor_names_follow_transformers_layout(make_tiny):

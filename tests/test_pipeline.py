@@ -177,3 +177,17 @@ def test_reconstruction_keeps_the_first_blocks_mask(tokenizer, make_tiny):
     assert masks[False].keys() == masks[True].keys()
     for n in masks[False]:
         assert torch.equal(masks[False][n], masks[True][n]), n
+
+
+def test_phi3_fused_projections_are_one_matrix_each(tmp_path, tokenizer, save_tiny):
+    """Phi-3's qkv_proj and gate_up_proj are single Linears: each is one layer with one input, and a
+    2:4 mask holds in every group of 4 inputs of every row of the fused matrix."""
+    src, _ = save_tiny("phi3")
+    res = api.prune(str(src), output=str(tmp_path / "o"), method="wanda", pattern="2:4", progress=False, **small())
+    names = {L["name"] for L in res.report["layers"]}
+    assert names == {f"model.layers.{b}.{n}" for b in range(2)
+                     for n in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    for block in decoder_blocks(res.model):
+        for n in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+            W = block.get_submodule(n).weight
+            assert W.shape[0] > W.shape[1] and ((W != 0).view(W.shape[0], -1, 4).sum(-1) == 2).all(), n

@@ -21,7 +21,10 @@ def tensors(folder):
                                                ("gemma3", "sparsegpt", {}),
                                                ("gpt2", "wanda", {"pattern": "2:4"}),
                                                ("llama", "sparsefw", {"owl": True, "true_sequential": True,
-                                                                      "iterations": 20})])
+                                                                      "iterations": 20}),
+                                               # fused experts, read and written per expert in the saved layout
+                                               ("qwen3_moe", "sparsefw", {"iterations": 10, "min_expert_tokens": 1}),
+                                               ("mixtral", "wanda", {"pattern": "2:4"})])
 def test_stream_equals_in_memory(tmp_path, tokenizer, make_tiny, arch, method, extra):
     from transformers import AutoModelForCausalLM
 
