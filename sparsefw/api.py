@@ -132,6 +132,8 @@ def _prune_in_memory(model: str, cfg: PruneConfig, pattern, output, overwrite, e
             dense = {key: dense_ppl(model, mdl, tok, src, pseq, ppl_chunks, progress=progress, bos=cfg.bos,
                                     ranks=ranks) for key, src in texts.items()}
     res = prune_model(mdl, tok, cfg, progress=progress, ranks=ranks, pattern=pattern, state=state)
+    if res["dropped_experts"]:     # the layers left after --drop-experts
+        names = check_prunable(mdl, pattern, cfg.skip_unknown)
     mdl.to("cpu")
     extra = {"bos_token": None if bos_id is None else tok.convert_ids_to_tokens(bos_id)}
     extra.update(_evaluate(mdl, tok, texts, dense, pseq, ppl_chunks, cfg, device, block_class, ranks, progress))

@@ -59,6 +59,8 @@ class PruneConfig:
                                "inputs with the earlier ones pruned (slower)")
     min_expert_tokens: int = _f(32, "an MoE expert routed fewer calibration tokens than this is magnitude-pruned "
                                 "(counted in the report)")
+    drop_experts: int = _f(0, "MoE: remove this many experts per block, those with the lowest REAP score "
+                           "(router-weighted expert activation), before pruning the rest")
     skip_unknown: bool = _f(False, "leave block weights of a form sparsefw cannot prune (e.g. unsupported fused "
                             "experts) dense, listed in the report, instead of failing")
     options: dict = field(default_factory=dict, metadata={"help": None})
@@ -93,8 +95,9 @@ class PruneConfig:
         resolve_dtype(self.dtype)
         if self.bos not in BOS_MODES:
             raise SparseFWError(f"unknown BOS mode '{self.bos}': use one of {', '.join(BOS_MODES)}")
-        if int(self.min_expert_tokens) < 0:
-            raise SparseFWError(f"min_expert_tokens must be >= 0, got {self.min_expert_tokens}")
+        for key in ("min_expert_tokens", "drop_experts"):
+            if int(getattr(self, key)) < 0:
+                raise SparseFWError(f"{key} must be >= 0, got {getattr(self, key)}")
         if int(self.nsamples) < 1 or int(self.seqlen) < 2:
             raise SparseFWError(f"nsamples must be >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
         if self.owl:

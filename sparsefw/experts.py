@@ -95,10 +95,17 @@ def expert_layers(experts: nn.Module, prefix: str) -> dict[str, ExpertLinear]:
     return {f"{prefix}.{l.pname}[{l.e}]" if prefix else f"{l.pname}[{l.e}]": l for l in layers}
 
 
-def _routed_forward(experts: nn.Module, layers: dict):
+def forget_layers(experts: nn.Module) -> None:
+    """Drop the cached :class:`ExpertLinear` views of ``experts`` (after its experts were removed or
+    renumbered, :mod:`sparsefw.expert_drop`); the next :func:`expert_layers` call makes new ones."""
+    _LAYERS.pop(experts, None)
+
+
+def _routed_forward(experts: nn.Module, layers: dict, observe=None):
     """The experts' forward as a loop over experts that calls :class:`ExpertLinear` layers on each
     expert's routed tokens (transformers' eager semantics: gate/activation by the module's own
-    ``_apply_gate`` / ``act_fn``, optional post-expert norm, routing weights, sum over the top-k)."""
+    ``_apply_gate`` / ``act_fn``, optional post-expert norm, routing weights, sum over the top-k).
+    ``observe(e, g, y)``, if given, sees every expert's routing weights g (n,) and outputs y (n, d)."""
     up = [l for l in layers.values() if l.pname != "down_proj"]
     down = [l for l in layers.values() if l.pname == "down_proj"]
 
@@ -113,19 +120,24 @@ def _routed_forward(experts: nn.Module, layers: dict):
             y = down[e](h)
             if getattr(experts, "has_post_expert_norm", False):
                 y = experts.post_expert_norm(y)
+            if observe is not None:
+                observe(e, top_k_weights[tok, pos], y)
             out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
         return out
     return forward
 
 
 @contextlib.contextmanager
-def routed_experts(block: nn.Module):
+def routed_experts(block: nn.Module, observe=None):
     """Context manager: every fused experts module of ``block`` runs :func:`_routed_forward`, so
-    forward hooks on its :class:`ExpertLinear` layers fire with each expert's routed tokens."""
+    forward hooks on its :class:`ExpertLinear` layers fire with each expert's routed tokens.
+    ``observe(name, e, g, y)``: called with the experts module's name in the block, the expert, its
+    routing weights (n,) and its outputs (n, d) (:mod:`sparsefw.expert_drop`)."""
     mods = [(n, m) for n, m in block.named_modules() if is_fused_experts(m)]
     saved = [m.__dict__.get("forward") for _, m in mods]
     for n, m in mods:
-        m.forward = _routed_forward(m, expert_layers(m, n))
+        obs = None if observe is None else (lambda e, g, y, n=n: observe(n, e, g, y))
+        m.forward = _routed_forward(m, expert_layers(m, n), obs)
     try:
         yield
     finally:

@@ -21,6 +21,7 @@ from .config import PruneConfig
 from .distributed import (Ranks, assign_owners, broadcast_object, broadcast_tensor_, layer_cost, raise_if_any,
                           reduce_sum_, window_range)
 from .errors import SparseFWError
+from .expert_drop import drop_block_experts, set_config_experts, shrink_like_saved
 from .experts import ExpertLinear
 from .gram import factor_dtype
 from .masks import Pattern, parse_pattern, wanda_scores
@@ -196,32 +197,44 @@ def _owl_patterns(blocks, inps, extra, cfg: PruneConfig, ranks: Ranks, names, bl
             {"m": float(cfg.owl_m), "lambda": float(cfg.owl_lambda), "outlier_ratios": ratios, "block_sparsities": sps})
 
 
+def _drop_experts(model, block, resumed: bool, inps, extra, cfg: PruneConfig, ranks: Ranks, names: dict,
+                  mine: range, total: int, dropped: dict) -> None:
+    """``--drop-experts`` (if set) on one block before it is pruned (:mod:`sparsefw.expert_drop`): REAP removes
+    the experts (recorded in ``dropped`` under the block's name) and ``names`` learns the kept
+    experts' layers; a block resumed from the run state is only shrunk to the saved expert count."""
+    k = int(cfg.drop_experts)
+    if k == 0:
+        return
+    if resumed:
+        shrink_like_saved(block, k)
+        return
+    dropped[names[id(block)]] = drop_block_experts(block, inps, extra, k, mine.start, total, ranks)
+    names.update(full_names(model))
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Tensor | None = None,
                 progress: bool = True, ranks: Ranks | None = None, block_context=None,
                 pattern: Pattern | None = None, state=None, after_capture=None) -> dict:
     """Prune a causal LM in place, block by block (Wanda/SparseGPT sequential scheme).
 
-    One block at a time is moved to the device (:mod:`sparsefw.onload`); with several processes (``ranks``) the
-    work is shared as :mod:`sparsefw.distributed` describes, with the same masks and weights as one process.
-    ``cfg.owl``: a dense pre-pass first sets every block's sparsity (:func:`owl_outlier_ratios`).
-    ``cfg.true_sequential``: the layer groups (q/k/v, o, gate/up, down) are pruned in the order the block runs
-    them, each fitted to the block's inputs with the earlier groups pruned (SparseGPT's ``--true-sequential``).
+    One block at a time is moved to the device (:mod:`sparsefw.onload`); several processes (``ranks``) share the
+    work as :mod:`sparsefw.distributed` describes, with the same masks and weights as one process. ``cfg.owl``:
+    a dense pre-pass sets every block's sparsity (:func:`owl_outlier_ratios`). ``cfg.true_sequential``: the
+    layer groups are pruned in the order the block runs them, each on inputs with the earlier groups pruned.
+    ``cfg.drop_experts``: REAP removes whole experts of every MoE block first (:func:`_drop_experts`).
 
-    Args:
-        model: a Hugging Face causal LM, any dtype, on the CPU or the device. tokenizer: its tokenizer. cfg: the run.
-        windows: optional (nsamples, seqlen) int64 calibration tokens (default: drawn from ``cfg.calib`` with
-            ``cfg.seed``, starting with BOS as ``cfg.bos`` says).
-        progress: tqdm bar (main process). ranks: :class:`sparsefw.distributed.Ranks` (default: one process).
-        block_context: ``f(index, block, write=True)`` -> context manager around the work on one block (default
-            :func:`sparsefw.onload.on_device`; streaming reads and writes blocks).
-        pattern: the parsed pattern if the caller ran ``cfg.validate()`` and :func:`check_prunable` (None: run here).
-        state: a :class:`sparsefw.resume.RunState`: blocks it holds are loaded instead of pruned, every newly pruned
-            block is recorded in it (``--resume``).
-        after_capture: ``f()`` called once the first block's inputs are captured (streaming drops the embeddings).
-    Returns: :func:`sparsefw.report.prune_summary` plus ``owl`` (None or its entry), ``calibration_tokens``,
-        ``unpruned_unknown`` (weights left dense by ``cfg.skip_unknown``), ``processes``, ``resumed_blocks``,
-        ``block_seconds`` (wall seconds per block, streamed reads and writes included); the same on every rank.
+    Args: model: a Hugging Face causal LM, any dtype, on the CPU or the device. tokenizer: its tokenizer.
+        cfg: the run. windows: optional (nsamples, seqlen) int64 calibration tokens (default: from
+        ``cfg.calib`` with ``cfg.seed`` and ``cfg.bos``). progress: tqdm bar. ranks: the processes (default one).
+        block_context: ``f(index, block, write=True)`` -> context manager around the work on one block
+        (default :func:`sparsefw.onload.on_device`; streaming reads and writes blocks). pattern: the parsed
+        pattern if the caller ran ``cfg.validate()`` and :func:`check_prunable`. state: a
+        :class:`sparsefw.resume.RunState` (``--resume``). after_capture: ``f()`` once the first block's inputs
+        are captured (streaming drops the embeddings).
+    Returns: :func:`sparsefw.report.prune_summary` plus ``owl``, ``calibration_tokens``, ``unpruned_unknown``,
+        ``processes``, ``resumed_blocks``, ``block_seconds`` (per block, streamed reads and writes included),
+        ``dropped_experts`` ({block: {experts module: dropped, scores}}), ``experts_config`` (new counts or None).
     Raises: SparseFWError: bad configuration, N:M not dividing some d_in, short calibration text,
         NaN/Inf activations (on every rank, whichever rank found it).
     """
@@ -230,9 +243,8 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
         pattern = cfg.validate()
         check_prunable(model, pattern, cfg.skip_unknown)
     ranks = ranks or Ranks(0, 1, resolve_device(cfg.device))
-    if windows is None:
-        windows = calibration_windows(tokenizer, cfg.calib, int(cfg.nsamples), int(cfg.seqlen), int(cfg.seed),
-                                      bos=cfg.bos)
+    windows = windows if windows is not None else calibration_windows(
+        tokenizer, cfg.calib, int(cfg.nsamples), int(cfg.seqlen), int(cfg.seed), bos=cfg.bos)
     model.eval()
     device, blocks, names = ranks.device, decoder_blocks(model), full_names(model)
     store = torch.device("cpu") if cfg.offload_activations else device
@@ -246,17 +258,19 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
     timer = {"calibration_forward": time.perf_counter() - t1, "gram": 0.0}   # seconds per part
     patterns, owl = [pattern] * len(blocks), None
     if cfg.owl:
-        patterns, owl = _owl_patterns(blocks, inps, extra, cfg, ranks, names, block_context,
-                                      progress, timer)
+        patterns, owl = _owl_patterns(blocks, inps, extra, cfg, ranks, names, block_context, progress, timer)
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(blocks)), desc=f"{cfg.method} {pattern if pattern.kind == 'nm' else cfg.sparsity}",
                unit="block", disable=not (progress and ranks.is_main))
-    resumed, block_seconds = 0, []
+    resumed, block_seconds, dropped = 0, [], {}
+    experts_config = set_config_experts(model, int(cfg.drop_experts)) if cfg.drop_experts else None
     for bi, block in bar:
         tb = time.perf_counter()
         with block_context(bi, block) if block_context else on_device(block, device):   # one block on the device
             saved = state.finished(bi) if state is not None else None
             with Float32OnCpu(block, device) as compute:
+                _drop_experts(model, block, saved is not None, inps, extra[bi], cfg, ranks, names, mine,
+                              windows.shape[0], dropped)
                 if saved is not None:             # pruned before an interruption: its weights as they were
                     block.load_state_dict(saved)
                     done, resumed = state.reports(bi), resumed + 1
@@ -276,4 +290,5 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, windows: torch.Te
         place_embeddings(model, blocks, home)   # the model ends where it started
     return {**prune_summary(reports, timer, t0), "owl": owl, "calibration_tokens": int(windows.numel()),
             "unpruned_unknown": [u for b in blocks for u in unknown_parameters(b, names[id(b)])],
-            "processes": ranks.world, "resumed_blocks": resumed, "block_seconds": block_seconds}
+            "processes": ranks.world, "resumed_blocks": resumed, "block_seconds": block_seconds,
+            "dropped_experts": {b: i for b, i in dropped.items() if i}, "experts_config": experts_config}

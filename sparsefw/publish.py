@@ -294,6 +294,11 @@ def _card_body(report: dict, folder, name: str, label: str) -> str:
         lines.append(f"| MoE expert slices pruned (of them magnitude-pruned: fewer than "
                      f"{report.get('min_expert_tokens')} routed calibration tokens) | | {report['expert_layers']} "
                      f"({report.get('experts_fallback', 0)}) |")
+    dropped = {b: i for b, i in (report.get("dropped_experts") or {}).items() if i}
+    if dropped:
+        per_block = len(next(iter(next(iter(dropped.values())).values()))["dropped"])
+        lines.append(f"| experts removed per MoE block (lowest REAP score), blocks | | {per_block}, {len(dropped)} "
+                     f"(experts left: {', '.join(f'{k} {v}' for k, v in (report.get('experts_config') or {}).items())}) |")
     unknown = report.get("unpruned_unknown") or []
     if unknown:
         lines.append(f"| block weights left dense (--skip-unknown) | | {len(unknown)}: {', '.join(unknown[:5])}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +28,15 @@ import torch
 from .errors import SparseFWError
 from .inspection import open_safetensors
 from .models import decoder_blocks, resolve_dtype, resolve_model
+
+REST_SHARD_BYTES = 1 << 29
+"""Most bytes (512 MiB) of one output shard of the tensors outside the blocks (embeddings, final norm,
+LM head); a larger tensor gets a shard of its own. The shards are read, converted and written one at
+a time: writing one costs ~3x its bytes (the checkpoint's pages that ``safe_open`` maps, the tensors
+read from them, safetensors' serialised copy), so the end of a streamed run holds ~3 x the largest
+shard, not 3 x all the tensors outside the blocks (README, "Scale")."""
+
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
 _CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                      "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -89,6 +99,35 @@ class _Reader:
                     out[n] = fh.get_tensor(n)
         return out
 
+    def nbytes(self, names: list[str]) -> dict[str, int]:
+        """Bytes of each named tensor, from the shards' headers (no tensor is read)."""
+        out = {}
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.wmap[n], []).append(n)
+        for fname, ns in by_file.items():
+            with open_safetensors(self.folder / fname) as fh:
+                for n in ns:
+                    sl = fh.get_slice(n)
+                    out[n] = math.prod(sl.get_shape()) * _ITEMSIZE.get(sl.get_dtype(), 1)
+        return out
+
+
+def rest_groups(sizes: dict[str, int], limit: int | None = None) -> list[list[str]]:
+    """Consecutive groups of tensor names (in the given order) of at most ``limit`` bytes each
+    (default :data:`REST_SHARD_BYTES`); a tensor larger than ``limit`` is a group of its own.
+    sizes: name -> bytes."""
+    limit = REST_SHARD_BYTES if limit is None else limit
+    groups: list[list[str]] = []
+    total = 0
+    for n, b in sizes.items():
+        if not groups or total + b > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(n)
+        total += b
+    return groups
+
 
 def _materialize(model, names: list[str], reader: _Reader, device, dtype, tensors: dict | None = None) -> None:
     """Put the model's tensors ``names`` on ``device`` (floating point ones in ``dtype``), read from
@@ -101,13 +140,13 @@ def _materialize(model, names: list[str], reader: _Reader, device, dtype, tensor
         set_module_tensor_to_device(model, n, device, value=t, dtype=dtype if t.is_floating_point() else None)
 
 
-def _read_block(model, pre: str, names: list[str], reader: _Reader, device, dtype) -> tuple[list[str], bool]:
+def _read_block(model, pre: str, names: list[str], reader: _Reader, device, dtype) -> bool:
     """Read one block's tensors ``names`` (model names under ``pre``) onto ``device``. A block saved
     in another layout than the model holds it (fused MoE experts saved per expert) goes through
-    transformers' weight conversion. Returns (checkpoint keys read, converted)."""
+    transformers' weight conversion. Returns whether it did."""
     if all(n in reader.wmap for n in names):
         _materialize(model, names, reader, device, dtype)
-        return names, False
+        return False
     from .experts import checkpoint_to_model_tensors
 
     keys = [k for k in reader.wmap if k.startswith(pre + ".")]
@@ -117,7 +156,7 @@ def _read_block(model, pre: str, names: list[str], reader: _Reader, device, dtyp
         raise SparseFWError(f"tensor '{missing[0]}' is neither in the checkpoint's safetensors nor made by "
                             "transformers' weight conversion from them; the checkpoint does not match its config")
     _materialize(model, names, reader, device, dtype, tensors)
-    return keys, True
+    return True
 
 
 def _return_freed_memory() -> None:
@@ -151,18 +190,20 @@ def _load_empty(folder: Path, cfg):
     return model.eval(), tok, dtype
 
 
-def _write_rest(stage: Path, folder: Path, reader: _Reader, wmap: dict, out_map: dict, shard: str, dtype,
-                read: set) -> None:
-    """Write the tensors outside the blocks (as they are, in ``dtype``) to ``shard``, the index,
-    the tokenizer and config files (config's dtype = the one written). ``read``: the checkpoint
-    keys the blocks were read from."""
+def _write_rest(stage: Path, folder: Path, reader: _Reader, groups: list[list[str]], out_map: dict, shards: list[str],
+                dtype, config_updates: dict | None = None) -> None:
+    """Write the tensors outside the blocks (as they are, in ``dtype``), group i to ``shards[i]``, one
+    group in memory at a time (:data:`REST_SHARD_BYTES`); then the index, the tokenizer and config
+    files (config's dtype = the one written, and ``config_updates``, e.g. the expert counts after
+    ``--drop-experts``)."""
     from safetensors.torch import save_file
 
-    block_names = set(out_map) | read
-    tensors = reader.read([n for n in wmap if n not in block_names])
-    tensors = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in tensors.items()}
-    save_file(tensors, str(stage / shard), metadata={"format": "pt"})
-    out_map.update({n: shard for n in tensors})
+    for names, shard in zip(groups, shards):
+        tensors = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in reader.read(names).items()}
+        save_file(tensors, str(stage / shard), metadata={"format": "pt"})
+        out_map.update({n: shard for n in tensors})
+        del tensors
+        _return_freed_memory()
     total = sum((stage / f).stat().st_size for f in set(out_map.values()))
     (stage / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(out_map.items()))}, indent=2))
@@ -170,24 +211,23 @@ def _write_rest(stage: Path, folder: Path, reader: _Reader, wmap: dict, out_map:
         if (folder / f).exists():
             shutil.copy2(folder / f, stage / f)
     c = json.loads((stage / "config.json").read_text())   # the dtype the tensors were written in
+    c.update(config_updates or {})
     c["dtype"] = str(dtype).replace("torch.", "")
     c.pop("torch_dtype", None)
     (stage / "config.json").write_text(json.dumps(c, indent=2))
 
 
-def _block_context(model, names: dict, reader: _Reader, device, dtype, stage, shard, out_map: dict, read: set):
+def _block_context(model, names: dict, reader: _Reader, device, dtype, stage, shard, out_map: dict):
     """The ``block_context`` of :func:`sparsefw.pipeline.prune_model` for streaming: read the
     block from the checkpoint onto ``device``, and afterwards write it to its own shard (unless
     ``write=False``: OWL's read-only pass) in the checkpoint's layout and drop it back to meta.
-    ``names``: module id -> full name (:func:`sparsefw.capture.full_names`); the checkpoint keys
-    read are added to ``read``."""
+    ``names``: module id -> full name (:func:`sparsefw.capture.full_names`)."""
     from safetensors.torch import save_file
 
     @contextlib.contextmanager
     def block_context(bi, block, write=True):
         pre = names[id(block)]
-        keys, converted = _read_block(model, pre, [f"{pre}.{n}" for n in block.state_dict()], reader, device, dtype)
-        read.update(keys)
+        converted = _read_block(model, pre, [f"{pre}.{n}" for n in block.state_dict()], reader, device, dtype)
         for n, b in block.named_buffers():   # non-persistent buffers (rotary) are built on meta
             if b.device.type == "meta":
                 raise SparseFWError(f"buffer {pre}.{n} cannot be streamed; use the in-memory run")
@@ -248,13 +288,14 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
                          for n, _ in m.named_parameters() if f"{p}.{n}" in wmap], reader, device, dtype)
     for m in outside:
         m.to(device)
-    nshards = len(blocks) + 1
+    prefixes = tuple(f"{module_names[id(b)]}." for b in blocks)
+    groups = rest_groups(reader.nbytes([k for k in wmap if not k.startswith(prefixes)]))
+    nshards = len(blocks) + len(groups)
 
     def shard(i):
         return f"model-{i + 1:05d}-of-{nshards:05d}.safetensors"
 
     out_map: dict[str, str] = {}
-    read: set[str] = set()
     report = None
     with contextlib.ExitStack() as stack:
         stage = stack.enter_context(staged_output(output, overwrite)) if ranks.is_main else None
@@ -264,11 +305,13 @@ def stream_prune(model_name: str, output: str, cfg, overwrite: bool = False, pro
             _return_freed_memory()
 
         res = prune_model(model, tok, cfg, progress=progress, ranks=ranks, pattern=pattern, state=state,
-                          block_context=_block_context(model, module_names, reader, device, dtype, stage, shard, out_map,
-                                                        read),
+                          block_context=_block_context(model, module_names, reader, device, dtype, stage, shard, out_map),
                           after_capture=drop_outside)
+        if res["dropped_experts"]:     # the layers left after --drop-experts
+            names = check_prunable(model, pattern, cfg.skip_unknown)
         if stage is not None:
-            _write_rest(stage, folder, reader, wmap, out_map, shard(len(blocks)), dtype, read)
+            _write_rest(stage, folder, reader, groups, out_map, [shard(len(blocks) + i) for i in range(len(groups))],
+                        dtype, res["experts_config"])
             report = run_report(model_name, cfg, device, dtype, res, t0, stream=True)
             write_report(stage, report, saved_tensor_names(model, names))
     barrier(ranks)

@@ -18,10 +18,11 @@ VARIANTS = {f"{m}{'+rec' if rec else ''}__{pat.replace(':', 'of')}":
 VARIANTS["sparsefw+owl+ts__unstructured"] = dict(method="sparsefw", owl=True, owl_lambda=0.1, true_sequential=True,
                                                  **OPTIONS["sparsefw"])
 VARIANTS["sparsegpt+ts__unstructured"] = dict(method="sparsegpt", true_sequential=True)
+MOE_ONLY = {"wanda+drop__unstructured": dict(method="wanda", drop_experts=1)}   # REAP: MoE models only
 
 if __name__ == "__main__":
     model, text, out = sys.argv[1:4]
     only = sys.argv[4].split(",") if len(sys.argv) > 4 else list(VARIANTS)
-    for name, kw in ((n, VARIANTS[n]) for n in only):
+    for name, kw in ((n, {**VARIANTS, **MOE_ONLY}[n]) for n in only):
         api.prune(model, output=f"{out}/{name}", sparsity=0.5, calib=text, nsamples=20, seqlen=24,
                   device="cpu", progress=False, **kw)

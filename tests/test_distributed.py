@@ -54,11 +54,12 @@ def test_two_processes_equal_one(setup):
         assert '"processes": 2' in rep and ('"achieved_sparsity": 0.5' in rep or "owl" in variant)
 
 
-MOE_VARIANTS = ("sparsefw__unstructured", "sparsegpt__2of4", "sparsefw+owl+ts__unstructured")
+MOE_VARIANTS = ("sparsefw__unstructured", "sparsegpt__2of4", "sparsefw+owl+ts__unstructured", "wanda+drop__unstructured")
 
 
 def test_two_processes_equal_one_on_moe(setup, tokenizer, make_tiny):
-    """Mixtral (fused experts, routed calibration): 1 and 2 processes give the same tensors."""
+    """Mixtral (fused experts, routed calibration, REAP expert dropping): 1 and 2 processes give the
+    same tensors."""
     d, text = setup
     m = make_tiny("mixtral", len(tokenizer), hidden=32, layers=2)
     m.save_pretrained(d / "moe")
@@ -73,7 +74,8 @@ def test_two_processes_equal_one_on_moe(setup, tokenizer, make_tiny):
         for k in one:
             assert torch.equal(one[k], two[k]), (variant, k)
         rep = (d / "moe2" / variant / "report.json").read_text()
-        assert '"processes": 2' in rep and '"expert_layers": 16' in rep
+        experts = 4 - ("drop" in variant)                        # --drop-experts 1 keeps 3 of 4
+        assert '"processes": 2' in rep and f'"expert_layers": {2 * 2 * experts}' in rep
 
 
 def test_failing_rank_fails_the_run(setup, tokenizer, make_tiny):

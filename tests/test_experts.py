@@ -148,3 +148,84 @@ def test_saved_tensor_names_follow_transformers_layout(make_tiny):
     saved = saved_tensor_names(m, names)
     assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in saved
     assert "model.layers.0.self_attn.q_proj.weight" in saved and len(saved) == 4 + 3 * 4
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_drop_experts_removes_the_lowest_reap_scores(tmp_path, tokenizer, save_tiny, arch):
+    """--drop-experts 1: REAP S_j = mean over the tokens routed to expert j of (routing weight x
+    ||expert output||), computed here by hand for block 0 from the dense model's MoE inputs and the
+    router's softmax top-k; the lowest-scoring expert is removed from the fused weights and the
+    router; the saved model reloads with transformers (one router output fewer) and runs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src, dense = save_tiny(arch)
+    windows = _windows(len(tokenizer))
+    moe = dense.model.layers[0].mlp
+    xs = []
+    hd = moe.register_forward_pre_hook(lambda mod, args: xs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for w in windows:
+            dense(w[None])
+    hd.remove()
+    X = torch.cat(xs).double()
+    k, E = dense.config.num_experts_per_tok, moe.experts.down_proj.shape[0]
+    probs = torch.softmax(X @ moe.gate.weight.detach().double().T, -1)
+    top_p, top_i = torch.topk(probs, k, dim=-1)
+    top_p = top_p / top_p.sum(-1, keepdim=True)                     # both models normalise the top-k
+    f = moe.experts.down_proj.shape[2]
+    S = []
+    for e in range(E):
+        tok, pos = torch.where(top_i == e)
+        gu = X[tok] @ moe.experts.gate_up_proj[e].detach().double().T
+        y = (F.silu(gu[:, :f]) * gu[:, f:]) @ moe.experts.down_proj[e].detach().double().T
+        S.append(float((top_p[tok, pos] * y.norm(dim=-1)).mean()))
+    cfg = PruneConfig(method="wanda", sparsity=0.5, device="cpu", min_expert_tokens=1, drop_experts=1)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    res = prune_model(model, tokenizer, cfg, windows=windows, progress=False)
+    got = res["dropped_experts"]["model.layers.0"]["mlp.experts"]
+    assert got["scores"] == pytest.approx(S, rel=1e-5)
+    assert got["dropped"] == [min(range(E), key=lambda e: S[e])]
+    out = tmp_path / "dropped"
+    model.save_pretrained(out)
+    re = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert AutoConfig.from_pretrained(out).num_experts == E - 1
+    for b in decoder_blocks(re):
+        assert b.mlp.gate.weight.shape[0] == E - 1 and b.mlp.experts.down_proj.shape[0] == E - 1
+    kept = [e for e in range(E) if e not in got["dropped"]]
+    torch.testing.assert_close(re.model.layers[0].mlp.gate.weight, dense.model.layers[0].mlp.gate.weight[kept])
+    x = torch.randint(0, len(tokenizer), (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(re(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_drop_experts_needs_experts_and_enough_of_them(make_tiny, tokenizer):
+    cfg = PruneConfig(method="magnitude", sparsity=0.5, nsamples=2, seqlen=16, device="cpu", drop_experts=1)
+    with pytest.raises(SparseFWError, match="has none"):
+        prune_model(make_tiny("llama", len(tokenizer)), tokenizer, cfg, windows=_windows(len(tokenizer), 2, 16),
+                    progress=False)
+    cfg = PruneConfig(method="magnitude", sparsity=0.5, nsamples=2, seqlen=16, device="cpu", drop_experts=3)
+    with pytest.raises(SparseFWError, match="fewer than the router's top-k"):
+        prune_model(make_tiny("mixtral", len(tokenizer)), tokenizer, cfg, windows=_windows(len(tokenizer), 2, 16),
+                    progress=False)
+
+
+@pytest.mark.parametrize("method,options", [("magnitude", {}), ("ria", {}), ("swaps", {}),
+                                            ("sparsefw", {"reconstruct": True, "iterations": 5}),
+                                            ("sparsegpt", {"pattern": "2:4"})])
+def test_every_method_prunes_every_expert(make_tiny, tokenizer, method, options):
+    """Each method (masks, swaps, FW + reconstruction, SparseGPT's own weight updates, N:M) reaches the
+    pattern in every expert slice of a tiny Mixtral, and the router stays dense."""
+    m = make_tiny("mixtral", len(tokenizer))
+    opts = dict(options)
+    pattern, reconstruct = opts.pop("pattern", "unstructured"), opts.pop("reconstruct", False)
+    cfg = PruneConfig(method=method, sparsity=0.5 if pattern == "unstructured" else None, pattern=pattern,
+                      reconstruct=reconstruct, nsamples=2, seqlen=32, device="cpu", min_expert_tokens=1, **opts)
+    res = prune_model(m, tokenizer, cfg, windows=_windows(len(tokenizer), 2, 32), progress=False)
+    assert res["expert_layers"] == 16 and res["experts_fallback"] == 0
+    for block in decoder_blocks(m):
+        for W in [*block.mlp.experts.gate_up_proj, *block.mlp.experts.down_proj]:
+            if pattern == "2:4":
+                assert ((W != 0).view(W.shape[0], -1, 4).sum(-1) == 2).all()
+            else:
+                assert ((W != 0).sum(1) == W.shape[1] // 2).all()
+        assert (block.mlp.gate.weight != 0).all()

@@ -24,7 +24,8 @@ def tensors(folder):
                                                                       "iterations": 20}),
                                                # fused experts, read and written per expert in the saved layout
                                                ("qwen3_moe", "sparsefw", {"iterations": 10, "min_expert_tokens": 1}),
-                                               ("mixtral", "wanda", {"pattern": "2:4"})])
+                                               ("mixtral", "wanda", {"pattern": "2:4"}),
+                                               ("qwen3_moe", "wanda", {"drop_experts": 1, "min_expert_tokens": 1})])
 def test_stream_equals_in_memory(tmp_path, tokenizer, make_tiny, arch, method, extra):
     from transformers import AutoModelForCausalLM
 
@@ -61,3 +62,31 @@ def test_stream_needs_output_and_no_eval(tmp_path, tokenizer, make_tiny):
         api.prune(str(tmp_path / "src"), output=str(tmp_path / "o"), stream=True, eval_ppl=True,
                   nsamples=2, seqlen=16)
     assert not (tmp_path / "o").exists()
+
+
+def test_rest_groups_by_size():
+    from sparsefw.streaming import rest_groups
+
+    assert rest_groups({"a": 3, "b": 3, "c": 5, "d": 1}, limit=6) == [["a", "b"], ["c", "d"]]
+    assert rest_groups({"big": 10, "x": 1, "y": 5}, limit=6) == [["big"], ["x", "y"]]
+    assert rest_groups({}, limit=6) == []
+
+
+def test_stream_writes_outside_tensors_in_small_shards(tmp_path, tokenizer, make_tiny, monkeypatch):
+    """With a shard limit below every tensor, the embeddings, the final norm and the LM head get a
+    shard each (one in memory at a time), and the checkpoint still equals the in-memory run's."""
+    import sparsefw.streaming as streaming
+
+    m = make_tiny("llama", len(tokenizer))
+    src = tmp_path / "src"
+    m.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    monkeypatch.setattr(streaming, "REST_SHARD_BYTES", 1)
+    opts = dict(method="magnitude", sparsity=0.5, nsamples=2, seqlen=16, device="cpu", progress=False)
+    api.prune(str(src), output=str(tmp_path / "stream"), stream=True, **opts)
+    api.prune(str(src), output=str(tmp_path / "mem"), **opts)
+    index = json.loads((tmp_path / "stream" / "model.safetensors.index.json").read_text())["weight_map"]
+    outside = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    assert len(set(index.values())) == 2 + 3 and len({index[n] for n in outside}) == 3
+    a, b = tensors(tmp_path / "mem"), tensors(tmp_path / "stream")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
