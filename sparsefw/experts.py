@@ -7,7 +7,9 @@ DeepSeek-V3 family are no ``nn.Linear`` modules: one ``*Experts`` module (decora
 and its forward routes every token to its top-k experts. Here expert e's slice of each parameter is
 a prunable layer of its own: :class:`ExpertLinear`, a Linear whose weight is the view
 ``param[e]`` (d_out, d_in), so masks and new weights are written straight into the fused tensor.
-gate and up of one expert are one matrix with one input (per-row and N:M masks act along d_in).
+gpt-oss stores its experts transposed, (experts, d, 2 f) and (experts, f, d), with biases: there the
+view is ``param[e].T`` (:func:`expert_layout` tells the layouts apart by their shapes). gate and up of
+one expert are one matrix with one input (per-row and N:M masks act along d_in).
 
 While a block is calibrated (:func:`routed_experts`), the experts module runs a plain loop over
 the experts that calls these layers on exactly the tokens the router sends to each expert, so the
@@ -36,12 +38,46 @@ Qwen2-MoE's ``shared_expert_gate`` (an ``nn.Linear`` to one output)."""
 _LAYERS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
+def expert_layout(up_shape, down_shape, gated: bool = True) -> str | None:
+    """Layout of fused expert weights from their shapes: ``"standard"`` when the up (or gate_up)
+    tensor is (experts, k·f, d) and down_proj (experts, d, f), i.e. (experts, d_out, d_in) as
+    ``nn.Linear`` keeps them; ``"transposed"`` for (experts, d, k·f) and (experts, f, d), i.e.
+    (experts, d_in, d_out) (gpt-oss); None for anything else (k = 2 for a fused gate_up)."""
+    if len(up_shape) != 3 or len(down_shape) != 3 or up_shape[0] != down_shape[0]:
+        return None
+    k = 2 if gated else 1
+    if up_shape[1] == k * down_shape[2] and up_shape[2] == down_shape[1]:
+        return "standard"
+    if up_shape[2] == k * down_shape[1] and up_shape[1] == down_shape[2]:
+        return "transposed"
+    return None
+
+
+def _has_gate(mod: nn.Module) -> bool:
+    return bool(getattr(mod, "has_gate", isinstance(getattr(mod, "gate_up_proj", None), torch.Tensor)))
+
+
+def is_transposed(mod: nn.Module) -> bool:
+    """Fused experts stored (experts, d_in, d_out): the module's ``is_transposed`` flag where it has
+    one (transformers' generic experts), else read from the shapes (gpt-oss)."""
+    up = getattr(mod, "gate_up_proj" if _has_gate(mod) else "up_proj")
+    return expert_layout(tuple(up.shape), tuple(mod.down_proj.shape), _has_gate(mod)) == "transposed"
+
+
 def is_fused_experts(mod: nn.Module) -> bool:
-    """True for a transformers experts module with fused 3-D weights in the (experts, d_out, d_in)
-    layout (``is_transposed`` False) that :class:`ExpertLinear` supports."""
-    return (hasattr(mod, "has_gate") and hasattr(mod, "is_transposed") and not mod.is_transposed
-            and isinstance(getattr(mod, "down_proj", None), torch.Tensor) and mod.down_proj.dim() == 3
-            and isinstance(getattr(mod, "gate_up_proj" if mod.has_gate else "up_proj", None), torch.Tensor))
+    """True for a transformers experts module with fused 3-D weights (gate_up_proj or up_proj, and
+    down_proj) in either layout of :func:`expert_layout`, consistent with its ``is_transposed``
+    flag where it has one, and a gate (``_apply_gate``) or activation (``act_fn``)."""
+    up = getattr(mod, "gate_up_proj" if _has_gate(mod) else "up_proj", None)
+    down = getattr(mod, "down_proj", None)
+    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor)):
+        return False
+    if not (hasattr(mod, "_apply_gate") if _has_gate(mod) else hasattr(mod, "act_fn")):
+        return False
+    layout = expert_layout(tuple(up.shape), tuple(down.shape), _has_gate(mod))
+    if hasattr(mod, "is_transposed"):
+        return layout == ("transposed" if mod.is_transposed else "standard")
+    return layout is not None
 
 
 def is_router(name: str, mod: nn.Module) -> bool:
@@ -54,14 +90,15 @@ class ExpertLinear(nn.Module):
     """Expert ``e``'s slice of the fused parameter ``pname`` of an experts module, as a Linear.
 
     ``weight`` is the view ``getattr(experts, pname)[e]`` (d_out, d_in) of whatever tensor the
-    module holds now (so a block cast to float32 and back, or moved, is followed), ``bias`` the
-    matching slice of ``<pname>_bias`` when the experts have biases. Not registered as a submodule:
+    module holds now (so a block cast to float32 and back, or moved, is followed; transposed for
+    experts stored (experts, d_in, d_out), :func:`is_transposed`), ``bias`` the matching slice of
+    ``<pname>_bias`` when the experts have biases. Not registered as a submodule:
     state dicts, saving and streaming see only the fused parameters."""
 
     def __init__(self, experts: nn.Module, pname: str, e: int):
         super().__init__()
         self.__dict__["_experts"] = weakref.ref(experts)   # not a child module; no cycle keeping it alive
-        self.pname, self.e = pname, e
+        self.pname, self.e, self.transposed = pname, e, is_transposed(experts)
 
     @property
     def experts(self) -> nn.Module:
@@ -69,12 +106,13 @@ class ExpertLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return getattr(self.experts, self.pname)[self.e]
+        w = getattr(self.experts, self.pname)[self.e]
+        return w.t() if self.transposed else w
 
     @property
     def bias(self) -> torch.Tensor | None:
-        b = getattr(self.experts, f"{self.pname}_bias", None) if getattr(self.experts, "has_bias", False) else None
-        return None if b is None else b[self.e]
+        b = getattr(self.experts, f"{self.pname}_bias", None) if getattr(self.experts, "has_bias", True) else None
+        return b[self.e] if isinstance(b, torch.Tensor) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -89,7 +127,7 @@ def expert_layers(experts: nn.Module, prefix: str) -> dict[str, ExpertLinear]:
     (forward hooks registered on them stay valid)."""
     layers = _LAYERS.get(experts)
     if layers is None:
-        up = "gate_up_proj" if experts.has_gate else "up_proj"
+        up = "gate_up_proj" if _has_gate(experts) else "up_proj"
         layers = [ExpertLinear(experts, p, e) for e in range(experts.down_proj.shape[0]) for p in (up, "down_proj")]
         _LAYERS[experts] = layers
     return {f"{prefix}.{l.pname}[{l.e}]" if prefix else f"{l.pname}[{l.e}]": l for l in layers}
@@ -116,7 +154,7 @@ def _routed_forward(experts: nn.Module, layers: dict, observe=None):
             if tok.numel() == 0:
                 continue
             h = up[e](hidden_states[tok])
-            h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+            h = experts._apply_gate(h) if _has_gate(experts) else experts.act_fn(h)
             y = down[e](h)
             if getattr(experts, "has_post_expert_norm", False):
                 y = experts.post_expert_norm(y)

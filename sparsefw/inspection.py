@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import SparseFWError
-from .experts import EXPERT_PARAMS, ROUTER_NAMES
+from .experts import EXPERT_PARAMS, ROUTER_NAMES, expert_layout
 from .masks import parse_pattern
 from .paths import HUB_ID
 
@@ -80,20 +80,38 @@ def nm_violations(W: torch.Tensor, n: int, m: int) -> tuple[int, tuple[int, int]
     return count, (r, g * m)
 
 
-def _pruned_parts(name: str, t: torch.Tensor, want: set | None):
-    """(row name, 2-D weight) of the pruned layers inside tensor ``name``: the tensor itself, or
-    each expert's slice ``name[e]`` of a fused 3-D expert tensor (experts, d_out, d_in)."""
+def _pruned_parts(name: str, t: torch.Tensor, want: set | None, transposed: set):
+    """(row name, 2-D weight (d_out, d_in)) of the pruned layers inside tensor ``name``: the tensor
+    itself, or each expert's slice ``name[e]`` of a fused 3-D expert tensor (experts, d_out, d_in),
+    transposed for the names in ``transposed`` (stored (experts, d_in, d_out))."""
+    def slices(keep):
+        return [(f"{name}[{e}]", t[e].t() if name in transposed else t[e]) for e in range(t.shape[0])
+                if keep(f"{name}[{e}]")]
     if want is not None:
         if name in want:
             return [(name, t)]
-        return [(f"{name}[{e}]", t[e]) for e in range(t.shape[0]) if f"{name}[{e}]" in want] if t.dim() == 3 else []
+        return slices(lambda n: n in want) if t.dim() == 3 else []
     if _BLOCK.search(name) is None:
         return []
     if t.dim() == 2 and name.endswith(".weight") and name.rsplit(".", 2)[-2] not in ROUTER_NAMES:
         return [(name, t)]
     if t.dim() == 3 and name.rsplit(".", 1)[-1] in EXPERT_PARAMS:
-        return [(f"{name}[{e}]", t[e]) for e in range(t.shape[0])]
+        return slices(lambda n: True)
     return []
+
+
+def transposed_experts(shapes: dict[str, tuple]) -> set[str]:
+    """Names of the fused 3-D expert tensors stored (experts, d_in, d_out) (gpt-oss), from the shapes
+    of every ``<prefix>.gate_up_proj`` (or ``up_proj``) and its ``<prefix>.down_proj``
+    (:func:`sparsefw.experts.expert_layout`). shapes: tensor name -> shape."""
+    out = set()
+    for name, shape in shapes.items():
+        prefix, _, leaf = name.rpartition(".")
+        down = shapes.get(f"{prefix}.down_proj")
+        if leaf in ("gate_up_proj", "up_proj") and down is not None and \
+                expert_layout(tuple(shape), tuple(down), leaf == "gate_up_proj") == "transposed":
+            out |= {name, f"{prefix}.down_proj"}
+    return out
 
 
 def inspect_checkpoint(path: str | Path, pattern: str | None = None, names=None) -> dict:
@@ -127,13 +145,18 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None, names=None)
     want = None if names is None else set(names)
     layers, dtypes = [], {}
     other = other_zeros = 0
+    shapes = {}
+    for f in files:
+        with open_safetensors(f) as fh:
+            shapes.update({n: tuple(fh.get_slice(n).get_shape()) for n in fh.keys()})
+    transposed = transposed_experts(shapes)
     for f in files:
         with open_safetensors(f) as fh:
             for name in fh.keys():
                 t = fh.get_tensor(name)
                 dt = str(t.dtype).replace("torch.", "")
                 dtypes[dt] = dtypes.get(dt, 0) + 1
-                parts = _pruned_parts(name, t, want)
+                parts = _pruned_parts(name, t, want, transposed)
                 for rname, w in parts:
                     z = int((w == 0).sum())
                     row = {"name": rname, "shape": list(w.shape), "dtype": dt, "zeros": z, "numel": w.numel(),

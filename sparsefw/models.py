@@ -229,7 +229,7 @@ def prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
 
 def unknown_parameters(block: nn.Module, prefix: str = "") -> list[str]:
     """Full names of the block's parameters with 2 or more dimensions that are neither a Linear's
-    (or GPT-2 ``Conv1D``'s) weight, nor a supported fused expert weight, nor a router's: weights
+    (or GPT-2 ``Conv1D``'s) weight, nor a supported fused expert weight or bias, nor a router's: weights
     the pruning would otherwise leave dense without saying so."""
     from .experts import EXPERT_PARAMS, is_fused_experts, is_router
 
@@ -237,7 +237,8 @@ def unknown_parameters(block: nn.Module, prefix: str = "") -> list[str]:
     for mname, mod in block.named_modules():
         known = isinstance(mod, nn.Linear) or _is_conv1d(mod) or is_router(mname, mod)
         for pname, p in mod.named_parameters(recurse=False):
-            if p.dim() < 2 or known or (is_fused_experts(mod) and (pname in EXPERT_PARAMS)):
+            expert = is_fused_experts(mod) and (pname in EXPERT_PARAMS or pname.removesuffix("_bias") in EXPERT_PARAMS)
+            if p.dim() < 2 or known or expert:     # fused experts' biases (experts, d_out) are not pruned
                 continue
             full = ".".join(x for x in (prefix, mname, pname) if x)
             out.append(full)

@@ -90,13 +90,22 @@ def tiny_model(arch: str, vocab: int, hidden: int = 32, layers: int = 2, seed: i
                                   first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
                                   qk_nope_head_dim=4, v_head_dim=8, **common)
         m = tf.DeepseekV3ForCausalLM(cfg)
+    elif arch == "gpt_oss":      # experts stored transposed (experts, d_in, d_out), with biases
+        cfg = tf.GptOssConfig(hidden_size=hidden, intermediate_size=hidden, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                              sliding_window=16, **common)
+        m = tf.GptOssForCausalLM(cfg)
+        with torch.no_grad():    # random expert and router biases (initialised to zero)
+            for n, p in m.named_parameters():
+                if ".mlp." in n and n.endswith("bias"):
+                    p.normal_(0, 0.02)
     else:
         raise ValueError(arch)
     return m.eval()
 
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "opt", "gpt2")
-MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3")
+MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss")
 
 
 @pytest.fixture(scope="session")

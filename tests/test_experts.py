@@ -39,8 +39,10 @@ def test_prunable_layers_are_expert_slices_and_not_the_router(make_tiny, moe_arc
     assert not any(n.endswith("gate") for n in layers)          # the router stays dense
     lay = layers["mlp.experts.down_proj[2]"]
     assert isinstance(lay, ExpertLinear)
-    W = get_weight(lay)
-    assert W.data_ptr() == experts.down_proj[2].data_ptr() and W.shape == experts.down_proj.shape[1:]
+    W = get_weight(lay)                          # (d_out, d_in) = (hidden, f), a view of the fused tensor
+    assert W.data_ptr() == experts.down_proj[2].data_ptr() and W.shape[0] == m.config.hidden_size
+    torch.testing.assert_close(lay(torch.ones(1, W.shape[1])), torch.ones(1, W.shape[1]) @ W.T + (
+        experts.down_proj_bias[2] if hasattr(experts, "down_proj_bias") else 0))
 
 
 def test_routed_forward_equals_the_model_forward(make_tiny, moe_arch):
@@ -98,18 +100,20 @@ def test_moe_prune_save_reload_every_expert_at_target(tmp_path, tokenizer, save_
     E = _moe_blocks(res.model)[0].mlp.experts.down_proj.shape[0]
     assert rep["expert_layers"] == 2 * E * nmoe
     assert rep["achieved_sparsity"] == pytest.approx(0.5)
-    # every prunable matrix of the saved checkpoint, experts included: 50% zeros in every row (in
-    # transformers' saved layout: gate, up and down of every expert)
+    # every prunable matrix of the saved checkpoint, experts included: 50% zeros (in transformers' saved
+    # layout: gate, up and down of every expert, or the fused gate_up and down of gpt-oss)
     info = inspect_checkpoint(out)
     rows = [r for r in info["layers"] if ".experts." in r["name"]]
-    assert len(rows) == 3 * E * nmoe and info["expert_layers"] == len(rows)
+    assert len(rows) == (2 if moe_arch == "gpt_oss" else 3) * E * nmoe and info["expert_layers"] == len(rows)
     assert all(r["sparsity"] == 0.5 for r in info["layers"]) and len(info["layers"]) > len(rows)
     re = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     for block in _moe_blocks(re):
-        for e in range(E):
-            for W in (block.mlp.experts.gate_up_proj[e], block.mlp.experts.down_proj[e]):
-                assert ((W != 0).sum(1) == W.shape[1] // 2).all()
-        assert (block.mlp.gate.weight != 0).all()                  # router dense
+        for name, layer in prunable_layers(block).items():      # (d_out, d_in) views, in either layout
+            if isinstance(layer, ExpertLinear):
+                W = get_weight(layer)
+                assert ((W != 0).sum(1) == W.shape[1] // 2).all(), name
+        router = next(m for n, m in block.mlp.named_children() if n in ("gate", "router"))
+        assert (router.weight != 0).all()                          # router dense
     x = torch.randint(0, len(tokenizer), (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(re(x).logits, res.model(x).logits, rtol=0, atol=0)
@@ -229,3 +233,21 @@ def test_every_method_prunes_every_expert(make_tiny, tokenizer, method, options)
             else:
                 assert ((W != 0).sum(1) == W.shape[1] // 2).all()
         assert (block.mlp.gate.weight != 0).all()
+
+
+def test_transposed_experts_keep_n_of_m_along_their_inputs(tmp_path, tokenizer, save_tiny):
+    """gpt-oss stores experts as (experts, d_in, d_out): a 2:4 prune groups every 4 consecutive inputs
+    of an output, i.e. along dim 1 of the stored slice, and inspect checks it that way."""
+    from safetensors.torch import load_file
+
+    from sparsefw.inspection import inspect_checkpoint
+
+    src, _ = save_tiny("gpt_oss")
+    out = tmp_path / "o"
+    api.prune(str(src), output=str(out), method="wanda", pattern="2:4", progress=False, nsamples=4, seqlen=32,
+              min_expert_tokens=1)
+    info = inspect_checkpoint(out, pattern="2:4")
+    assert info["pattern_holds"] and info["expert_layers"] == 2 * 4 * 2
+    t = load_file(out / "model.safetensors")["model.layers.0.mlp.experts.down_proj"]   # (4, f, hidden)
+    assert ((t[1].t() != 0).reshape(t.shape[2], -1, 4).sum(-1) == 2).all()
+    assert not ((t[1] != 0).reshape(t.shape[1], -1, 4).sum(-1) == 2).all()
