@@ -20,8 +20,8 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "mistral", "phi3", "opt", "gpt2", "mixtral",
-                                  "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "opt", "gpt2", "mixtral",
+                                  "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_capture_runs_no_block(tokenizer, make_tiny, arch):
     """Sequential onloading: the first block's inputs and every block's extra arguments (Gemma3:
     different masks for sliding-window and full-attention layers) are captured with the blocks
