@@ -239,3 +239,73 @@ def eval_zeroshot(model: str, tasks=None, limit: int | None = None, batch_size: 
     mdl, tok = load_model(model)
     return evaluate_zeroshot(mdl, tok, tasks=tasks or STANDARD_TASKS, limit=limit,
                              batch_size=batch_size, resume_dir=resume_dir, shard_size=shard_size)
+
+
+def recover(model: str, teacher: str, output: str, overwrite: bool = False, resume: bool = False,
+            eval_ppl: bool = False, ppl_source: str = "boolq", ppl_seqlen: int = 512, ppl_chunks: int | None = 64,
+            progress: bool = True, **config) -> PruneResult:
+    """Recover a pruned checkpoint by mask-preserving distillation from its dense model
+    (:mod:`sparsefw.recover`) and save it with its report.
+
+    Args:
+        model: the pruned checkpoint (folder or hub id). teacher: the dense model it was pruned from.
+        output: folder for the recovered checkpoint, report.json (the prune report, if the pruned folder
+            has one, with ``recovery`` added) and README.md. overwrite: replace a non-empty ``output``.
+        resume: continue from ``<output>.partial`` (progress saved every ``checkpoint_every`` steps).
+        eval_ppl: the student's perplexity on ``ppl_source`` before and after (``ppl_chunks`` x
+            ``ppl_seqlen`` tokens) in ``report["recovery"]["ppl_before" / "ppl_after"]``.
+        **config: :class:`sparsefw.recover.RecoverConfig` settings (steps, lr, train, ...).
+    Returns: :class:`PruneResult` (the recovered model, tokenizer, report).
+    Raises: SparseFWError for bad settings, an unusable output folder, a teacher whose vocabulary
+        differs, or a student that is not sparse; nothing is written then.
+    """
+    import shutil
+
+    from .inspection import inspect_checkpoint
+    from .masks import parse_pattern
+    from .recover import RecoverConfig, recover_model
+    from .resume import partial_dir
+    from .saving import staged_output
+
+    unknown = sorted(set(config) - set(RecoverConfig.__dataclass_fields__))
+    if unknown:
+        raise SparseFWError(f"unknown recover option(s) {unknown}; valid: {sorted(RecoverConfig.__dataclass_fields__)}")
+    cfg = RecoverConfig(**config)
+    cfg.validate()
+    check_output_dir(output, overwrite)
+    state = partial_dir(output)
+    if state.exists() and not (resume or overwrite):
+        raise SparseFWError(f"'{state}' holds an interrupted recovery: continue it with --resume, or start over "
+                            "with --overwrite")
+    if overwrite and not resume and state.exists():
+        shutil.rmtree(state)
+    device = resolve_device(cfg.device)
+    student, tok = load_model(model, dtype="float32", device=device)
+    dense, ttok = load_model(teacher, dtype="float32", device=device)
+    names = check_prunable(student, parse_pattern("unstructured", 0.5))
+    ppl = {}
+    if eval_ppl:
+        ppl["ppl_before"] = _eval_ppl(student, tok, ppl_source, ppl_seqlen, ppl_chunks, progress=progress)["ppl"]
+    rec = recover_model(student, dense, tok, ttok, cfg, names, state_dir=state, progress=progress)
+    if eval_ppl:
+        ppl["ppl_after"] = _eval_ppl(student, tok, ppl_source, ppl_seqlen, ppl_chunks, progress=progress)["ppl"]
+    src = Path(resolve_model(model))
+    report = json.loads((src / "report.json").read_text()) if (src / "report.json").is_file() else {"model": model}
+    report["recovery"] = {**rec, "teacher": teacher, **ppl, "ppl_source": ppl_source if eval_ppl else None}
+    with staged_output(output, overwrite) as tmp:
+        student.to("cpu").save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        info = inspect_checkpoint(tmp, names=saved_tensor_names(student, names))
+        report["recovery"]["achieved_sparsity"] = info["sparsity"]
+        write_atomic(tmp / "report.json", json.dumps(report, indent=2, default=str))
+        card = (src / "README.md").read_text() if (src / "README.md").is_file() else f"# {model}\n"
+        last = rec["losses"][-1][1] if rec["losses"] else float("nan")
+        card += (f"\n## Recovery\n\nDistilled from `{teacher}` with the mask kept: {rec['steps']} steps, "
+                 f"{rec['tokens']:,} tokens of `{cfg.calib}`, train `{cfg.train}`, final loss {last:.4f}, "
+                 f"sparsity {info['sparsity']:.4f}"
+                 + (f", perplexity ({ppl_source}) {ppl['ppl_before']:.3f} -> {ppl['ppl_after']:.3f}" if ppl else "")
+                 + ".\n")
+        write_atomic(tmp / "README.md", card)
+    if state.exists():
+        shutil.rmtree(state)
+    return PruneResult(student, tok, report)

@@ -1,4 +1,4 @@
-"""Command line: ``sparsefw prune | eval-ppl | eval-zeroshot | compare | push | inspect``.
+"""Command line: ``sparsefw prune | recover | eval-ppl | eval-zeroshot | compare | push | inspect``.
 
 Prune flags are generated from :class:`sparsefw.config.PruneConfig` and the registered methods'
 options (:mod:`sparsefw.methods`); ``--config FILE.yaml`` sets defaults
@@ -123,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--pattern", default=None, help="N:M pattern to check in every pruned layer, e.g. 2:4")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.add_argument("--layers", action="store_true", help="list every layer in the text output")
+    r = sub.add_parser("recover", help="distil the dense model into a pruned one, keeping its mask")
+    r.add_argument("--model", required=True, help="the pruned checkpoint (output of sparsefw prune)")
+    r.add_argument("--teacher", required=True, help="the dense model it was pruned from")
+    r.add_argument("--output", required=True)
+    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--resume", action="store_true", help="continue from OUTPUT.partial")
+    r.add_argument("--eval-ppl", dest="eval_ppl", action="store_true", help="perplexity before and after")
+    r.add_argument("--ppl-source", dest="ppl_source", default="boolq")
+    from dataclasses import fields as _fields
+
+    from .recover import RecoverConfig
+    for f in _fields(RecoverConfig):
+        r.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=None,
+                       help=f"(default {f.default})")
     c = sub.add_parser("compare", help="methods x sparsities table (see configs/compare_smollm2.yaml)")
     c.add_argument("--config", required=True)
     c.add_argument("--output", default=None)
@@ -164,6 +178,21 @@ def _print_summary(rep: dict) -> None:
               f"pruned {p['pruned']:.3f}")
     if rep.get("zeroshot"):
         print(f"zero-shot mean accuracy: {rep['zeroshot'].get('mean_acc')}")
+
+
+def _recover(args) -> None:
+    """``sparsefw recover``: :func:`sparsefw.api.recover` with the given RecoverConfig flags; a summary."""
+    from . import api
+    from .recover import RecoverConfig
+
+    conf = {k: getattr(args, k) for k in RecoverConfig.__dataclass_fields__ if getattr(args, k) is not None}
+    res = api.recover(args.model, args.teacher, args.output, overwrite=args.overwrite, resume=args.resume,
+                      eval_ppl=args.eval_ppl, ppl_source=args.ppl_source, **conf)
+    rec = res.report["recovery"]
+    print(f"recovered {rec['steps']} steps ({rec['tokens']:,} tokens) in {rec['seconds']:.0f} s; sparsity "
+          f"{rec['achieved_sparsity']:.4f}" + (f"; perplexity {rec['ppl_before']:.3f} -> {rec['ppl_after']:.3f}"
+                                               if "ppl_after" in rec else ""))
+    print(f"saved to {Path(args.output).resolve()} (report.json, README.md)")
 
 
 def main(argv=None) -> int:
@@ -226,6 +255,8 @@ def main(argv=None) -> int:
             print(format_zeroshot_table(out))
             if args.output:
                 write_atomic(Path(args.output), json.dumps(out, indent=2))
+        elif args.cmd == "recover":
+            _recover(args)
         elif args.cmd == "compare":
             from .compare import run_compare
 

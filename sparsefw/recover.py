@@ -1,0 +1,250 @@
+"""Recovery of a pruned model by mask-preserving distillation from the dense model (``sparsefw recover``).
+
+The student is the pruned checkpoint and the teacher its dense original. Every step minimises
+
+    loss = T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))          (Hinton et al. 2015)
+         + hidden_weight * mean over blocks of ||h_s - h_t||^2 / ||h_t||^2   (SquareHead: Kurtic et
+                                                                              al. 2023, arXiv 2310.06927)
+
+over token windows of the calibration text (never the perplexity text), with AdamW, linear warmup
+and cosine decay (transformers' ``get_cosine_schedule_with_warmup``) and gradient accumulation. The
+zeros of the pruned layers stay exactly zero: their gradients are masked before every optimizer step
+and the mask is applied to the weights after it, so the saved mask equals the input mask bit for bit
+(N:M patterns included). The teacher runs in inference mode.
+
+Progress is kept in ``<output>.partial`` every ``checkpoint_every`` steps (student weights, optimizer
+and scheduler state, step, losses); ``resume`` continues from it with the same result as an
+uninterrupted run (the batches are a fixed function of the step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SparseFWError
+
+TRAIN_CHOICES = ("all", "norms,biases")
+
+
+@dataclass
+class RecoverConfig:
+    """Settings of one recovery run (``sparsefw recover`` flags of the same names).
+
+    steps: optimizer steps. lr: peak AdamW learning rate. warmup: warmup steps (linear), then cosine
+    decay to 0. batch: windows per micro-batch; grad_accum: micro-batches per step. seqlen: tokens per
+    window. nsamples: windows drawn from ``calib`` (cycled in a fixed order). temperature: T of the KL.
+    hidden_weight: weight of the SquareHead term (0 = logits only). train: ``all`` kept weights, or
+    ``norms,biases`` only. weight_decay: AdamW's. checkpoint_every: steps between saved progress.
+    seed: windows and order. device: ``cpu`` | ``cuda`` | ``auto``."""
+
+    steps: int = 100
+    lr: float = 1e-5
+    warmup: int = 10
+    batch: int = 4
+    grad_accum: int = 1
+    seqlen: int = 512
+    nsamples: int = 512
+    calib: str = "wiki"
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    train: str = "all"
+    weight_decay: float = 0.0
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raises SparseFWError for a setting out of range, with what to use instead."""
+        for k in ("steps", "batch", "grad_accum", "nsamples", "checkpoint_every"):
+            if int(getattr(self, k)) < 1:
+                raise SparseFWError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if int(self.warmup) < 0 or int(self.seqlen) < 2:
+            raise SparseFWError(f"warmup must be >= 0 and seqlen >= 2, got {self.warmup} and {self.seqlen}")
+        if not (float(self.lr) > 0 and math.isfinite(float(self.lr))):
+            raise SparseFWError(f"lr must be a positive number (e.g. 1e-5), got {self.lr}")
+        if not float(self.temperature) > 0 or float(self.hidden_weight) < 0:
+            raise SparseFWError("temperature must be > 0 and hidden_weight >= 0")
+        if self.train not in TRAIN_CHOICES:
+            raise SparseFWError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, got '{self.train}'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (pure tensor functions)
+# ----------------------------------------------------------------------------------------------
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(p_teacher || p_student) with p = softmax(logits / T), averaged over tokens
+    (Hinton et al. 2015, "Distilling the knowledge in a neural network", Eq. 2 and the T^2 scaling).
+
+    Args: student_logits, teacher_logits: (..., vocab) float logits (any float dtype; computed in
+        float32). temperature: T > 0.
+    Returns: scalar float32 tensor (nats per token), 0 when the two distributions are equal.
+    Raises: SparseFWError if the vocabularies (last dimensions) differ."""
+    if student_logits.shape != teacher_logits.shape:
+        raise SparseFWError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                            f"{tuple(teacher_logits.shape)} differ; the teacher must share the student's vocabulary")
+    v = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.float().reshape(-1, v) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().reshape(-1, v) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def squarehead_loss(student_hidden, teacher_hidden) -> torch.Tensor:
+    """SquareHead distillation loss (Kurtic et al. 2023, arXiv 2310.06927, Eq. 1): the mean over
+    blocks of ||h_s - h_t||^2 / ||h_t||^2, each block's squared errors summed over its tokens.
+
+    Args: student_hidden, teacher_hidden: sequences of (batch, seqlen, d) hidden states, one per
+        block output (``output_hidden_states`` without the embeddings).
+    Returns: scalar float32 tensor (dimensionless)."""
+    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+             for s, t in zip(student_hidden, teacher_hidden)]
+    return torch.stack(terms).mean()
+
+
+def param_masks(model, names: list[str]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, bool mask of its nonzeros, same shape) for every parameter holding a pruned layer
+    of ``names`` (:func:`sparsefw.pipeline.check_prunable`'s names): a Linear's or Conv1D's weight,
+    or a fused 3-D expert tensor (all its experts' slices). The mask is taken in the parameter's own
+    layout, so transposed storage (Conv1D, gpt-oss experts) needs no care."""
+    from .capture import full_names
+    from .experts import ExpertLinear
+    from .models import decoder_blocks, prunable_layers
+
+    want, out = set(names), {}
+    full = full_names(model)
+    for block in decoder_blocks(model):
+        for layer in prunable_layers(block).values():
+            if full[id(layer)] not in want:
+                continue
+            p = getattr(layer.experts, layer.pname) if isinstance(layer, ExpertLinear) else layer.weight
+            out.setdefault(id(p), (p, p.detach() != 0))
+    return list(out.values())
+
+
+def apply_masks(masks, grads: bool = False) -> None:
+    """Zero the pruned entries of every masked parameter (``grads``: of its gradient) in place.
+    masks: :func:`param_masks`."""
+    for p, M in masks:
+        if grads:
+            if p.grad is not None:
+                p.grad.mul_(M)
+        else:
+            p.data.mul_(M)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def _check_pair(student, teacher, s_tok, t_tok, masks) -> float:
+    """The student's sparsity over its pruned layers; SparseFWError for a teacher with another
+    vocabulary or tokenizer, or a student that is not sparse."""
+    if student.config.vocab_size != teacher.config.vocab_size or s_tok.get_vocab() != t_tok.get_vocab():
+        raise SparseFWError(f"the teacher's vocabulary ({teacher.config.vocab_size} tokens) or tokenizer differs from "
+                            f"the student's ({student.config.vocab_size}); distill from the dense model the student "
+                            "was pruned from")
+    total = sum(M.numel() for _, M in masks)
+    sparsity = 1.0 - sum(int(M.sum()) for _, M in masks) / max(total, 1)
+    if sparsity < 0.01:
+        raise SparseFWError(f"the student is not sparse (sparsity {sparsity:.4f} over its prunable layers); "
+                            "give the output of 'sparsefw prune' as --model")
+    return sparsity
+
+
+def _trainable(student, train: str) -> list:
+    names = []
+    for n, p in student.named_parameters():
+        keep = train == "all" or ("norm" in n.lower() or n.endswith(".bias"))
+        p.requires_grad_(keep)
+        if keep:
+            names.append(n)
+    if not names:
+        raise SparseFWError(f"--train {train} selects no parameter of this model")
+    return names
+
+
+def _batch(windows: torch.Tensor, step: int, micro: int, cfg: RecoverConfig) -> torch.Tensor:
+    """The (batch, seqlen) windows of micro-batch ``micro`` of step ``step``: a fixed permutation of
+    the windows per pass (seeded by cfg.seed and the pass), so a resumed run sees the same batches."""
+    n, per_step = windows.shape[0], cfg.batch * cfg.grad_accum
+    start = (step * per_step + micro * cfg.batch)
+    idx = []
+    for j in range(start, start + cfg.batch):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + j // n))
+        idx.append(int(perm[j % n]))
+    return windows[idx]
+
+
+def recover_model(student, teacher, tokenizer, teacher_tokenizer, cfg: RecoverConfig, names: list[str],
+                  state_dir=None, progress: bool = True) -> dict:
+    """Distil ``teacher`` into the pruned ``student`` in place, keeping its mask (module docstring).
+
+    Args: student, teacher: causal LMs on the same device (float32 or bf16). tokenizer,
+        teacher_tokenizer: theirs (must agree). cfg: :class:`RecoverConfig`. names: the student's
+        pruned layers. state_dir: folder for the progress (``<output>.partial``; None = no checkpoints);
+        an existing ``recover_state.pt`` there is resumed. progress: tqdm bar.
+    Returns: the recovery report {"steps", "tokens", "seconds", "losses" [(step, loss)], "sparsity",
+        "resumed_from", settings}.
+    Raises: SparseFWError for bad settings, a teacher with another vocabulary, a non-sparse student.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .calibration import calibration_windows
+    from .paths import write_atomic
+
+    cfg.validate()
+    masks = param_masks(student, names)
+    sparsity = _check_pair(student, teacher, tokenizer, teacher_tokenizer, masks)
+    _trainable(student, cfg.train)
+    teacher.eval().requires_grad_(False)
+    windows = calibration_windows(tokenizer, cfg.calib, int(cfg.nsamples), int(cfg.seqlen), int(cfg.seed))
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
+    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup), int(cfg.steps))
+    start, losses, resumed = 0, [], None
+    ckpt = None if state_dir is None else state_dir / "recover_state.pt"
+    if ckpt is not None and ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        student.load_state_dict(st["student"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        start, losses, resumed = st["step"], st["losses"], st["step"]
+    device = next(student.parameters()).device
+    student.train()
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, int(cfg.steps)), desc="recover", unit="step", disable=not progress)
+    for step in bar:
+        total = 0.0
+        for micro in range(int(cfg.grad_accum)):
+            x = _batch(windows, step, micro, cfg).to(device)
+            with torch.no_grad():
+                t_out = teacher(x, output_hidden_states=cfg.hidden_weight > 0)
+            s_out = student(x, output_hidden_states=cfg.hidden_weight > 0)
+            loss = kl_loss(s_out.logits, t_out.logits, float(cfg.temperature))
+            if cfg.hidden_weight > 0:
+                loss = loss + float(cfg.hidden_weight) * squarehead_loss(s_out.hidden_states[1:], t_out.hidden_states[1:])
+            (loss / int(cfg.grad_accum)).backward()
+            total += float(loss) / int(cfg.grad_accum)
+        apply_masks(masks, grads=True)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            apply_masks(masks)
+        losses.append((step + 1, total))
+        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(step + 1 - start) * cfg.batch * cfg.grad_accum * cfg.seqlen / max(time.perf_counter() - t0, 1e-9):.0f}")
+        if ckpt is not None and ((step + 1) % int(cfg.checkpoint_every) == 0 and step + 1 < int(cfg.steps)):
+            state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "step": step + 1, "losses": losses}, tmp)
+            tmp.replace(ckpt)
+            write_atomic(state_dir / "state.json", json.dumps({"step": step + 1}))
+    student.eval()
+    return {"steps": int(cfg.steps), "tokens": int(cfg.steps) * cfg.batch * cfg.grad_accum * cfg.seqlen,
+            "seconds": time.perf_counter() - t0, "losses": losses, "sparsity": sparsity, "resumed_from": resumed,
+            **asdict(cfg)}

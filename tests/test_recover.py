@@ -1,0 +1,115 @@
+"""Recovery by distillation (sparsefw/recover.py): the losses by hand, the mask kept bit for bit
+(unstructured and 2:4), resume equal to an uninterrupted run, and bad input refused."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparsefw import api
+from sparsefw.cli import main as cli_main
+from sparsefw.errors import SparseFWError
+from sparsefw.recover import kl_loss, squarehead_loss
+
+SMALL = dict(nsamples=8, seqlen=16, batch=2, warmup=1, calib="wiki")
+
+
+def test_kl_loss_by_hand():
+    t = torch.tensor([[0.0, 0.0]])                       # teacher p = (1/2, 1/2)
+    s = torch.tensor([[math.log(3.0), 0.0]])             # student q = (3/4, 1/4)
+    # KL(p || q) = 1/2 ln(2/3) + 1/2 ln(2) = 1/2 ln(4/3)
+    assert float(kl_loss(s, t)) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+    assert float(kl_loss(t, t)) == 0.0
+    # temperature 2: logits halved, loss scaled by 4
+    q = torch.softmax(s / 2, -1)[0]
+    assert float(kl_loss(s, t, 2.0)) == pytest.approx(4 * 0.5 * float(torch.log(0.5 / q).sum()), rel=1e-6)
+    with pytest.raises(SparseFWError, match="vocabulary"):
+        kl_loss(torch.zeros(1, 3), torch.zeros(1, 2))
+
+
+def test_squarehead_loss_by_hand():
+    h = [torch.ones(1, 2, 3), 2 * torch.ones(1, 2, 3)]
+    assert float(squarehead_loss(h, h)) == 0.0
+    assert float(squarehead_loss([2 * x for x in h], h)) == pytest.approx(1.0)   # ||h||^2 / ||h||^2 per block
+
+
+@pytest.fixture
+def pruned(tmp_path, save_tiny):
+    """(dense folder, pruned folder) for a pattern: a tiny Llama pruned with Wanda."""
+    def make(pattern):
+        src, _ = save_tiny("llama", name="dense")
+        out = tmp_path / f"pruned_{pattern.replace(':', 'of')}"
+        api.prune(str(src), output=str(out), method="wanda", pattern=pattern, progress=False, nsamples=4, seqlen=32)
+        return src, out
+    return make
+
+
+def _tensors(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_recovery_keeps_the_mask_bit_for_bit(tmp_path, pruned, pattern):
+    from sparsefw.inspection import inspect_checkpoint
+
+    dense, student = pruned(pattern)
+    out = tmp_path / "rec"
+    res = api.recover(str(student), str(dense), str(out), steps=3, lr=1e-3, progress=False, **SMALL)
+    before, after = _tensors(student), _tensors(out)
+    layers = [k for k in before if k.endswith("proj.weight")]
+    assert layers
+    for k in layers:
+        assert torch.equal(before[k] != 0, after[k] != 0), k                # the same mask, bit for bit
+    assert any(not torch.equal(before[k], after[k]) for k in layers)       # the kept weights trained
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["method"] == "wanda" and rep["recovery"]["steps"] == 3
+    assert rep["recovery"]["achieved_sparsity"] == pytest.approx(0.5)
+    assert res.report["recovery"]["losses"][0][0] == 1 and "## Recovery" in (out / "README.md").read_text()
+    if pattern == "2:4":
+        assert inspect_checkpoint(out, pattern="2:4")["pattern_holds"]
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, pruned, monkeypatch):
+    import sparsefw.recover as recover
+
+    dense, student = pruned("unstructured")
+    opts = dict(steps=4, lr=1e-3, checkpoint_every=2, progress=False, **SMALL)
+    api.recover(str(student), str(dense), str(tmp_path / "ref"), **opts)
+    calls, kl = [], recover.kl_loss
+
+    def crash_at_step_3(*a, **k):                      # a power loss after step 2's checkpoint
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return kl(*a, **k)
+    monkeypatch.setattr(recover, "kl_loss", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        api.recover(str(student), str(dense), str(tmp_path / "out"), **opts)
+    monkeypatch.setattr(recover, "kl_loss", kl)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SparseFWError, match="--resume"):
+        api.recover(str(student), str(dense), str(tmp_path / "out"), **opts)
+    rep = api.recover(str(student), str(dense), str(tmp_path / "out"), resume=True, **opts).report
+    assert rep["recovery"]["resumed_from"] == 2
+    a, b = _tensors(tmp_path / "ref"), _tensors(tmp_path / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_one_error_line_nothing_written(tmp_path, pruned, save_tiny, make_tiny, bos_tokenizer, capsys):
+    dense, student = pruned("unstructured")
+    # a teacher with another vocabulary and tokenizer
+    other = tmp_path / "other"
+    make_tiny("llama", len(bos_tokenizer)).save_pretrained(other)
+    bos_tokenizer.save_pretrained(other)
+    out = tmp_path / "out"
+    assert cli_main(["recover", "--model", str(student), "--teacher", str(other), "--output", str(out)]) == 2
+    assert "vocabulary" in capsys.readouterr().err and not out.exists()
+    # a student that is not sparse
+    assert cli_main(["recover", "--model", str(dense), "--teacher", str(dense), "--output", str(out)]) == 2
+    assert "not sparse" in capsys.readouterr().err and not out.exists()
+    # an unreadable text
+    assert cli_main(["recover", "--model", str(student), "--teacher", str(dense), "--output", str(out),
+                     "--calib", str(tmp_path / "missing.txt")]) == 2
+    errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "missing.txt" in errors[0] and not out.exists()
