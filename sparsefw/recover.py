@@ -228,7 +228,7 @@ def recover_model(student, teacher, tokenizer, teacher_tokenizer, cfg: RecoverCo
             if cfg.hidden_weight > 0:
                 loss = loss + float(cfg.hidden_weight) * squarehead_loss(s_out.hidden_states[1:], t_out.hidden_states[1:])
             (loss / int(cfg.grad_accum)).backward()
-            total += float(loss) / int(cfg.grad_accum)
+            total += float(loss.detach()) / int(cfg.grad_accum)
         apply_masks(masks, grads=True)
         opt.step()
         sched.step()
