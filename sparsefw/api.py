@@ -249,8 +249,9 @@ def recover(model: str, teacher: str, output: str, overwrite: bool = False, resu
 
     Args:
         model: the pruned checkpoint (folder or hub id). teacher: the dense model it was pruned from.
-        output: folder for the recovered checkpoint, report.json (the prune report, if the pruned folder
-            has one, with ``recovery`` added) and README.md. overwrite: replace a non-empty ``output``.
+        output: folder for the recovered checkpoint (in the pruned checkpoint's dtype; training runs
+            in float32), report.json (the prune report, if the pruned folder has one, with
+            ``recovery`` added) and README.md. overwrite: replace a non-empty ``output``.
         resume: continue from ``<output>.partial`` (progress saved every ``checkpoint_every`` steps).
         eval_ppl: the student's perplexity on ``ppl_source`` before and after (``ppl_chunks`` x
             ``ppl_seqlen`` tokens) in ``report["recovery"]["ppl_before" / "ppl_after"]``.
@@ -292,8 +293,15 @@ def recover(model: str, teacher: str, output: str, overwrite: bool = False, resu
     src = Path(resolve_model(model))
     report = json.loads((src / "report.json").read_text()) if (src / "report.json").is_file() else {"model": model}
     report["recovery"] = {**rec, "teacher": teacher, **ppl, "ppl_source": ppl_source if eval_ppl else None}
+    from transformers import AutoConfig
+
+    saved = getattr(AutoConfig.from_pretrained(str(src)), "dtype", None) if src.is_dir() else None
+    saved = getattr(torch, saved) if isinstance(saved, str) else saved
+    student.to("cpu")
+    if saved in (torch.bfloat16, torch.float16):     # saved in the pruned checkpoint's dtype (zeros stay zero)
+        student.to(saved)
     with staged_output(output, overwrite) as tmp:
-        student.to("cpu").save_pretrained(tmp)
+        student.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         info = inspect_checkpoint(tmp, names=saved_tensor_names(student, names))
         report["recovery"]["achieved_sparsity"] = info["sparsity"]

@@ -113,3 +113,14 @@ def test_bad_input_one_error_line_nothing_written(tmp_path, pruned, save_tiny, m
                      "--calib", str(tmp_path / "missing.txt")]) == 2
     errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "missing.txt" in errors[0] and not out.exists()
+
+
+def test_recovered_model_keeps_the_checkpoint_dtype(tmp_path, save_tiny):
+    """A bf16 pruned checkpoint trains in float32 and is saved in bf16 again, with its mask."""
+    src, _ = save_tiny("llama", name="dense16", dtype=torch.bfloat16)
+    pruned = tmp_path / "p16"
+    api.prune(str(src), output=str(pruned), method="wanda", sparsity=0.5, progress=False, nsamples=4, seqlen=32)
+    api.recover(str(pruned), str(src), str(tmp_path / "r16"), steps=2, lr=1e-3, progress=False, **SMALL)
+    before, after = _tensors(pruned), _tensors(tmp_path / "r16")
+    layers = [k for k in before if k.endswith("proj.weight")]
+    assert all(after[k].dtype == torch.bfloat16 and torch.equal(before[k] != 0, after[k] != 0) for k in layers)
