@@ -84,32 +84,29 @@ class _Reader:
     def __init__(self, folder: Path, wmap: dict[str, str]):
         self.folder, self.wmap = folder, wmap
 
+    def _by_file(self, names: list[str]):
+        """(open shard, its names among ``names``), one shard open at a time."""
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.wmap[n], []).append(n)
+        for fname, ns in by_file.items():
+            with open_safetensors(self.folder / fname) as fh:
+                yield fh, ns
+
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         missing = [n for n in names if n not in self.wmap]
         if missing:
             raise SparseFWError(f"tensor '{missing[0]}' is not in the checkpoint's safetensors; the "
                                 "checkpoint does not match its config")
-        out = {}
-        by_file: dict[str, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.wmap[n], []).append(n)
-        for fname, ns in by_file.items():
-            with open_safetensors(self.folder / fname) as fh:
-                for n in ns:
-                    out[n] = fh.get_tensor(n)
-        return out
+        return {n: fh.get_tensor(n) for fh, ns in self._by_file(names) for n in ns}
 
     def nbytes(self, names: list[str]) -> dict[str, int]:
         """Bytes of each named tensor, from the shards' headers (no tensor is read)."""
         out = {}
-        by_file: dict[str, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.wmap[n], []).append(n)
-        for fname, ns in by_file.items():
-            with open_safetensors(self.folder / fname) as fh:
-                for n in ns:
-                    sl = fh.get_slice(n)
-                    out[n] = math.prod(sl.get_shape()) * _ITEMSIZE.get(sl.get_dtype(), 1)
+        for fh, ns in self._by_file(names):
+            for n in ns:
+                sl = fh.get_slice(n)
+                out[n] = math.prod(sl.get_shape()) * _ITEMSIZE.get(sl.get_dtype(), 1)
         return out
 
 
