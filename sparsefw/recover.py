@@ -170,12 +170,10 @@ def _batch(windows: torch.Tensor, step: int, micro: int, cfg: RecoverConfig) -> 
     """The (batch, seqlen) windows of micro-batch ``micro`` of step ``step``: a fixed permutation of
     the windows per pass (seeded by cfg.seed and the pass), so a resumed run sees the same batches."""
     n, per_step = windows.shape[0], cfg.batch * cfg.grad_accum
-    start = (step * per_step + micro * cfg.batch)
-    idx = []
-    for j in range(start, start + cfg.batch):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + j // n))
-        idx.append(int(perm[j % n]))
-    return windows[idx]
+    start = step * per_step + micro * cfg.batch
+    perms = {p: torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + p))
+             for p in range(start // n, (start + cfg.batch - 1) // n + 1)}     # the passes this batch spans
+    return windows[[int(perms[j // n][j % n]) for j in range(start, start + cfg.batch)]]
 
 
 def recover_model(student, teacher, tokenizer, teacher_tokenizer, cfg: RecoverConfig, names: list[str],
