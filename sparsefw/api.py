@@ -241,59 +241,17 @@ def eval_zeroshot(model: str, tasks=None, limit: int | None = None, batch_size: 
                              batch_size=batch_size, resume_dir=resume_dir, shard_size=shard_size)
 
 
-def recover(model: str, teacher: str, output: str, overwrite: bool = False, resume: bool = False,
-            eval_ppl: bool = False, ppl_source: str = "boolq", ppl_seqlen: int = 512, ppl_chunks: int | None = 64,
-            progress: bool = True, **config) -> PruneResult:
-    """Recover a pruned checkpoint by mask-preserving distillation from its dense model
-    (:mod:`sparsefw.recover`) and save it with its report.
-
-    Args:
-        model: the pruned checkpoint (folder or hub id). teacher: the dense model it was pruned from.
-        output: folder for the recovered checkpoint (in the pruned checkpoint's dtype; training runs
-            in float32), report.json (the prune report, if the pruned folder has one, with
-            ``recovery`` added) and README.md. overwrite: replace a non-empty ``output``.
-        resume: continue from ``<output>.partial`` (progress saved every ``checkpoint_every`` steps).
-        eval_ppl: the student's perplexity on ``ppl_source`` before and after (``ppl_chunks`` x
-            ``ppl_seqlen`` tokens) in ``report["recovery"]["ppl_before" / "ppl_after"]``.
-        **config: :class:`sparsefw.recover.RecoverConfig` settings (steps, lr, train, ...).
-    Returns: :class:`PruneResult` (the recovered model, tokenizer, report).
-    Raises: SparseFWError for bad settings, an unusable output folder, a teacher whose vocabulary
-        differs, or a student that is not sparse; nothing is written then.
-    """
-    import shutil
-
+def _save_recovered(student, tok, names, model, teacher, output, overwrite, cfg, rec, ppl, ppl_source) -> dict:
+    """Write the recovered checkpoint (in the pruned checkpoint's dtype), report.json (the prune
+    report with ``recovery``) and the model card atomically into ``output``; returns the report."""
     from .inspection import inspect_checkpoint
-    from .masks import parse_pattern
-    from .recover import RecoverConfig, recover_model
-    from .resume import partial_dir
     from .saving import staged_output
 
-    unknown = sorted(set(config) - set(RecoverConfig.__dataclass_fields__))
-    if unknown:
-        raise SparseFWError(f"unknown recover option(s) {unknown}; valid: {sorted(RecoverConfig.__dataclass_fields__)}")
-    cfg = RecoverConfig(**config)
-    cfg.validate()
-    check_output_dir(output, overwrite)
-    state = partial_dir(output)
-    if state.exists() and not (resume or overwrite):
-        raise SparseFWError(f"'{state}' holds an interrupted recovery: continue it with --resume, or start over "
-                            "with --overwrite")
-    if overwrite and not resume and state.exists():
-        shutil.rmtree(state)
-    device = resolve_device(cfg.device)
-    student, tok = load_model(model, dtype="float32", device=device)
-    dense, ttok = load_model(teacher, dtype="float32", device=device)
-    names = check_prunable(student, parse_pattern("unstructured", 0.5))
-    ppl = {}
-    if eval_ppl:
-        ppl["ppl_before"] = _eval_ppl(student, tok, ppl_source, ppl_seqlen, ppl_chunks, progress=progress)["ppl"]
-    rec = recover_model(student, dense, tok, ttok, cfg, names, state_dir=state, progress=progress)
-    if eval_ppl:
-        ppl["ppl_after"] = _eval_ppl(student, tok, ppl_source, ppl_seqlen, ppl_chunks, progress=progress)["ppl"]
     src = Path(resolve_model(model))
     report = json.loads((src / "report.json").read_text()) if (src / "report.json").is_file() else {"model": model}
-    report["recovery"] = {**rec, "teacher": teacher, **ppl, "ppl_source": ppl_source if eval_ppl else None}
     from transformers import AutoConfig
+
+    report["recovery"] = {**rec, "teacher": teacher, **ppl, "ppl_source": ppl_source}
 
     saved = getattr(AutoConfig.from_pretrained(str(src)), "dtype", None) if src.is_dir() else None
     saved = getattr(torch, saved) if isinstance(saved, str) else saved
@@ -309,11 +267,81 @@ def recover(model: str, teacher: str, output: str, overwrite: bool = False, resu
         card = (src / "README.md").read_text() if (src / "README.md").is_file() else f"# {model}\n"
         last = rec["losses"][-1][1] if rec["losses"] else float("nan")
         card += (f"\n## Recovery\n\nDistilled from `{teacher}` with the mask kept: {rec['steps']} steps, "
-                 f"{rec['tokens']:,} tokens of `{cfg.calib}`, train `{cfg.train}`, final loss {last:.4f}, "
+                 f"{rec['tokens']:,} tokens of `{cfg.calib}`"
+                 + (f" (stopped at the {cfg.minutes:g}-minute budget)" if rec["stopped_early"] else "")
+                 + f", train `{cfg.train}`" + (f" (rank {cfg.lora_rank})" if cfg.train == "lora" else "")
+                 + f", final loss {last:.4f}, "
                  f"sparsity {info['sparsity']:.4f}"
                  + (f", perplexity ({ppl_source}) {ppl['ppl_before']:.3f} -> {ppl['ppl_after']:.3f}" if ppl else "")
                  + ".\n")
         write_atomic(tmp / "README.md", card)
+    return report
+
+
+def recover(model: str, teacher: str, output: str, overwrite: bool = False, resume: bool = False,
+            eval_ppl: bool = False, ppl_source: str = "boolq", ppl_seqlen: int = 512, ppl_chunks: int | None = 64,
+            ppl_every: int = 0, progress: bool = True, **config) -> PruneResult:
+    """Recover a pruned checkpoint by mask-preserving distillation from its dense model
+    (:mod:`sparsefw.recover`) and save it with its report.
+
+    Args:
+        model: the pruned checkpoint (folder or hub id). teacher: the dense model it was pruned from.
+        output: folder for the recovered checkpoint (in the pruned checkpoint's dtype; training runs
+            in float32), report.json (the prune report, if the pruned folder has one, with
+            ``recovery`` added) and README.md. overwrite: replace a non-empty ``output``.
+        resume: continue from ``<output>.partial`` (progress saved every ``checkpoint_every`` steps).
+        eval_ppl: the student's perplexity on ``ppl_source`` before and after (``ppl_chunks`` x
+            ``ppl_seqlen`` tokens) in ``report["recovery"]["ppl_before" / "ppl_after"]``; with
+            ``ppl_every`` > 0 also every ``ppl_every`` steps, as ``ppl_curve`` [(step, tokens, ppl)].
+        **config: :class:`sparsefw.recover.RecoverConfig` settings (steps, lr, train, ...).
+    Returns: :class:`PruneResult` (the recovered model, tokenizer, report).
+    Raises: SparseFWError for bad settings, an unusable output folder, a teacher whose vocabulary
+        differs, or a student that is not sparse; nothing is written then.
+    """
+    import shutil
+
+    from .masks import parse_pattern
+    from .recover import RecoverConfig, recover_model
+    from .resume import partial_dir
+
+    unknown = sorted(set(config) - set(RecoverConfig.__dataclass_fields__))
+    if unknown:
+        raise SparseFWError(f"unknown recover option(s) {unknown}; valid: {sorted(RecoverConfig.__dataclass_fields__)}")
+    cfg = RecoverConfig(**config)
+    cfg.validate()
+    check_output_dir(output, overwrite)
+    state = partial_dir(output)
+    if state.exists() and not (resume or overwrite):
+        raise SparseFWError(f"'{state}' holds an interrupted recovery: continue it with --resume, or start over "
+                            "with --overwrite")
+    ranks = init_ranks(cfg.device)
+    device, progress = ranks.device, progress and ranks.is_main
+    if overwrite and not resume and state.exists() and ranks.is_main:
+        shutil.rmtree(state)
+    barrier(ranks)
+    student, tok = load_model(model, dtype="float32", device=device)
+    dense, ttok = load_model(teacher, dtype="float32", device=device)
+    names = check_prunable(student, parse_pattern("unstructured", 0.5))
+    ppl = {}
+    if eval_ppl:
+        ppl["ppl_before"] = _eval_ppl(student, tok, ppl_source, ppl_seqlen, ppl_chunks, progress=progress,
+                                      ranks=ranks)["ppl"]
+    curve = []
+
+    def point(step, mdl):            # the perplexity curve against tokens seen
+        if eval_ppl and ppl_every > 0 and step % ppl_every == 0 and step < cfg.steps:
+            p = _eval_ppl(mdl, tok, ppl_source, ppl_seqlen, ppl_chunks, progress=False, ranks=ranks)["ppl"]
+            curve.append((step, step * cfg.tokens_per_step, p))
+    rec = recover_model(student, dense, tok, ttok, cfg, names, state_dir=state, progress=progress, ranks=ranks,
+                        on_step=point)
+    if eval_ppl:
+        ppl["ppl_after"] = _eval_ppl(student, tok, ppl_source, ppl_seqlen, ppl_chunks, progress=progress,
+                                     ranks=ranks)["ppl"]
+        ppl["ppl_curve"] = [(0, 0, ppl["ppl_before"]), *curve, (rec["steps"], rec["tokens"], ppl["ppl_after"])]
+    if not ranks.is_main:                            # the main process writes the output and the report
+        return PruneResult(student, tok, broadcast_object(None, 0, ranks))
+    report = _save_recovered(student, tok, names, model, teacher, output, overwrite, cfg, rec, ppl,
+                             ppl_source if eval_ppl else None)
     if state.exists():
         shutil.rmtree(state)
-    return PruneResult(student, tok, report)
+    return PruneResult(student, tok, broadcast_object(report, 0, ranks))

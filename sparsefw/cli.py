@@ -131,12 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from OUTPUT.partial")
     r.add_argument("--eval-ppl", dest="eval_ppl", action="store_true", help="perplexity before and after")
     r.add_argument("--ppl-source", dest="ppl_source", default="boolq")
+    r.add_argument("--ppl-seqlen", dest="ppl_seqlen", type=int, default=512)
+    r.add_argument("--ppl-chunks", dest="ppl_chunks", type=int, default=64, help="chunks evaluated (0 = all)")
+    r.add_argument("--ppl-every", dest="ppl_every", type=int, default=0,
+                   help="with --eval-ppl: also every N steps (the perplexity curve against tokens seen)")
     from dataclasses import fields as _fields
 
     from .recover import RecoverConfig
     for f in _fields(RecoverConfig):
-        r.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=None,
-                       help=f"(default {f.default})")
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            r.add_argument(flag, dest=f.name, action="store_const", const=True, default=None)
+        else:
+            r.add_argument(flag, dest=f.name, type=type(f.default), default=None, help=f"(default {f.default})")
     c = sub.add_parser("compare", help="methods x sparsities table (see configs/compare_smollm2.yaml)")
     c.add_argument("--config", required=True)
     c.add_argument("--output", default=None)
@@ -187,9 +194,13 @@ def _recover(args) -> None:
 
     conf = {k: getattr(args, k) for k in RecoverConfig.__dataclass_fields__ if getattr(args, k) is not None}
     res = api.recover(args.model, args.teacher, args.output, overwrite=args.overwrite, resume=args.resume,
-                      eval_ppl=args.eval_ppl, ppl_source=args.ppl_source, **conf)
+                      eval_ppl=args.eval_ppl, ppl_source=args.ppl_source, ppl_seqlen=args.ppl_seqlen,
+                      ppl_chunks=args.ppl_chunks or None, ppl_every=args.ppl_every, **conf)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     rec = res.report["recovery"]
-    print(f"recovered {rec['steps']} steps ({rec['tokens']:,} tokens) in {rec['seconds']:.0f} s; sparsity "
+    print(f"recovered {rec['steps']} steps ({rec['tokens']:,} tokens) in {rec['seconds']:.0f} s"
+          + (f" (stopped at the {rec['minutes']:g}-minute budget)" if rec.get("stopped_early") else "") + "; sparsity "
           f"{rec['achieved_sparsity']:.4f}" + (f"; perplexity {rec['ppl_before']:.3f} -> {rec['ppl_after']:.3f}"
                                                if "ppl_after" in rec else ""))
     print(f"saved to {Path(args.output).resolve()} (report.json, README.md)")

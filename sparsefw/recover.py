@@ -18,6 +18,7 @@ uninterrupted run (the batches are a fixed function of the step).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from .errors import SparseFWError
 
-TRAIN_CHOICES = ("all", "norms,biases")
+TRAIN_CHOICES = ("all", "norms,biases", "lora")
 
 
 @dataclass
@@ -38,9 +39,15 @@ class RecoverConfig:
     steps: optimizer steps. lr: peak AdamW learning rate. warmup: warmup steps (linear), then cosine
     decay to 0. batch: windows per micro-batch; grad_accum: micro-batches per step. seqlen: tokens per
     window. nsamples: windows drawn from ``calib`` (cycled in a fixed order). temperature: T of the KL.
-    hidden_weight: weight of the SquareHead term (0 = logits only). train: ``all`` kept weights, or
-    ``norms,biases`` only. weight_decay: AdamW's. checkpoint_every: steps between saved progress.
-    seed: windows and order. device: ``cpu`` | ``cuda`` | ``auto``."""
+    hidden_weight: weight of the SquareHead term (0 = logits only). train: ``all`` kept weights,
+    ``norms,biases`` only, or ``lora``: masked low-rank adapters of rank ``lora_rank`` on every pruned
+    weight plus the norms and biases, merged into the kept weights at the end (PERP, Zimmer et al.
+    2023, arXiv 2312.15230, "MaskLoRA"). weight_decay: AdamW's. checkpoint_every: steps between saved
+    progress. seed: windows and order. device: ``cpu`` | ``cuda`` | ``auto``. tokens: budget in
+    training tokens (> 0 sets ``steps`` to the steps it takes). minutes: wall-clock budget (> 0: the
+    run stops after the first step that ends past it, the schedule still spans ``steps``).
+    gradient_checkpointing: recompute the student's activations in the backward pass (less memory,
+    ~30% more time)."""
 
     steps: int = 100
     lr: float = 1e-5
@@ -57,10 +64,18 @@ class RecoverConfig:
     checkpoint_every: int = 50
     seed: int = 0
     device: str = "auto"
+    lora_rank: int = 16
+    tokens: int = 0
+    minutes: float = 0.0
+    gradient_checkpointing: bool = False
+
+    @property
+    def tokens_per_step(self) -> int:
+        return int(self.batch) * int(self.grad_accum) * int(self.seqlen)
 
     def validate(self) -> None:
         """Raises SparseFWError for a setting out of range, with what to use instead."""
-        for k in ("steps", "batch", "grad_accum", "nsamples", "checkpoint_every"):
+        for k in ("steps", "batch", "grad_accum", "nsamples", "checkpoint_every", "lora_rank"):
             if int(getattr(self, k)) < 1:
                 raise SparseFWError(f"{k} must be >= 1, got {getattr(self, k)}")
         if int(self.warmup) < 0 or int(self.seqlen) < 2:
@@ -69,6 +84,10 @@ class RecoverConfig:
             raise SparseFWError(f"lr must be a positive number (e.g. 1e-5), got {self.lr}")
         if not float(self.temperature) > 0 or float(self.hidden_weight) < 0:
             raise SparseFWError("temperature must be > 0 and hidden_weight >= 0")
+        if int(self.tokens) < 0 or not float(self.minutes) >= 0:
+            raise SparseFWError(f"tokens and minutes must be >= 0 (0 = no budget), got {self.tokens} and {self.minutes}")
+        if int(self.tokens) > 0:      # the budget in tokens fixes the number of steps
+            self.steps = max(1, math.ceil(int(self.tokens) / self.tokens_per_step))
         if self.train not in TRAIN_CHOICES:
             raise SparseFWError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, got '{self.train}'")
 
@@ -136,6 +155,52 @@ def apply_masks(masks, grads: bool = False) -> None:
             p.data.mul_(M)
 
 
+class MaskedLoRA(torch.nn.Module):
+    """Parametrization W -> W + (scale * B A) ⊙ M of one pruned weight: a low-rank adapter whose
+    update stays inside the mask, so merging it keeps every pruned entry exactly zero (PERP, Zimmer
+    et al. 2023, arXiv 2312.15230, "MaskLoRA"; LoRA: Hu et al. 2022, Eq. 3 with alpha = rank).
+
+    Args: M: (rows, cols) or (experts, rows, cols) bool mask of the weight, in its stored layout.
+        rank: r of the adapter. B starts at zero (the adapter starts as the identity map), A with
+        std 1/sqrt(cols) (seeded by ``seed``), both float32 on M's device."""
+
+    def __init__(self, M: torch.Tensor, rank: int, seed: int = 0):
+        super().__init__()
+        *lead, rows, cols = M.shape
+        g = torch.Generator().manual_seed(int(seed))
+        self.register_buffer("M", M, persistent=False)
+        self.A = torch.nn.Parameter((torch.randn(*lead, rank, cols, generator=g) / math.sqrt(cols)).to(M.device))
+        self.B = torch.nn.Parameter(torch.zeros(*lead, rows, rank, device=M.device))
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        return W + torch.where(self.M, torch.matmul(self.B, self.A).to(W.dtype), 0.0)
+
+
+def add_masked_lora(model, masks, rank: int, seed: int = 0) -> list:
+    """Register a :class:`MaskedLoRA` on every masked parameter of ``model`` (``masks``: from
+    :func:`param_masks`) with torch's ``parametrize``; the base weights stop training. Returns the
+    (module, name) pairs, for :func:`merge_masked_lora`."""
+    from torch.nn.utils import parametrize
+
+    want = {id(p): M for p, M in masks}
+    owners = [(mod, n) for mod in model.modules() for n, p in mod.named_parameters(recurse=False) if id(p) in want]
+    for i, (mod, n) in enumerate(owners):
+        M = want[id(getattr(mod, n))]
+        getattr(mod, n).requires_grad_(False)
+        parametrize.register_parametrization(mod, n, MaskedLoRA(M, rank, seed * 1000003 + i))
+    return owners
+
+
+def merge_masked_lora(owners) -> None:
+    """Fold the adapters of :func:`add_masked_lora` into the weights (W + (B A) ⊙ M, pruned entries
+    still exactly 0) and remove the parametrizations."""
+    from torch.nn.utils import parametrize
+
+    with torch.no_grad():
+        for mod, n in owners:
+            parametrize.remove_parametrizations(mod, n, leave_parametrized=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
@@ -157,9 +222,10 @@ def _check_pair(student, teacher, s_tok, t_tok, masks) -> float:
 def _trainable(student, train: str) -> list:
     names = []
     for n, p in student.named_parameters():
-        keep = train == "all" or ("norm" in n.lower() or n.endswith(".bias"))
-        p.requires_grad_(keep)
-        if keep:
+        adapter = ".parametrizations." in n and not n.endswith(".original")
+        keep = train == "all" or adapter or "norm" in n.lower() or n.endswith(".bias")
+        p.requires_grad_(keep and not n.endswith(".original"))
+        if p.requires_grad:
             names.append(n)
     if not names:
         raise SparseFWError(f"--train {train} selects no parameter of this model")
@@ -176,73 +242,137 @@ def _batch(windows: torch.Tensor, step: int, micro: int, cfg: RecoverConfig) -> 
     return windows[[int(perms[j // n][j % n]) for j in range(start, start + cfg.batch)]]
 
 
+def _save_state(state_dir, step, student, opt, sched, losses) -> None:
+    """The progress of a run after ``step`` steps, written atomically into ``state_dir``."""
+    from .paths import write_atomic
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = state_dir / "recover_state.pt"
+    tmp = ckpt.with_suffix(".tmp")
+    torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "losses": losses}, tmp)
+    tmp.replace(ckpt)
+    write_atomic(state_dir / "state.json", json.dumps({"step": step}))
+
+
+def _load_state(ckpt, student, opt, sched):
+    """Resume from ``ckpt`` (:func:`_save_state`) if it exists. Returns (start step, losses,
+    resumed-from step or None)."""
+    if ckpt is None or not ckpt.exists():
+        return 0, [], None
+    st = torch.load(ckpt, weights_only=False)
+    student.load_state_dict(st["student"])
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    return st["step"], st["losses"], st["step"]
+
+
+def _micro_loss(student, teacher, x, cfg: RecoverConfig):
+    """The distillation loss of one micro-batch x (batch, seqlen) int64 (bf16 autocast on a GPU)."""
+    hidden = cfg.hidden_weight > 0
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+    with amp:
+        with torch.no_grad():
+            t_out = teacher(x, output_hidden_states=hidden)
+        s_out = student(x, output_hidden_states=hidden)
+    loss = kl_loss(s_out.logits, t_out.logits, float(cfg.temperature))
+    if hidden:
+        loss = loss + float(cfg.hidden_weight) * squarehead_loss(s_out.hidden_states[1:], t_out.hidden_states[1:])
+    return loss
+
+
+def _prepare(student, teacher, masks, cfg: RecoverConfig):
+    """What trains (adapters for ``lora``), the frozen teacher, gradient checkpointing, AdamW and
+    its warmup + cosine schedule. Returns (adapter owners, optimizer, scheduler)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    owners = add_masked_lora(student, masks, int(cfg.lora_rank), int(cfg.seed)) if cfg.train == "lora" else []
+    _trainable(student, cfg.train)
+    teacher.eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        student.config.use_cache = False
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
+    return owners, opt, get_cosine_schedule_with_warmup(opt, int(cfg.warmup), int(cfg.steps))
+
+
 def recover_model(student, teacher, tokenizer, teacher_tokenizer, cfg: RecoverConfig, names: list[str],
-                  state_dir=None, progress: bool = True) -> dict:
+                  state_dir=None, progress: bool = True, ranks=None, on_step=None) -> dict:
     """Distil ``teacher`` into the pruned ``student`` in place, keeping its mask (module docstring).
 
     Args: student, teacher: causal LMs on the same device (float32 or bf16). tokenizer,
         teacher_tokenizer: theirs (must agree). cfg: :class:`RecoverConfig`. names: the student's
         pruned layers. state_dir: folder for the progress (``<output>.partial``; None = no checkpoints);
-        an existing ``recover_state.pt`` there is resumed. progress: tqdm bar.
+        an existing ``recover_state.pt`` there is resumed; only the main process writes it. progress:
+        tqdm bar. ranks: :class:`sparsefw.distributed.Ranks` of a multi-process run (DDP: every step's
+        ``grad_accum`` micro-batches are split across the processes, which must divide it; the
+        gradients are averaged, so the result equals one process's up to float summation order).
+        on_step: called as ``on_step(step, student)`` after every optimizer step on every process
+        (e.g. a perplexity curve); the student is in eval mode during the call.
     Returns: the recovery report {"steps", "tokens", "seconds", "losses" [(step, loss)], "sparsity",
-        "resumed_from", settings}.
-    Raises: SparseFWError for bad settings, a teacher with another vocabulary, a non-sparse student.
+        "resumed_from", "stopped_early", settings}.
+    Raises: SparseFWError for bad settings, a teacher with another vocabulary, a non-sparse student,
+        ``grad_accum`` not divisible by the number of processes.
     """
     from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     from .calibration import calibration_windows
-    from .paths import write_atomic
+    from .distributed import Ranks, all_max, all_sum, barrier
 
     cfg.validate()
+    ranks = ranks or Ranks()
+    if int(cfg.grad_accum) % ranks.world:
+        raise SparseFWError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {ranks.world} processes "
+                            "(each step's micro-batches are split across them)")
     masks = param_masks(student, names)
     sparsity = _check_pair(student, teacher, tokenizer, teacher_tokenizer, masks)
-    _trainable(student, cfg.train)
-    teacher.eval().requires_grad_(False)
+    owners, opt, sched = _prepare(student, teacher, masks, cfg)
     windows = calibration_windows(tokenizer, cfg.calib, int(cfg.nsamples), int(cfg.seqlen), int(cfg.seed))
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
-    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup), int(cfg.steps))
-    start, losses, resumed = 0, [], None
     ckpt = None if state_dir is None else state_dir / "recover_state.pt"
-    if ckpt is not None and ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
-        student.load_state_dict(st["student"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        start, losses, resumed = st["step"], st["losses"], st["step"]
+    start, losses, resumed = _load_state(ckpt, student, opt, sched)
     device = next(student.parameters()).device
+    model = student
+    if ranks.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     student.train()
-    t0 = time.perf_counter()
-    bar = tqdm(range(start, int(cfg.steps)), desc="recover", unit="step", disable=not progress)
+    t0, accum, step = time.perf_counter(), int(cfg.grad_accum), start
+    mine = range(ranks.rank, accum, ranks.world)             # this process's micro-batches of a step
+    bar = tqdm(range(start, int(cfg.steps)), desc="recover", unit="step", disable=not (progress and ranks.is_main))
     for step in bar:
         total = 0.0
-        for micro in range(int(cfg.grad_accum)):
-            x = _batch(windows, step, micro, cfg).to(device)
-            with torch.no_grad():
-                t_out = teacher(x, output_hidden_states=cfg.hidden_weight > 0)
-            s_out = student(x, output_hidden_states=cfg.hidden_weight > 0)
-            loss = kl_loss(s_out.logits, t_out.logits, float(cfg.temperature))
-            if cfg.hidden_weight > 0:
-                loss = loss + float(cfg.hidden_weight) * squarehead_loss(s_out.hidden_states[1:], t_out.hidden_states[1:])
-            (loss / int(cfg.grad_accum)).backward()
-            total += float(loss.detach()) / int(cfg.grad_accum)
+        for i, micro in enumerate(mine):
+            sync = model.no_sync() if ranks.world > 1 and i < len(mine) - 1 else contextlib.nullcontext()
+            with sync:
+                loss = _micro_loss(model, teacher, _batch(windows, step, micro, cfg).to(device), cfg)
+                (loss * (ranks.world / accum)).backward()   # DDP averages over the processes
+            total += float(loss.detach()) / accum
         apply_masks(masks, grads=True)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             apply_masks(masks)
+        total = all_sum([total], ranks)[0]
         losses.append((step + 1, total))
-        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(step + 1 - start) * cfg.batch * cfg.grad_accum * cfg.seqlen / max(time.perf_counter() - t0, 1e-9):.0f}")
-        if ckpt is not None and ((step + 1) % int(cfg.checkpoint_every) == 0 and step + 1 < int(cfg.steps)):
-            state_dir.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "step": step + 1, "losses": losses}, tmp)
-            tmp.replace(ckpt)
-            write_atomic(state_dir / "state.json", json.dumps({"step": step + 1}))
+        if on_step is not None:
+            student.eval()
+            on_step(step + 1, student)
+            student.train()
+        seconds = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(step + 1 - start) * cfg.tokens_per_step / max(seconds, 1e-9):.0f}")
+        over = float(cfg.minutes) > 0 and all_max([seconds], ranks)[0] > 60 * float(cfg.minutes)
+        if ckpt is not None and ranks.is_main and step + 1 < int(cfg.steps) and \
+                ((step + 1) % int(cfg.checkpoint_every) == 0 or over):
+            _save_state(state_dir, step + 1, student, opt, sched, losses)
+        if over:
+            break
+    barrier(ranks)
+    done = len(losses)
+    merge_masked_lora(owners)
+    if cfg.gradient_checkpointing:
+        student.activation_checkpointing_disable()
     student.eval()
-    return {"steps": int(cfg.steps), "tokens": int(cfg.steps) * cfg.batch * cfg.grad_accum * cfg.seqlen,
+    return {**asdict(cfg), "steps": done, "steps_planned": int(cfg.steps), "tokens": done * cfg.tokens_per_step,
             "seconds": time.perf_counter() - t0, "losses": losses, "sparsity": sparsity, "resumed_from": resumed,
-            **asdict(cfg)}
+            "stopped_early": done < int(cfg.steps)}

@@ -78,6 +78,34 @@ def test_two_processes_equal_one_on_moe(setup, tokenizer, make_tiny):
         assert '"processes": 2' in rep and f'"expert_layers": {2 * 2 * experts}' in rep
 
 
+def test_recover_two_processes_equal_one(setup):
+    """``sparsefw recover`` under DDP: 2 processes split each step's 2 micro-batches; the gradients
+    are averaged across them (scaled by powers of 2, summed once), so the recovered weights equal one
+    process's bit for bit here, with the mask kept; --grad-accum not divisible by the processes is an
+    error line."""
+    from sparsefw import api
+
+    d, text = setup
+    student = d / "rec_student"
+    api.prune(str(d / "model"), output=str(student), method="wanda", sparsity=0.5, calib=str(text), nsamples=8,
+              seqlen=24, device="cpu", progress=False)
+    args = ["-m", "sparsefw", "recover", "--model", student, "--teacher", d / "model", "--calib", text,
+            "--nsamples", 8, "--seqlen", 24, "--batch", 1, "--grad-accum", 2, "--steps", 3, "--lr", "1e-3",
+            "--warmup", 1, "--device", "cpu"]
+    for n in (1, 2):
+        r = torchrun(n, *args, "--output", d / f"rec{n}")
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = load_file(d / "rec1" / "model.safetensors"), load_file(d / "rec2" / "model.safetensors")
+    before = load_file(student / "model.safetensors")
+    assert one.keys() == two.keys() == before.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert all(torch.equal(before[k] != 0, two[k] != 0) for k in before if k.endswith("proj.weight"))
+    assert any(not torch.equal(before[k], two[k]) for k in before)
+    r = torchrun(2, *args[:-2], "--grad-accum", 3, "--device", "cpu", "--output", d / "rec3")
+    assert r.returncode != 0 and "multiple of the 2 processes" in r.stdout + r.stderr
+    assert not (d / "rec3").exists()
+
+
 def test_failing_rank_fails_the_run(setup, tokenizer, make_tiny):
     """Rank 1's windows (the second 8 of 16) hold a token whose embedding is NaN: both
     processes stop with rank 1's message, printed once, and nothing is written."""

@@ -124,3 +124,82 @@ def test_recovered_model_keeps_the_checkpoint_dtype(tmp_path, save_tiny):
     before, after = _tensors(pruned), _tensors(tmp_path / "r16")
     layers = [k for k in before if k.endswith("proj.weight")]
     assert all(after[k].dtype == torch.bfloat16 and torch.equal(before[k] != 0, after[k] != 0) for k in layers)
+
+
+def test_masked_lora_by_hand():
+    """W = [[1, 0, 2, 0]], M = W != 0, B A = [[1, 1, 1, 1]]: W + (B A) ⊙ M = [[2, 0, 3, 0]] exactly,
+    before and after the merge."""
+    from sparsefw.recover import add_masked_lora, merge_masked_lora
+
+    lin = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.0, 2.0, 0.0]]))
+    model = torch.nn.Sequential(lin)
+    owners = add_masked_lora(model, [(lin.weight, lin.weight.detach() != 0)], rank=1)
+    plug = lin.parametrizations.weight[0]
+    assert float(plug.B.detach().abs().sum()) == 0.0                        # starts as the identity map
+    assert torch.equal(lin.weight, torch.tensor([[1.0, 0.0, 2.0, 0.0]]))
+    with torch.no_grad():
+        plug.A.fill_(1.0)
+        plug.B.fill_(1.0)
+    expect = torch.tensor([[2.0, 0.0, 3.0, 0.0]])
+    assert torch.equal(lin.weight, expect)
+    x = torch.tensor([[1.0, 10.0, 100.0, 1000.0]])
+    assert float(model(x)) == 302.0
+    merge_masked_lora(owners)
+    assert not hasattr(lin, "parametrizations") and torch.equal(lin.weight, expect)
+    assert float(model(x)) == 302.0
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_lora_recovery_keeps_the_mask(tmp_path, pruned, pattern):
+    """--train lora: the adapters are merged into the kept weights; the mask is unchanged bit for bit,
+    and the saved checkpoint holds no adapter tensor."""
+    dense, student = pruned(pattern)
+    out = tmp_path / "lora"
+    rep = api.recover(str(student), str(dense), str(out), steps=3, lr=1e-2, train="lora", lora_rank=2,
+                      progress=False, **SMALL).report
+    before, after = _tensors(student), _tensors(out)
+    assert before.keys() == after.keys()                             # no adapter or parametrization left
+    layers = [k for k in before if k.endswith("proj.weight")]
+    for k in layers:
+        assert torch.equal(before[k] != 0, after[k] != 0), k
+    assert sum(not torch.equal(before[k], after[k]) for k in layers) == len(layers)   # every adapter trained
+    assert rep["recovery"]["train"] == "lora" and rep["recovery"]["lora_rank"] == 2
+
+
+def test_budgets_and_gradient_checkpointing(tmp_path, pruned):
+    """--tokens fixes the steps; --minutes stops after the first step past it (the output is still a
+    finished checkpoint); gradient checkpointing gives the same model up to float rounding."""
+    dense, student = pruned("unstructured")
+    per_step = SMALL["batch"] * SMALL["seqlen"]
+    r = api.recover(str(student), str(dense), str(tmp_path / "t"), tokens=3 * per_step - 1, lr=1e-3,
+                    progress=False, **SMALL).report["recovery"]
+    assert r["steps"] == 3 and r["tokens"] == 3 * per_step and not r["stopped_early"]
+    r = api.recover(str(student), str(dense), str(tmp_path / "m"), steps=50, minutes=1e-9, lr=1e-3,
+                    progress=False, **SMALL).report["recovery"]
+    assert r["steps"] == 1 and r["steps_planned"] == 50 and r["stopped_early"]
+    assert not (tmp_path / "m.partial").exists() and (tmp_path / "m" / "model.safetensors").is_file()
+    api.recover(str(student), str(dense), str(tmp_path / "gc"), steps=3, lr=1e-3, gradient_checkpointing=True,
+                progress=False, **SMALL)
+    api.recover(str(student), str(dense), str(tmp_path / "nogc"), steps=3, lr=1e-3, progress=False, **SMALL)
+    a, b = _tensors(tmp_path / "gc"), _tensors(tmp_path / "nogc")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], _tensors(student)[k]) for k in a)
+
+
+def test_cli_recover_flags(tmp_path, pruned, capsys):
+    dense, student = pruned("unstructured")
+    out = tmp_path / "cli"
+    assert cli_main(["recover", "--model", str(student), "--teacher", str(dense), "--output", str(out),
+                     "--steps", "3", "--train", "lora", "--lora-rank", "2", "--gradient-checkpointing",
+                     "--nsamples", "4", "--seqlen", "16", "--batch", "2", "--calib", "wiki", "--eval-ppl",
+                     "--ppl-seqlen", "32", "--ppl-chunks", "2", "--ppl-every", "2"]) == 0
+    rec = json.loads((out / "report.json").read_text())["recovery"]
+    assert rec["gradient_checkpointing"] is True and rec["lora_rank"] == 2 and rec["steps"] == 3
+    curve = rec["ppl_curve"]                          # before, every 2 steps, after: (step, tokens, ppl)
+    assert [c[:2] for c in curve] == [[0, 0], [2, 64], [3, 96]]
+    assert curve[0][2] == rec["ppl_before"] and curve[-1][2] == rec["ppl_after"] and rec["ppl_after"] > 1
+    assert "recovered 3 steps" in capsys.readouterr().out
+    assert cli_main(["recover", "--model", str(student), "--teacher", str(dense), "--output", str(tmp_path / "x"),
+                     "--minutes", "-1"]) == 2
