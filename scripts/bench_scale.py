@@ -193,15 +193,10 @@ def block_solve_seconds(report: dict, blocks: int) -> list[float]:
 
 
 def code_version() -> str:
-    """The git commit of the package code that runs (``+dirty`` with uncommitted changes), or ``unknown``."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sparsefw"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
+    """The git commit of the package code that runs (:func:`sparsefw.report.code_version`)."""
+    from sparsefw.report import code_version as version
+
+    return version()
 
 
 def measure_prune(ckpt: Path, method: str, blocks: int, key: str, a, env: dict) -> tuple[dict, Path]:

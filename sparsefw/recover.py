@@ -309,7 +309,8 @@ def recover_model(student, teacher, tokenizer, teacher_tokenizer, cfg: RecoverCo
         ``grad_accum`` micro-batches are split across the processes, which must divide it; the
         gradients are averaged, so the result equals one process's up to float summation order).
         on_step: called as ``on_step(step, student)`` after every optimizer step on every process
-        (e.g. a perplexity curve); the student is in eval mode during the call.
+        (e.g. a perplexity curve); the student is in eval mode during the call, and its time does
+        not count in ``seconds`` or the ``minutes`` budget.
     Returns: the recovery report {"steps", "tokens", "seconds", "losses" [(step, loss)], "sparsity",
         "resumed_from", "stopped_early", settings}.
     Raises: SparseFWError for bad settings, a teacher with another vocabulary, a non-sparse student,
@@ -355,10 +356,12 @@ def recover_model(student, teacher, tokenizer, teacher_tokenizer, cfg: RecoverCo
             apply_masks(masks)
         total = all_sum([total], ranks)[0]
         losses.append((step + 1, total))
-        if on_step is not None:
+        if on_step is not None:              # its time (e.g. evaluation) is not training time
+            t1 = time.perf_counter()
             student.eval()
             on_step(step + 1, student)
             student.train()
+            t0 += time.perf_counter() - t1
         seconds = time.perf_counter() - t0
         bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(step + 1 - start) * cfg.tokens_per_step / max(seconds, 1e-9):.0f}")
         over = float(cfg.minutes) > 0 and all_max([seconds], ranks)[0] > 60 * float(cfg.minutes)

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 
 @dataclass
@@ -109,3 +111,17 @@ def layers_last(report: dict) -> dict:
     if "layers" in report:
         report["layers"] = report.pop("layers")
     return report
+
+
+def code_version() -> str:
+    """The git commit of the package code that runs (``+dirty`` with uncommitted changes under
+    ``sparsefw/``), or ``unknown`` outside a git checkout; recorded in every result cell."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sparsefw"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")

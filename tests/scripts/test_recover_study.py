@@ -1,0 +1,32 @@
+"""scripts/recover_study.py on a tiny model: a run prunes its mask, recovers, writes its cell (gap
+closed, curve, code version) and the table; a second call skips the finished run."""
+import json
+
+import yaml
+
+
+def test_recover_study_tiny(tmp_path, script, save_tiny):
+    study = script("recover_study")
+    src, _ = save_tiny("llama", name="dense")
+    conf = {"model": str(src), "output": str(tmp_path / "out"),
+            "prune": {"calib": "wiki", "nsamples": 4, "seqlen": 32, "seed": 0},
+            "masks": {"w50": {"method": "wanda", "sparsity": 0.5}},
+            "recover": {"calib": "wiki", "nsamples": 8, "seqlen": 16, "batch": 2, "steps": 4, "lr": 1e-2,
+                        "warmup": 1, "checkpoint_every": 2},
+            "ppl": {"source": "boolq", "seqlen": 32, "chunks": 2, "every": 2},
+            "runs": {"w50_all": {"mask": "w50", "train": "all"}}}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(conf))
+    study.main(["--config", str(cfg)])
+    out = tmp_path / "out"
+    cell = json.loads((out / "cells" / "w50_all.json").read_text())
+    assert cell["steps"] == 4 and cell["tokens"] == 4 * 2 * 16 and cell["code"]
+    assert [p[0] for p in cell["curve"]] == [0, 2, 4]
+    gap0, gap1 = cell["log_gap_before"], cell["log_gap_after"]
+    assert abs(cell["gap_closed"] - (1 - gap1 / gap0)) < 1e-12 if gap0 > 0 else cell["gap_closed"] is None
+    assert (out / "masks" / "w50" / "report.json").exists() and (out / "recover_study.png").exists()
+    md = (out / "recover_study.md").read_text()
+    assert "| w50_all | w50 | all |" in md
+    mtime = (out / "cells" / "w50_all.json").stat().st_mtime
+    study.main(["--config", str(cfg)])                    # finished: skipped, the same cell
+    assert (out / "cells" / "w50_all.json").stat().st_mtime == mtime
