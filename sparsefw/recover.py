@@ -156,9 +156,9 @@ def apply_masks(masks, grads: bool = False) -> None:
 
 
 class MaskedLoRA(torch.nn.Module):
-    """Parametrization W -> W + (scale * B A) ⊙ M of one pruned weight: a low-rank adapter whose
-    update stays inside the mask, so merging it keeps every pruned entry exactly zero (PERP, Zimmer
-    et al. 2023, arXiv 2312.15230, "MaskLoRA"; LoRA: Hu et al. 2022, Eq. 3 with alpha = rank).
+    """Parametrization W -> W + (B A) ⊙ M of one pruned weight: a low-rank adapter whose update
+    stays inside the mask, so merging it keeps every pruned entry exactly zero (PERP, Zimmer et al.
+    2023, arXiv 2312.15230, "MaskLoRA"; LoRA: Hu et al. 2022, Eq. 3 with alpha / r = 1).
 
     Args: M: (rows, cols) or (experts, rows, cols) bool mask of the weight, in its stored layout.
         rank: r of the adapter. B starts at zero (the adapter starts as the identity map), A with
