@@ -242,29 +242,30 @@ def _batch(windows: torch.Tensor, step: int, micro: int, cfg: RecoverConfig) -> 
     return windows[[int(perms[j // n][j % n]) for j in range(start, start + cfg.batch)]]
 
 
-def _save_state(state_dir, step, student, opt, sched, losses) -> None:
-    """The progress of a run after ``step`` steps, written atomically into ``state_dir``."""
+def _save_state(state_dir, step, student, opt, sched, losses, seconds) -> None:
+    """The progress of a run after ``step`` steps and ``seconds`` of training, written atomically
+    into ``state_dir``."""
     from .paths import write_atomic
 
     state_dir.mkdir(parents=True, exist_ok=True)
     ckpt = state_dir / "recover_state.pt"
     tmp = ckpt.with_suffix(".tmp")
     torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "losses": losses}, tmp)
+                "step": step, "losses": losses, "seconds": seconds}, tmp)
     tmp.replace(ckpt)
     write_atomic(state_dir / "state.json", json.dumps({"step": step}))
 
 
 def _load_state(ckpt, student, opt, sched):
     """Resume from ``ckpt`` (:func:`_save_state`) if it exists. Returns (start step, losses,
-    resumed-from step or None)."""
+    resumed-from step or None, training seconds before the resume)."""
     if ckpt is None or not ckpt.exists():
-        return 0, [], None
+        return 0, [], None, 0.0
     st = torch.load(ckpt, weights_only=False)
     student.load_state_dict(st["student"])
     opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
-    return st["step"], st["losses"], st["step"]
+    return st["step"], st["losses"], st["step"], float(st.get("seconds", 0.0))
 
 
 def _micro_loss(student, teacher, x, cfg: RecoverConfig):
@@ -297,6 +298,20 @@ def _prepare(student, teacher, masks, cfg: RecoverConfig):
     return owners, opt, get_cosine_schedule_with_warmup(opt, int(cfg.warmup), int(cfg.steps))
 
 
+def _backward(model, teacher, windows, step: int, cfg: RecoverConfig, ranks, device) -> float:
+    """The gradients of one optimizer step: this process's share of its ``grad_accum`` micro-batches
+    (DDP synchronises on the last one). Returns this process's part of the step's mean loss."""
+    accum, total = int(cfg.grad_accum), 0.0
+    mine = range(ranks.rank, accum, ranks.world)
+    for i, micro in enumerate(mine):
+        sync = model.no_sync() if ranks.world > 1 and i < len(mine) - 1 else contextlib.nullcontext()
+        with sync:
+            loss = _micro_loss(model, teacher, _batch(windows, step, micro, cfg).to(device), cfg)
+            (loss * (ranks.world / accum)).backward()     # DDP averages over the processes
+        total += float(loss.detach()) / accum
+    return total
+
+
 def recover_model(student, teacher, tokenizer, teacher_tokenizer, cfg: RecoverConfig, names: list[str],
                   state_dir=None, progress: bool = True, ranks=None, on_step=None) -> dict:
     """Distil ``teacher`` into the pruned ``student`` in place, keeping its mask (module docstring).
@@ -310,7 +325,8 @@ def recover_model(student, teacher, tokenizer, teacher_tokenizer, cfg: RecoverCo
         gradients are averaged, so the result equals one process's up to float summation order).
         on_step: called as ``on_step(step, student)`` after every optimizer step on every process
         (e.g. a perplexity curve); the student is in eval mode during the call, and its time does
-        not count in ``seconds`` or the ``minutes`` budget.
+        not count in ``seconds`` or the ``minutes`` budget (both include the training time before a
+        resume).
     Returns: the recovery report {"steps", "tokens", "seconds", "losses" [(step, loss)], "sparsity",
         "resumed_from", "stopped_early", settings}.
     Raises: SparseFWError for bad settings, a teacher with another vocabulary, a non-sparse student,
@@ -331,23 +347,16 @@ def recover_model(student, teacher, tokenizer, teacher_tokenizer, cfg: RecoverCo
     owners, opt, sched = _prepare(student, teacher, masks, cfg)
     windows = calibration_windows(tokenizer, cfg.calib, int(cfg.nsamples), int(cfg.seqlen), int(cfg.seed))
     ckpt = None if state_dir is None else state_dir / "recover_state.pt"
-    start, losses, resumed = _load_state(ckpt, student, opt, sched)
+    start, losses, resumed, before = _load_state(ckpt, student, opt, sched)
     device = next(student.parameters()).device
     model = student
     if ranks.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     student.train()
-    t0, accum, step = time.perf_counter(), int(cfg.grad_accum), start
-    mine = range(ranks.rank, accum, ranks.world)             # this process's micro-batches of a step
+    t0, step = time.perf_counter() - before, start          # the budget spans resumes
     bar = tqdm(range(start, int(cfg.steps)), desc="recover", unit="step", disable=not (progress and ranks.is_main))
     for step in bar:
-        total = 0.0
-        for i, micro in enumerate(mine):
-            sync = model.no_sync() if ranks.world > 1 and i < len(mine) - 1 else contextlib.nullcontext()
-            with sync:
-                loss = _micro_loss(model, teacher, _batch(windows, step, micro, cfg).to(device), cfg)
-                (loss * (ranks.world / accum)).backward()   # DDP averages over the processes
-            total += float(loss.detach()) / accum
+        total = _backward(model, teacher, windows, step, cfg, ranks, device)
         apply_masks(masks, grads=True)
         opt.step()
         sched.step()
@@ -363,11 +372,11 @@ def recover_model(student, teacher, tokenizer, teacher_tokenizer, cfg: RecoverCo
             student.train()
             t0 += time.perf_counter() - t1
         seconds = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(step + 1 - start) * cfg.tokens_per_step / max(seconds, 1e-9):.0f}")
+        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(step + 1 - start) * cfg.tokens_per_step / max(seconds - before, 1e-9):.0f}")
         over = float(cfg.minutes) > 0 and all_max([seconds], ranks)[0] > 60 * float(cfg.minutes)
         if ckpt is not None and ranks.is_main and step + 1 < int(cfg.steps) and \
                 ((step + 1) % int(cfg.checkpoint_every) == 0 or over):
-            _save_state(state_dir, step + 1, student, opt, sched, losses)
+            _save_state(state_dir, step + 1, student, opt, sched, losses, seconds)
         if over:
             break
     barrier(ranks)

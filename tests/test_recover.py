@@ -90,8 +90,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, pruned, monkeypatch):
     assert not (tmp_path / "out").exists()
     with pytest.raises(SparseFWError, match="--resume"):
         api.recover(str(student), str(dense), str(tmp_path / "out"), **opts)
+    before = torch.load(tmp_path / "out.partial" / "recover_state.pt", weights_only=False)["seconds"]
     rep = api.recover(str(student), str(dense), str(tmp_path / "out"), resume=True, **opts).report
     assert rep["recovery"]["resumed_from"] == 2
+    assert 0 < before < rep["recovery"]["seconds"]           # training time (and --minutes) spans the resume
     a, b = _tensors(tmp_path / "ref"), _tensors(tmp_path / "out")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
