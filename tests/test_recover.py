@@ -168,6 +168,11 @@ def test_lora_recovery_keeps_the_mask(tmp_path, pruned, pattern):
         assert torch.equal(before[k] != 0, after[k] != 0), k
     assert sum(not torch.equal(before[k], after[k]) for k in layers) == len(layers)   # every adapter trained
     assert rep["recovery"]["train"] == "lora" and rep["recovery"]["lora_rank"] == 2
+    from sparsefw.publish import push                  # the recovered folder is publishable as it is
+
+    plan = push(out, "me/tiny-rec", dry_run=True)
+    assert {"README.md", "model.safetensors", "report.json"} <= {p for p, _ in plan["files"]}
+    assert "## Recovery" in (out / "README.md").read_text() and "(rank 2)" in (out / "README.md").read_text()
 
 
 def test_budgets_and_gradient_checkpointing(tmp_path, pruned):
