@@ -23,10 +23,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .errors import SparseFWError
-from .gram import row_matmul
+from .gram import bag_rows, row_matmul
 from .masks import Pattern
 
 INNER_STOP = 8      # a round's steps end when fewer than 1/INNER_STOP of its rows still improve
@@ -193,7 +192,7 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         rows, cols = dC.nonzero(as_tuple=True)                  # G r on all columns
         offsets = torch.zeros(r, dtype=torch.int64, device=W.device)
         offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=r), 0)[:-1]
-        Qr.add_(F.embedding_bag(C[rows, cols], G, offsets=offsets, per_sample_weights=dC[rows, cols], mode="sum"))
+        Qr.add_(bag_rows(C[rows, cols], G, offsets, dC[rows, cols]))
         Mr.scatter_(1, C, kept)
         Akr.scatter_(1, C, torch.where(kept, math.inf, base))
         Apr.scatter_(1, C, torch.where(kept, base, math.inf))

@@ -3,6 +3,7 @@ the window order and split, and the error bound against exact (math.fsum) sums."
 import math
 import random
 
+import pytest
 import torch
 
 from sparsefw.gram import FixedPointSum, fixed_point_scale
@@ -130,3 +131,28 @@ def test_all_finite_finds_nan_and_both_infinities():
         y = x.clone()
         y[4, 6] = bad
         assert not all_finite(y) and not all_finite(x, y) and not all_finite(y.bfloat16())
+
+
+@pytest.mark.parametrize("d_in,d", [(100, 100), (64, 200), (40, 33)])
+def test_bag_rows_panels_give_the_bits_of_one_pass(d_in, d):
+    """bag_rows column panel by column panel (taken when the bags read G >= 8 times over) adds the
+    same terms in the same order as one embedding_bag pass: the same bits, last narrow panel
+    included; and the sums are the weighted row sums (float64 reference)."""
+    import torch.nn.functional as F
+
+    from sparsefw.gram import PANEL_COLS, PANEL_MIN_READS, bag_rows
+
+    g = torch.Generator().manual_seed(d_in + d)
+    G = torch.randn(d_in, d, generator=g)
+    n_bags, per_bag = 64, 2 * PANEL_MIN_READS * d_in // 64 + 1
+    idx = torch.randint(0, d_in, (n_bags * per_bag,), generator=g)
+    w = torch.randn(idx.numel(), generator=g)
+    offsets = torch.arange(n_bags) * per_bag
+    assert idx.numel() >= PANEL_MIN_READS * d_in and d > PANEL_COLS       # the panel path runs
+    out = bag_rows(idx, G, offsets, w)
+    one = F.embedding_bag(idx, G, offsets=offsets, per_sample_weights=w, mode="sum")
+    assert torch.equal(out, one)
+    ref = (w.double().unsqueeze(1) * G.double()[idx]).view(n_bags, per_bag, d).sum(1)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-4)
+    few = bag_rows(idx[:per_bag], G, offsets[:1], w[:per_bag])           # one bag: the single pass
+    assert torch.equal(few, one[:1])
