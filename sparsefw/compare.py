@@ -102,7 +102,7 @@ def _run_cell(c: dict, out: Path, label: str, sp: str, kw: dict, ppl: dict, zs, 
             "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": rep["seconds"],
             "zeroshot_mean": (rep.get("zeroshot") or {}).get("mean_acc"),
             "zeroshot": rep.get("zeroshot"), "cell_seconds": time.perf_counter() - t0,
-            "owl": rep.get("owl"), "timings": rep.get("timings"),
+            "owl": rep.get("owl"), "timings": rep.get("timings"), "code": rep.get("code"),
             # per layer: [relative error of this cell, of Wanda's mask on the same inputs]
             "layer_errors": {L["name"]: [L["error_final"], L["error_wanda"]] for L in rep["layers"]}}
 

@@ -95,10 +95,10 @@ def run_report(model: str, cfg, device, dtype, res: dict, t0: float, **extra) ->
     """The ``report.json`` dict of a run: the model, every setting that defines the masks
     (:meth:`sparsefw.config.PruneConfig.report_fields`), the device and dtype, ``extra`` entries
     (e.g. ``stream``, ``bos_token``, perplexities), the summary of
-    :func:`sparsefw.pipeline.prune_model` (``res``, consumed), ``total_seconds`` since ``t0`` and,
-    last, the per-layer list."""
+    :func:`sparsefw.pipeline.prune_model` (``res``, consumed), ``total_seconds`` since ``t0``, the
+    code version (:func:`code_version`) and, last, the per-layer list."""
     report = {"model": model, **cfg.report_fields(), "device": str(device),
-              "dtype": str(dtype).replace("torch.", ""), **extra}
+              "dtype": str(dtype).replace("torch.", ""), "code": code_version(), **extra}
     report["seconds"] = res.pop("seconds")
     report.update(res)
     report["total_seconds"] = time.perf_counter() - t0

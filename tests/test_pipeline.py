@@ -33,6 +33,8 @@ def test_every_architecture_exact_sparsity_and_reload(tmp_path, tokenizer, arch,
     rep = json.loads((out / "report.json").read_text())
     # exact sparsity: k = round(0.5 d_in) kept in every row of every Linear, counted on saved tensors
     assert rep["achieved_sparsity"] == pytest.approx(0.5)
+    from sparsefw.report import code_version
+    assert rep["code"] == code_version() and rep["code"] != "unknown"     # the code that made it (git checkout)
     for block in decoder_blocks(res.model):
         for _, layer in prunable_layers(block).items():
             W = get_weight(layer)
