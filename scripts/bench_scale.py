@@ -146,7 +146,7 @@ def run_measured(cmd: list[str], env: dict, log: Path, timeout_s: float = 0, hea
         fh.write("$ " + shlex.join(cmd) + "\n")
         fh.flush()
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
     timed_out, beat = False, t0
     try:
         while True:
@@ -193,10 +193,11 @@ def block_solve_seconds(report: dict, blocks: int) -> list[float]:
 
 
 def code_version() -> str:
-    """The git commit of the package code that runs (:func:`sparsefw.report.code_version`)."""
+    """The git commit of this checkout, whose package the prunes run (``-m sparsefw`` from it;
+    :func:`sparsefw.report.code_version`)."""
     from sparsefw.report import code_version as version
 
-    return version()
+    return version(ROOT)
 
 
 def measure_prune(ckpt: Path, method: str, blocks: int, key: str, a, env: dict) -> tuple[dict, Path]:

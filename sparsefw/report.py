@@ -113,10 +113,11 @@ def layers_last(report: dict) -> dict:
     return report
 
 
-def code_version() -> str:
+def code_version(root: str | Path | None = None) -> str:
     """The git commit of the package code that runs (``+dirty`` with uncommitted changes under
-    ``sparsefw/``), or ``unknown`` outside a git checkout; recorded in every result cell."""
-    root = Path(__file__).resolve().parent.parent
+    ``sparsefw/``), or ``unknown`` outside a git checkout; recorded in every result cell. ``root``:
+    the checkout to describe (default: the one this package was imported from)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
