@@ -147,10 +147,10 @@ def test_masked_lora_by_hand():
     expect = torch.tensor([[2.0, 0.0, 3.0, 0.0]])
     assert torch.equal(lin.weight, expect)
     x = torch.tensor([[1.0, 10.0, 100.0, 1000.0]])
-    assert float(model(x)) == 302.0
+    assert float(model(x).detach()) == 302.0
     merge_masked_lora(owners)
     assert not hasattr(lin, "parametrizations") and torch.equal(lin.weight, expect)
-    assert float(model(x)) == 302.0
+    assert float(model(x).detach()) == 302.0
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
