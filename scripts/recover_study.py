@@ -188,7 +188,7 @@ def main(argv=None) -> None:
     if not a.report_only:
         for name in (a.runs.split(",") if a.runs else c["runs"]):
             run_cell(c, out, name)
-        zeroshot(c, out)
+            zeroshot(c, out)  # a finished run's before/after evaluations come before the next run
     print(report(c, out))
 
 
