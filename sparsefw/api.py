@@ -244,13 +244,13 @@ def eval_zeroshot(model: str, tasks=None, limit: int | None = None, batch_size: 
 def _save_recovered(student, tok, names, model, teacher, output, overwrite, cfg, rec, ppl, ppl_source) -> dict:
     """Write the recovered checkpoint (in the pruned checkpoint's dtype), report.json (the prune
     report with ``recovery``) and the model card atomically into ``output``; returns the report."""
+    from transformers import AutoConfig
+
     from .inspection import inspect_checkpoint
     from .saving import staged_output
 
     src = Path(resolve_model(model))
     report = json.loads((src / "report.json").read_text()) if (src / "report.json").is_file() else {"model": model}
-    from transformers import AutoConfig
-
     report["recovery"] = {**rec, "teacher": teacher, **ppl, "ppl_source": ppl_source}
 
     saved = getattr(AutoConfig.from_pretrained(str(src)), "dtype", None) if src.is_dir() else None

@@ -251,10 +251,8 @@ def gram_product(E: torch.Tensor, G: torch.Tensor, cols: torch.Tensor | None = N
     Es, nzs = (E, nz) if H is None else (E[sparse], nz[sparse])
     rr, cc = nzs.nonzero(as_tuple=True)
     g = cc if cols is None else (cols if H is None else cols[sparse])[rr, cc]
-    offsets = torch.zeros(Es.shape[0], dtype=torch.int64, device=E.device)
-    offsets[1:] = torch.cumsum(torch.bincount(rr, minlength=Es.shape[0]), 0)[:-1]
-    bag = bag_rows(g, G, offsets, Es[rr, cc])
-    del rr, cc, g, offsets, nzs
+    bag = bag_rows(rr, g, G, Es[rr, cc], Es.shape[0])
+    del rr, cc, g, nzs
     if H is None:
         H = bag
     else:

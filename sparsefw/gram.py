@@ -135,9 +135,11 @@ PANEL_MIN_READS = 8
 (i.e. G about this many times over); below that the single pass is as fast."""
 
 
-def bag_rows(idx: torch.Tensor, G: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sums of rows of G, one per bag: out[b] = sum over the entries k of bag b of
-    weights[k] * G[idx[k], :] (``torch.nn.functional.embedding_bag``, mode ``sum``).
+def bag_rows(bag: torch.Tensor, idx: torch.Tensor, G: torch.Tensor, weights: torch.Tensor,
+             n_bags: int) -> torch.Tensor:
+    """Weighted sums of rows of G, one per bag: out[b] = sum over the entries k with bag[k] = b of
+    weights[k] * G[idx[k], :] (``torch.nn.functional.embedding_bag``, mode ``sum``): the product
+    E @ G of a sparse E given by its nonzeros (rows ``bag``, columns ``idx``, values ``weights``).
 
     When the bags read G many times over (:data:`PANEL_MIN_READS`), the sums run column panel by
     column panel (:data:`PANEL_COLS` columns of G, a strided view, no copy): one panel stays in
@@ -146,11 +148,14 @@ def bag_rows(idx: torch.Tensor, G: torch.Tensor, offsets: torch.Tensor, weights:
     --products``). Every output entry adds the same terms in the same order either way, so the two
     paths give the same bits (tested), and a row's result never depends on the other bags.
 
-    Args: idx: (nnz,) int64 rows of G. G: (d_in, d) float32. offsets: (n_bags,) int64 start of
-        every bag in idx (non-decreasing). weights: (nnz,) float32.
+    Args: bag: (nnz,) int64 bag of every entry, non-decreasing (row-major ``nonzero()`` order).
+        idx: (nnz,) int64 rows of G. G: (d_in, d) float32. weights: (nnz,) float32.
+        n_bags: number of bags (an empty bag sums to zeros).
     Returns: (n_bags, d) float32.
     """
     d = G.shape[1]
+    offsets = torch.zeros(n_bags, dtype=torch.int64, device=idx.device)
+    offsets[1:] = torch.cumsum(torch.bincount(bag, minlength=n_bags), 0)[:-1]
     if G.device.type != "cpu" or d <= PANEL_COLS or idx.numel() < PANEL_MIN_READS * G.shape[0]:
         return torch.nn.functional.embedding_bag(idx, G, offsets=offsets, per_sample_weights=weights, mode="sum")
     out = torch.empty(offsets.numel(), d, dtype=G.dtype, device=G.device)

@@ -190,9 +190,7 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
             break
         swaps += int(n_swaps.sum())
         rows, cols = dC.nonzero(as_tuple=True)                  # G r on all columns
-        offsets = torch.zeros(r, dtype=torch.int64, device=W.device)
-        offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=r), 0)[:-1]
-        Qr.add_(bag_rows(C[rows, cols], G, offsets, dC[rows, cols]))
+        Qr.add_(bag_rows(rows, C[rows, cols], G, dC[rows, cols], r))
         Mr.scatter_(1, C, kept)
         Akr.scatter_(1, C, torch.where(kept, math.inf, base))
         Apr.scatter_(1, C, torch.where(kept, base, math.inf))

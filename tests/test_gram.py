@@ -147,12 +147,12 @@ def test_bag_rows_panels_give_the_bits_of_one_pass(d_in, d):
     n_bags, per_bag = 64, 2 * PANEL_MIN_READS * d_in // 64 + 1
     idx = torch.randint(0, d_in, (n_bags * per_bag,), generator=g)
     w = torch.randn(idx.numel(), generator=g)
-    offsets = torch.arange(n_bags) * per_bag
+    bag, offsets = torch.arange(n_bags).repeat_interleave(per_bag), torch.arange(n_bags) * per_bag
     assert idx.numel() >= PANEL_MIN_READS * d_in and d > PANEL_COLS       # the panel path runs
-    out = bag_rows(idx, G, offsets, w)
+    out = bag_rows(bag, idx, G, w, n_bags)
     one = F.embedding_bag(idx, G, offsets=offsets, per_sample_weights=w, mode="sum")
     assert torch.equal(out, one)
     ref = (w.double().unsqueeze(1) * G.double()[idx]).view(n_bags, per_bag, d).sum(1)
     assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-4)
-    few = bag_rows(idx[:per_bag], G, offsets[:1], w[:per_bag])           # one bag: the single pass
-    assert torch.equal(few, one[:1])
+    few = bag_rows(bag[:per_bag], idx[:per_bag], G, w[:per_bag], 2)    # one bag read: the single pass
+    assert torch.equal(few[0], one[0]) and not few[1].any()             # an empty bag sums to zeros
