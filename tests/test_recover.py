@@ -74,8 +74,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, pruned, monkeypatch):
     import sparsefw.recover as recover
 
     dense, student = pruned("unstructured")
-    opts = dict(steps=4, lr=1e-3, checkpoint_every=2, progress=False, **SMALL)
-    api.recover(str(student), str(dense), str(tmp_path / "ref"), **opts)
+    opts = dict(steps=4, lr=1e-3, checkpoint_every=2, progress=False, eval_ppl=True, ppl_source="wiki",
+                ppl_seqlen=16, ppl_chunks=2, ppl_every=1, **SMALL)
+    ref = api.recover(str(student), str(dense), str(tmp_path / "ref"), **opts).report
     calls, kl = [], recover.kl_loss
 
     def crash_at_step_3(*a, **k):                      # a power loss after step 2's checkpoint
@@ -96,6 +97,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, pruned, monkeypatch):
     assert 0 < before < rep["recovery"]["seconds"]           # training time (and --minutes) spans the resume
     a, b = _tensors(tmp_path / "ref"), _tensors(tmp_path / "out")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the perplexity curve keeps the points measured before the crash (steps 1, 2), once each
+    assert [x[0] for x in rep["recovery"]["ppl_curve"]] == [0, 1, 2, 3, 4]
+    assert rep["recovery"]["ppl_curve"] == ref["recovery"]["ppl_curve"]
 
 
 def test_bad_input_one_error_line_nothing_written(tmp_path, pruned, save_tiny, make_tiny, bos_tokenizer, capsys):
