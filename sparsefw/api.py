@@ -241,16 +241,6 @@ def eval_zeroshot(model: str, tasks=None, limit: int | None = None, batch_size: 
                              batch_size=batch_size, resume_dir=resume_dir, shard_size=shard_size)
 
 
-def _resumed_curve(state: Path) -> list:
-    """The perplexity points an interrupted recovery recorded up to its last checkpoint (later
-    points are measured again when the steps after the checkpoint rerun)."""
-    f, st = state / "ppl_curve.json", state / "state.json"
-    if not (f.is_file() and st.is_file()):
-        return []
-    step = json.loads(st.read_text())["step"]
-    return [tuple(x) for x in json.loads(f.read_text()) if x[0] <= step]
-
-
 def _save_recovered(student, tok, names, model, teacher, output, overwrite, cfg, rec, ppl, ppl_source) -> dict:
     """Write the recovered checkpoint (in the pruned checkpoint's dtype), report.json (the prune
     report with ``recovery``) and the model card atomically into ``output``; returns the report."""
@@ -311,7 +301,7 @@ def recover(model: str, teacher: str, output: str, overwrite: bool = False, resu
     import shutil
 
     from .masks import parse_pattern
-    from .recover import RecoverConfig, recover_model
+    from .recover import RecoverConfig, recover_model, resumed_curve, save_curve
     from .resume import partial_dir
 
     unknown = sorted(set(config) - set(RecoverConfig.__dataclass_fields__))
@@ -336,14 +326,14 @@ def recover(model: str, teacher: str, output: str, overwrite: bool = False, resu
     if eval_ppl:
         ppl["ppl_before"] = _eval_ppl(student, tok, ppl_source, ppl_seqlen, ppl_chunks, progress=progress,
                                       ranks=ranks)["ppl"]
-    curve = _resumed_curve(state) if resume else []
+    curve = resumed_curve(state) if resume else []
 
     def point(step, mdl):            # the perplexity curve against tokens seen (kept across --resume)
         if eval_ppl and ppl_every > 0 and step % ppl_every == 0 and step < cfg.steps:
             p = _eval_ppl(mdl, tok, ppl_source, ppl_seqlen, ppl_chunks, progress=False, ranks=ranks)["ppl"]
             curve.append((step, step * cfg.tokens_per_step, p))
             if ranks.is_main:
-                write_atomic(state / "ppl_curve.json", json.dumps(curve))
+                save_curve(state, curve)
     rec = recover_model(student, dense, tok, ttok, cfg, names, state_dir=state, progress=progress, ranks=ranks,
                         on_step=point)
     if eval_ppl:

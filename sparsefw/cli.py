@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from .config import load_yaml
@@ -274,7 +275,9 @@ def main(argv=None) -> int:
             run_compare(args.config, args.output, report_only=args.report_only)
     except SparseFWError as e:
         if int(os.environ.get("RANK", "0")) == 0:   # several processes: one error line, from the main one
-            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr, flush=True)
+        else:      # torchrun stops every process when one exits: give the main one time to print the line
+            time.sleep(3)
         return 2
     return 0
 

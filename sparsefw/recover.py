@@ -23,6 +23,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -256,6 +257,26 @@ def _save_state(state_dir, step, student, opt, sched, losses, seconds) -> None:
     write_atomic(state_dir / "state.json", json.dumps({"step": step}))
 
 
+def save_curve(state_dir: Path, curve: list) -> None:
+    """Keep a run's perplexity curve [(step, tokens seen, perplexity)] in its state folder
+    (``ppl_curve.json``, written atomically) so that ``--resume`` continues it (:func:`resumed_curve`)."""
+    from .paths import write_atomic
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(state_dir / "ppl_curve.json", json.dumps(curve))
+
+
+def resumed_curve(state_dir: Path) -> list:
+    """The perplexity points (:func:`save_curve`) an interrupted run recorded up to its last
+    checkpoint (:func:`_save_state`); later points are measured again when the steps after the
+    checkpoint rerun. [] when the folder holds no curve or no checkpoint."""
+    f, st = state_dir / "ppl_curve.json", state_dir / "state.json"
+    if not (f.is_file() and st.is_file()):
+        return []
+    step = json.loads(st.read_text())["step"]
+    return [tuple(x) for x in json.loads(f.read_text()) if x[0] <= step]
+
+
 def _load_state(ckpt, student, opt, sched):
     """Resume from ``ckpt`` (:func:`_save_state`) if it exists. Returns (start step, losses,
     resumed-from step or None, training seconds before the resume)."""
@@ -335,13 +356,13 @@ def recover_model(student, teacher, tokenizer, teacher_tokenizer, cfg: RecoverCo
     from tqdm.auto import tqdm
 
     from .calibration import calibration_windows
-    from .distributed import Ranks, all_max, all_sum, barrier
+    from .distributed import Ranks, all_max, all_sum, barrier, raise_if_any
 
     cfg.validate()
     ranks = ranks or Ranks()
-    if int(cfg.grad_accum) % ranks.world:
-        raise SparseFWError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {ranks.world} processes "
-                            "(each step's micro-batches are split across them)")
+    raise_if_any(SparseFWError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {ranks.world} processes "
+                               "(each step's micro-batches are split across them)")
+                 if int(cfg.grad_accum) % ranks.world else None, ranks)
     masks = param_masks(student, names)
     sparsity = _check_pair(student, teacher, tokenizer, teacher_tokenizer, masks)
     owners, opt, sched = _prepare(student, teacher, masks, cfg)
