@@ -259,10 +259,10 @@ def _save_state(state_dir, step, student, opt, sched, losses, seconds) -> None:
 
 def save_curve(state_dir: Path, curve: list) -> None:
     """Keep a run's perplexity curve [(step, tokens seen, perplexity)] in its state folder
-    (``ppl_curve.json``, written atomically) so that ``--resume`` continues it (:func:`resumed_curve`)."""
+    (``ppl_curve.json``, written atomically, the folder created if needed) so that ``--resume``
+    continues it (:func:`resumed_curve`). Raises: OSError if the folder cannot be written."""
     from .paths import write_atomic
 
-    state_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(state_dir / "ppl_curve.json", json.dumps(curve))
 
 
