@@ -529,6 +529,13 @@ class _FWRun:
         product plus the product of the change between the two candidates (most rows round to
         nearly the same mask twice), so a candidate rarely costs a dense GEMM."""
         ids = rows.ids
+        warm = rows.Z0.bool()
+        # a row whose candidate is closer to the warmstart than to the last candidate starts over
+        # from the warmstart, whose product is 0 (at iteration 1 most rows round back to it)
+        restart = (Mc != warm).sum(1) < (Mc != self.cand[ids]).sum(1)
+        if bool(restart.any()):
+            self.cand_H[ids[restart]] = 0.0
+            self.cand[ids[restart]] = warm[restart]
         change = rows.W * (self.cand[ids].float() - Mc.float())
         self.cand_H.index_add_(0, ids, gram_product(change, self.G, rows.view.idx, self.dense_above, full=True))
         self.cand[ids] = Mc

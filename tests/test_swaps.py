@@ -8,7 +8,7 @@ import torch
 from sparsefw.errors import SparseFWError
 from sparsefw.fw import row_errors
 from sparsefw.masks import Pattern, parse_pattern, prune_mask, wanda_scores
-from sparsefw.swaps import swap_refine
+from sparsefw.swaps import CHUNK, smallest_k, swap_refine
 
 
 def correlated(d_out=12, d_in=16, n=256, seed=0):
@@ -87,3 +87,23 @@ def test_rows_with_all_kept_or_all_pruned_keep_their_counts():
     R0, R1 = W * ~M, W * ~r.mask
     f0, f1 = ((R0 @ G) * R0).sum(1), ((R1 @ G) * R1).sum(1)
     assert bool((f1 <= f0 + 1e-5).all()) and torch.allclose(f1 - f0, r.delta.float(), atol=1e-4)
+
+
+def test_smallest_k_selects_the_values_topk_does():
+    # chunked selection: the K smallest values of every row, including rows whose K smallest sit
+    # in one chunk, rows with ties at the K-th value, and +inf (ineligible) entries
+    g = torch.Generator().manual_seed(0)
+    T = torch.randn(6, 40 * CHUNK, generator=g)
+    T[0, :8] = -10.0 - torch.arange(8.0)                  # all 8 smallest in the first chunk
+    T[1] = torch.randint(0, 5, (40 * CHUNK,), generator=g).float()   # many ties
+    T[2, 1:] = float("inf")                               # one finite entry...
+    T[2, 5 * CHUNK:5 * CHUNK + 7] = 0.5                   # ...and seven more in another chunk
+    T[3] = torch.arange(40 * CHUNK, 0, -1).float()        # the smallest at the end of the row
+    for K in (1, 3, 8):
+        idx = smallest_k(T, K)
+        assert idx.shape == (6, K)
+        assert all(len(set(r.tolist())) == K for r in idx)                     # distinct columns
+        want = torch.topk(T, K, dim=1, largest=False).values
+        assert torch.equal(T.gather(1, idx).sort(1).values, want.sort(1).values)
+    assert sorted(smallest_k(T, 8)[0].tolist()) == list(range(8))
+    assert sorted(smallest_k(T, 2)[3].tolist()) == [40 * CHUNK - 2, 40 * CHUNK - 1]
