@@ -172,9 +172,7 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         rtol: a swap counts only if it lowers the row's error by more than rtol times the error.
         overwrite_q: Q (float32) may be updated in place instead of copied (saves one (d_out, d_in) buffer; the
             caller must not use Q afterwards).
-    Returns: :class:`SwapResult` (``iterations`` = rounds).
-    Raises:
-        SparseFWError: shape mismatch between W, G, mask and Q.
+    Returns: :class:`SwapResult` (``iterations`` = rounds). Raises: SparseFWError: shapes of W, G, mask, Q differ.
     """
     if mask.shape != W.shape or G.shape != (W.shape[1], W.shape[1]) or (Q is not None and Q.shape != W.shape):
         raise SparseFWError(f"swap_refine: shapes W {tuple(W.shape)}, G {tuple(G.shape)}, mask "
@@ -221,15 +219,13 @@ def swap_refine(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, pattern: P
         Mr.scatter_(1, C, kept)
         Akr.scatter_(1, C, torch.where(kept, math.inf, base))
         Apr.scatter_(1, C, torch.where(kept, base, math.inf))
-        # a row whose round found no improving pair has stopped: its state does not change any
-        # more, so it is dropped (five (rows, d_in) copies) only once 1/8 of the rows have stopped
+        # a stopped row (no improving pair) never changes again: dropped (5 copies) once 1/8 have stopped
         stopped |= n_swaps == 0
         if int(stopped.sum()) * INNER_STOP >= stopped.numel():
             if Mr is not M:
                 M[ids] = Mr
-            moved = ~stopped
-            ids, Wr, Qr, Mr, Akr, Apr = ids[moved], Wr[moved], Qr[moved], Mr[moved], Akr[moved], Apr[moved]
-            stopped = stopped[moved]
+            ids, Wr, Qr, Mr, Akr, Apr = (t[~stopped] for t in (ids, Wr, Qr, Mr, Akr, Apr))
+            stopped = torch.zeros(ids.numel(), dtype=torch.bool, device=W.device)
     if Mr is not M:
         M[ids] = Mr
     return SwapResult(M, delta, rounds, swaps)
