@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import SparseFWError
-from .gram import all_finite, bag_rows, row_matmul
+from .gram import all_finite, bag_rows, by_row_blocks, row_diffs, row_matmul, row_sums64
 from .masks import Pattern, group_rank, select
 from .swaps import ROW_TILE, swap_refine
 
@@ -233,7 +233,7 @@ def gram_product(E: torch.Tensor, G: torch.Tensor, cols: torch.Tensor | None = N
     r, c = E.shape
     d_in = G.shape[0]
     nz = E != 0
-    dense = nz.sum(1) > dense_above * d_in
+    dense = row_diffs(E) > dense_above * d_in
     if bool(dense.all()):                     # one GEMM, no second (r, d_in) buffer
         Ef = E if cols is None else torch.zeros(r, d_in, dtype=E.dtype, device=E.device).scatter_(1, cols, E)
         H = row_matmul(Ef, G)
@@ -442,7 +442,7 @@ def _warmstart_and_swaps(W, G, warm, pattern, t0, dense_norm, swaps, working_set
     d_out = W.shape[0]
     R0 = W * ~warm
     Q0 = row_matmul(R0, G)                                   # the one d_out x d_in x d_in GEMM
-    f_rows = (R0 * Q0).sum(1, dtype=torch.float64)
+    f_rows = row_sums64(R0, Q0)
     del R0
     denom = max(dense_output_norm(W, G) if dense_norm is None else float(dense_norm), 1e-300)
     f_warm = float(f_rows.sum()) / denom
@@ -466,6 +466,11 @@ def _swap_pattern(pattern: Pattern) -> Pattern:
     return Pattern("unstructured", pattern.sparsity) if pattern.kind == "per-matrix" else pattern
 
 
+def _relaxed(W, Z, Q0, P=None):
+    """The row terms of the relaxed error W ⊙ (1 - Z) ⊙ Q, with Q = Q0 - P (or Q0 itself)."""
+    return W * (1.0 - Z) * (Q0 if P is None else Q0 - P)
+
+
 class _FWRun:
     """One :func:`fw_solve` with FW iterations: the set-up (alpha fixing, compact coordinates, the
     one dense product), the iterations, the rounding and the result. Every row (per-matrix: the
@@ -484,7 +489,7 @@ class _FWRun:
         d_out, dev = W.shape[0], W.device
         R0 = W * ~warm                                       # residual of the warmstart
         self.Q0 = row_matmul(R0, G)                          # the one d_out x d_in x d_in GEMM
-        self.f_warm_rows = (R0 * self.Q0).sum(1, dtype=torch.float64)
+        self.f_warm_rows = row_sums64(R0, self.Q0)
         self.denom = max(dense_output_norm(W, G) if dense_norm is None else float(dense_norm), 1e-300)
         del R0
         Wc = view.gather(W * ~self.fixed)                    # zero on fixed entries (identity view)
@@ -516,9 +521,12 @@ class _FWRun:
         self.steps = 0
         self.live = torch.ones(st.W.shape[0] if self.per_row else 1, dtype=torch.bool, device=dev)
 
-    def seg_sum(self, T):
-        """Per-row sums (per-matrix: one sum), float64."""
-        return T.sum(1, dtype=torch.float64) if self.per_row else T.sum(dtype=torch.float64).view(1)
+    def seg_sum(self, fn, *T):
+        """Per-row float64 sums of ``fn(*T)`` (per-matrix: one sum); per row, block by block of
+        rows (:func:`sparsefw.gram.by_row_blocks`: the same bits, the temporaries in cache)."""
+        if self.per_row:
+            return by_row_blocks(lambda *t: fn(*t).sum(1, dtype=torch.float64), *T)
+        return fn(*T).sum(dtype=torch.float64).view(1)
 
     def product(self, E, cols, dense=False):
         return gram_product(E, self.G, cols, 0.0 if dense or not self.incremental else self.dense_above)
@@ -532,7 +540,7 @@ class _FWRun:
         warm = rows.Z0.bool()
         # a row whose candidate is closer to the warmstart than to the last candidate starts over
         # from the warmstart, whose product is 0 (at iteration 1 most rows round back to it)
-        restart = (Mc != warm).sum(1) < (Mc != self.cand[ids]).sum(1)
+        restart = row_diffs(Mc, warm) < row_diffs(Mc, self.cand[ids])
         if bool(restart.any()):
             self.cand_H[ids[restart]] = 0.0
             self.cand[ids[restart]] = warm[restart]
@@ -541,8 +549,8 @@ class _FWRun:
         self.cand[ids] = Mc
         dG = self.cand_H.index_select(0, ids)
         dG = dG if rows.view.idx is None else dG.gather(1, rows.view.idx)
-        dlt = rows.W * (rows.Z0 - Mc.float())
-        return rows.fw + self.seg_sum(dlt * (2.0 * rows.Q0 + dG))
+        return rows.fw + self.seg_sum(lambda W, Z0, M, Q0, dG: W * (Z0 - M.float()) * (2.0 * Q0 + dG),
+                                      rows.W, rows.Z0, Mc, rows.Q0, dG)
 
     def keep_better(self, rows: _Rows, Mc: torch.Tensor):
         e = self.evaluate(rows, Mc)
@@ -570,7 +578,7 @@ class _FWRun:
         Q = st.Q0 - st.P
         sc = st.W * Q                                        # -grad / 2 on the free coordinates
         V = st.view.lmo(sc).float()
-        gap = 2.0 * self.seg_sum(sc * (V - st.Z))
+        gap = 2.0 * self.seg_sum(lambda sc, V, Z: sc * (V - Z), sc, V, st.Z)
         finished = self.live & (gap <= self.tol * st.fw)
         gid = st.ids if self.per_row else torch.zeros(1, dtype=torch.int64, device=dev)
         self.gap_rel[gid] = gap / st.fw.clamp_min(1e-300)
@@ -582,7 +590,7 @@ class _FWRun:
                 return True
             if self.per_row and int((~live).sum()) >= max(1, live.numel() // 10):  # drop finished rows
                 self.Z_out[st.ids[~live]] = st.Z[~live]
-                self.f_relaxed[st.ids[~live]] = self.seg_sum(st.W * (1.0 - st.Z) * Q)[~live]
+                self.f_relaxed[st.ids[~live]] = self.seg_sum(_relaxed, st.W, st.Z, Q)[~live]
                 sc, V = sc[live], V[live]
                 st.keep(live)
                 self.live = torch.ones(st.W.shape[0], dtype=torch.bool, device=dev)
@@ -618,7 +626,7 @@ class _FWRun:
             elif self.incremental:
                 # S = (W ⊙ (V - Z0)) G from the product of whichever of the last two vertices is
                 # closer to V in each row (line-search FW zigzags: V is often nearer V_{t-2})
-                two = ((V != st.V2).sum(1) < (V != st.V).sum(1)).unsqueeze(1)
+                two = (row_diffs(V, st.V2) < row_diffs(V, st.V)).unsqueeze(1)
                 Ev = torch.where(two, st.V2, st.V).float().neg_().add_(V).mul_(st.W)  # W ⊙ (V - base)
                 S = torch.where(two, st.S2, st.S, out=st.S2)     # the old S2 is not needed any more
                 S.add_(self.product(Ev, st.view.idx))
@@ -633,7 +641,7 @@ class _FWRun:
         if self.step == "harmonic":
             eta = torch.full_like(gmax, 2.0 / (it + 1))
         else:
-            num, den = self.seg_sum(sc * D), self.seg_sum(E * H)
+            num, den = self.seg_sum(torch.mul, sc, D), self.seg_sum(torch.mul, E, H)
             eta = torch.where(den > 0, (num / den.clamp_min(1e-300)).clamp(min=0.0),
                               torch.where(num > 0, 1.0, 0.0))
             eta = torch.minimum(eta, gmax)
@@ -649,7 +657,7 @@ class _FWRun:
     def _record(self, it: int, er) -> None:
         st = self.st
         fr = self.f_relaxed.clone()
-        fr[st.ids if self.per_row else 0] = self.seg_sum(st.W * (1.0 - st.Z) * (st.Q0 - st.P))
+        fr[st.ids if self.per_row else 0] = self.seg_sum(_relaxed, st.W, st.Z, st.Q0, st.P)
         rr = None
         if self.record_rounded:
             ee = self.best_err.clone()
@@ -663,7 +671,7 @@ class _FWRun:
         st = self.st
         if not self.trivial:
             self.Z_out[st.ids] = st.Z
-            self.f_relaxed[st.ids if self.per_row else 0] = self.seg_sum(st.W * (1.0 - st.Z) * (st.Q0 - st.P))
+            self.f_relaxed[st.ids if self.per_row else 0] = self.seg_sum(_relaxed, st.W, st.Z, st.Q0, st.P)
         if self.per_row:
             self.row_iters[st.ids[self.live]] = self.steps
         if self.steps > 0:                                   # the last iterate of every row, rounded

@@ -127,6 +127,53 @@ def row_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return A @ B
 
 
+CACHE_ROWS = 64
+"""Rows per block in :func:`by_row_blocks`: 64 rows of a 28672-wide float32 matrix are 7 MiB, so a
+block's intermediates stay in the 32 MiB cache of this host."""
+
+
+def by_row_blocks(fn, *tensors: torch.Tensor, rows: int = CACHE_ROWS):
+    """``fn(*tensors)`` computed on blocks of ``rows`` rows (the last block takes the remainder, so
+    every block has at least ``rows`` rows), the results concatenated along dim 0.
+
+    For a row-wise ``fn`` (each output row depends on the same row of the inputs alone) the bits
+    are those of ``fn(*tensors)``; a chain of full-width elementwise ops then runs in cache instead
+    of one pass through memory per op: a float64 row sum of 1024 x 8000 float32 entries takes
+    5 ms instead of 57 ms, the swap candidates of 1024 x 14336 entries 37 ms instead of 132 ms (one
+    core). Fewer than 2 * ``rows`` rows: one call.
+
+    Args: fn: returns a tensor or a tuple of tensors with the rows of the inputs in dim 0.
+        tensors: (r, ...) tensors, the same r. rows: block height (> 0).
+    Returns: as ``fn``, (r, ...) each.
+    """
+    r = tensors[0].shape[0]
+    if r < 2 * rows:
+        return fn(*tensors)
+    starts = list(range(0, r - rows + 1, rows))
+    outs = [fn(*(t[a:b] for t in tensors)) for a, b in zip(starts, starts[1:] + [r])]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+def row_sums64(A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row float64 sums of a float (r, c) tensor A, or of A * B (same shape): the bits of
+    ``(A * B).sum(1, dtype=torch.float64)``, block by block (:func:`by_row_blocks`; 11x faster at
+    1024 x 8000 on one core). Returns (r,) float64."""
+    if B is None:
+        return by_row_blocks(lambda a: a.sum(1, dtype=torch.float64), A)
+    return by_row_blocks(lambda a, b: (a * b).sum(1, dtype=torch.float64), A, B)
+
+
+def row_diffs(A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, how many entries of A differ from B (None: from 0): ``(A != B).sum(1)``, block by
+    block (:func:`by_row_blocks`; 4-10x faster at 1024 x 7885 on one core). A, B: (r, c), any
+    dtypes. Returns (r,) int64."""
+    if B is None:
+        return by_row_blocks(lambda a: (a != 0).sum(1), A)
+    return by_row_blocks(lambda a, b: (a != b).sum(1), A, B)
+
+
 PANEL_COLS = 32
 """Columns of G per panel in :func:`bag_rows`: a 28672 x 32 float32 panel (3.5 MiB) stays in cache
 while every bag reads its rows."""

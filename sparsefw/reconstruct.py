@@ -44,7 +44,7 @@ import torch
 
 from .errors import SparseFWError
 from .fw import dense_output_norm, reconstruction_error, weight_error
-from .gram import check_layer_inputs, cholesky, damped_hessian, factor_dtype
+from .gram import check_layer_inputs, cholesky, damped_hessian, factor_dtype, row_sums64
 
 DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
 SOLVERS = ("cg", "cg64", "cholesky")
@@ -106,7 +106,7 @@ def _cg(Ah: torch.Tensor, rhs: torch.Tensor, m: torch.Tensor, thresh: torch.Tens
     out = torch.zeros_like(rhs)
     idx = torch.arange(rhs.shape[0], device=rhs.device)     # rows still iterating
     x, r, p, th = torch.zeros_like(rhs), rhs.clone(), rhs.clone(), thresh
-    rr = (r * r).sum(1, dtype=torch.float64)
+    rr = row_sums64(r, r)
     its = 0
     for its in range(maxiter + 1):
         done = rr <= th
@@ -117,10 +117,10 @@ def _cg(Ah: torch.Tensor, rhs: torch.Tensor, m: torch.Tensor, thresh: torch.Tens
         if idx.numel() == 0 or its == maxiter:
             break
         q = (p @ Ah).mul_(m)
-        alpha = (rr / (p * q).sum(1, dtype=torch.float64).clamp_min(1e-300)).to(x.dtype).unsqueeze(1)
+        alpha = (rr / row_sums64(p, q).clamp_min(1e-300)).to(x.dtype).unsqueeze(1)
         x.addcmul_(alpha, p)
         r.addcmul_(alpha, q, value=-1.0)
-        rr_new = (r * r).sum(1, dtype=torch.float64)
+        rr_new = row_sums64(r, r)
         p.mul_((rr_new / rr.clamp_min(1e-300)).to(x.dtype).unsqueeze(1)).add_(r)
         rr = rr_new
     if idx.numel():
@@ -160,12 +160,12 @@ def _solve_cg(Ah: torch.Tensor, b: torch.Tensor, y: torch.Tensor, m: torch.Tenso
     Returns: (left, iterations): int64 indices of the rows not converged and the CG iterations run.
     """
     Aw = Ah.to(dtype)                                   # no copy when the dtypes agree
-    thresh = (tol * tol) * (b * b).sum(1, dtype=torch.float64)
+    thresh = (tol * tol) * row_sums64(b, b)
     active = torch.arange(b.shape[0], device=b.device)
     its = 0
     for ref in range(CG_REFINEMENTS + 2):
         r = b[active] - (y[active] @ Ah).mul_(m[active])    # residual in Ah's dtype
-        rr = (r * r).sum(1, dtype=torch.float64)
+        rr = row_sums64(r, r)
         keep = rr > thresh[active]
         active, r, rr = active[keep], r[keep], rr[keep]
         if active.numel() == 0 or its >= maxiter or ref > CG_REFINEMENTS:

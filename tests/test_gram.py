@@ -156,3 +156,24 @@ def test_bag_rows_panels_give_the_bits_of_one_pass(d_in, d):
     assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-4)
     few = bag_rows(bag[:per_bag], idx[:per_bag], G, w[:per_bag], 2)    # one bag read: the single pass
     assert torch.equal(few[0], one[0]) and not few[1].any()             # an empty bag sums to zeros
+
+
+def test_row_blocks_split_and_give_the_bits_of_one_call():
+    from sparsefw.gram import by_row_blocks, row_diffs, row_sums64
+    heights = []
+    x = torch.arange(129 * 3, dtype=torch.float32).view(129, 3)
+    doubled, sums = by_row_blocks(lambda t: (heights.append(t.shape[0]) or 2 * t, t.sum(1)), x)
+    assert heights == [64, 65]                      # the last block takes the remainder
+    assert torch.equal(doubled, 2 * x) and torch.equal(sums, x.sum(1))
+    heights.clear()
+    by_row_blocks(lambda t: heights.append(t.shape[0]) or t, x[:127])
+    assert heights == [127]                         # under two blocks: one call
+    g = torch.Generator().manual_seed(0)
+    for r, c in ((1, 5), (200, 7885), (333, 1001)):
+        a, b = torch.randn(r, c, generator=g), torch.randn(r, c, generator=g)
+        assert torch.equal(row_sums64(a, b), (a * b).sum(1, dtype=torch.float64))
+        assert torch.equal(row_sums64(a), a.sum(1, dtype=torch.float64))
+    m = torch.tensor([[True, False, True, False]] * 130)
+    v = torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 130)
+    assert row_diffs(m, v).tolist() == [2] * 130     # columns 1 and 2 differ
+    assert row_diffs(v).tolist() == [2] * 130        # two nonzeros
