@@ -20,6 +20,12 @@ of time vs d_in:
 per width and density, for ``sparsefw.fw.DENSE_ABOVE``:
 
     python scripts/bench_solver.py --threads 2 --products 576,1536,4096,14336 --out results/bench_products.json
+
+``--row-blocks WIDTHS`` times the kernels that ``sparsefw.gram.by_row_blocks`` runs 64 rows at a time
+(float64 row sums, counts of differing entries, the swap candidates) whole vs in row blocks, per
+width (1024 rows), and checks that the bits agree:
+
+    python scripts/bench_solver.py --threads 1 --row-blocks 4096,7885,14336,28672
 """
 from __future__ import annotations
 
@@ -156,6 +162,40 @@ def products(widths: list[int], rows: int = 512, densities=(0.03, 0.05, 0.07, 0.
     return out
 
 
+def row_blocks(widths: list[int], rows: int = 1024, reps: int = 5) -> dict:
+    """Seconds of each row-wise kernel on (rows, d) whole vs :func:`sparsefw.gram.by_row_blocks`,
+    the ratio, and whether both give the same bits."""
+    import math
+
+    from sparsefw.gram import by_row_blocks
+    from sparsefw.swaps import swap_candidates
+
+    g = torch.Generator().manual_seed(0)
+    pat = parse_pattern("unstructured", 0.5)
+    out = {}
+    for d in widths:
+        A, B = torch.randn(rows, d, generator=g), torch.randn(rows, d, generator=g)
+        M = torch.rand(rows, d, generator=g) < 0.5
+        Ak, Ap = (A * A).masked_fill(M, math.inf), (A * A).masked_fill(~M, math.inf)
+        kernels = {"row sums float64": (lambda a, b: (a * b).sum(1, dtype=torch.float64), (A, B)),
+                   "row diff counts": (lambda m, b: (m != (b > 0)).sum(1), (M, B)),
+                   "swap candidates": (lambda w, q, ak, ap: swap_candidates(w, q, ak, ap, pat, 8), (A, B, Ak, Ap))}
+        for name, (fn, args) in kernels.items():
+            t = {}
+            for how, call in (("whole", lambda: fn(*args)), ("blocks", lambda: by_row_blocks(fn, *args))):
+                res = call()                                    # warm-up
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    call()
+                t[how] = (time.perf_counter() - t0) / reps
+                t[how + "_result"] = res
+            same = torch.equal(t.pop("whole_result"), t.pop("blocks_result"))
+            out[f"{d}/{name}"] = {**t, "ratio": t["whole"] / t["blocks"], "same_bits": same}
+            print(f"{rows} x {d:6d} {name:18s}: whole {1000 * t['whole']:7.1f} ms, row blocks "
+                  f"{1000 * t['blocks']:6.1f} ms, {t['whole'] / t['blocks']:4.1f}x, same bits: {same}", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -174,9 +214,15 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens of the synthetic scaling layers")
     ap.add_argument("--products", default="",
                     help="only the GEMM-vs-gather crossing: input widths like 576,1536,4096,14336")
+    ap.add_argument("--row-blocks", default="", help="only the row-block kernels: widths like 4096,14336")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.row_blocks:
+        res = {"threads": torch.get_num_threads(), "row_blocks": row_blocks([int(w) for w in a.row_blocks.split(",")])}
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        print(f"wrote {a.out}")
+        return
     if a.products:
         res = {"threads": torch.get_num_threads(), "products": products([int(w) for w in a.products.split(",")])}
         Path(a.out).write_text(json.dumps(res, indent=1))
