@@ -193,8 +193,8 @@ def block_solve_seconds(report: dict, blocks: int) -> list[float]:
 
 
 def code_version() -> str:
-    """The git commit of this checkout, whose package the prunes run (``-m sparsefw`` from it;
-    :func:`sparsefw.report.code_version`)."""
+    """The commit that last changed this checkout's package code, which the prunes run (``-m sparsefw``
+    from it; :func:`sparsefw.report.code_version`)."""
     from sparsefw.report import code_version as version
 
     return version(ROOT)

@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", default=None)
     c.add_argument("--report-only", dest="report_only", action="store_true",
                    help="write the table from the finished cells without pruning any (progress check)")
+    c.add_argument("--cell", dest="cells", action="append", default=None, metavar="ID",
+                   help="run only this cell (repeatable), e.g. sparsefw__0.6__s1: reproduce one cell")
     return ap
 
 
@@ -272,7 +274,7 @@ def main(argv=None) -> int:
         elif args.cmd == "compare":
             from .compare import run_compare
 
-            run_compare(args.config, args.output, report_only=args.report_only)
+            run_compare(args.config, args.output, report_only=args.report_only, only=args.cells)
     except SparseFWError as e:
         if int(os.environ.get("RANK", "0")) == 0:   # several processes: one error line, from the main one
             print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr, flush=True)

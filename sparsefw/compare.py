@@ -27,11 +27,20 @@ Config (YAML)::
       sparsefw: {method: sparsefw, warmstart: wanda}
       sparsefw_fixrow: {method: sparsefw, fix: row, sparsities: ["2:4"]}   # only some columns
     save: [sparsefw]        # labels whose pruned checkpoints are saved (optional)
+    isolate: true           # optional: every cell in a fresh process, so its peak RSS is its own
+
+A label with ``seeds: [0, 1, 2]`` gets one cell per calibration seed (ids ``label__0.5__s1``);
+the table shows their mean ± sample standard deviation. Every cell records its wall time, the
+peak RSS of the process that ran it (``peak_rss_scope``: ``cell`` when isolated, else
+``process``, the worker's high-water mark so far) and the code version (:func:`sparsefw.report.code_version`).
+One cell alone: ``sparsefw compare --config C --cell ID [--output DIR]``.
 """
 from __future__ import annotations
 
 import json
 import math
+import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -42,8 +51,8 @@ from .errors import SparseFWError
 from .paths import claim, write_atomic
 
 
-def _cell_id(label: str, sp: str) -> str:
-    return f"{label}__{sp.replace(':', 'of')}"
+def _cell_id(label: str, sp: str, seed: int | None = None) -> str:
+    return f"{label}__{sp.replace(':', 'of')}" + ("" if seed is None else f"__s{seed}")
 
 
 def _sp_args(sp: str) -> dict:
@@ -64,8 +73,18 @@ def load_config(path: str) -> dict:
     return c
 
 
-def _cells(c: dict) -> list[tuple[str, str, dict]]:
-    """(label, sparsity, prune options) of every cell of config ``c``, each checked.
+def _seeds(label: str, opts: dict) -> list:
+    """The calibration seeds of a label (``[None]``: the config's seed, one cell)."""
+    seeds = opts.get("seeds")
+    if seeds is None:
+        return [None]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds):
+        raise SparseFWError(f"method '{label}': seeds must be a list of integers, e.g. seeds: [0, 1, 2]")
+    return seeds
+
+
+def _cells(c: dict) -> list[tuple[str, str, str, dict]]:
+    """(cell id, label, sparsity, prune options) of every cell of config ``c``, each checked.
     Raises SparseFWError for bad options (before any cell runs)."""
     from .config import PruneConfig
 
@@ -74,26 +93,46 @@ def _cells(c: dict) -> list[tuple[str, str, dict]]:
     for label, opts in c["methods"].items():
         opts = dict(opts or {})
         only = [str(x) for x in opts.pop("sparsities", c["sparsities"])]
+        seeds = _seeds(label, opts)
+        opts.pop("seeds", None)
         for sp in c["sparsities"]:
             if str(sp) not in only:
                 continue
-            kw = {**shared, **opts, **_sp_args(sp)}
-            PruneConfig(**kw).validate()  # fail early on a typo
-            cells.append((label, str(sp), kw))
+            for seed in seeds:
+                kw = {**shared, **opts, **_sp_args(sp), **({} if seed is None else {"seed": seed})}
+                PruneConfig(**kw).validate()  # fail early on a typo
+                cells.append((_cell_id(label, str(sp), seed), label, str(sp), kw))
     return cells
 
 
-def _run_cell(c: dict, out: Path, label: str, sp: str, kw: dict, ppl: dict, zs, val, save: set) -> dict:
+def cell_ids(config_path: str) -> tuple[Path, list[str]]:
+    """The output folder and the cell ids of a comparison config (in table order).
+
+    Raises: SparseFWError for a bad config or bad cell options."""
+    c = load_config(config_path)
+    return Path(c.get("output") or "runs/compare"), [cid for cid, *_ in _cells(c)]
+
+
+def _run_isolated(*args) -> dict:
+    """:func:`_run_cell` in a fresh (spawned) process, so that the peak RSS it records is the cell's."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(_run_cell, *args, isolated=True).result()
+
+
+def _run_cell(c: dict, out: Path, cid: str, label: str, sp: str, kw: dict, ppl: dict, zs, val, save: set,
+              isolated: bool = False) -> dict:
     """Prune and evaluate one cell; its JSON record."""
     from . import api
 
     t0 = time.perf_counter()
-    cid = _cell_id(label, sp)
     rep = api.prune(c["model"], output=str(out / "models" / cid) if label in save else None,
                     overwrite=True, eval_ppl=True, ppl_source=ppl["source"], ppl_seqlen=int(ppl["seqlen"]),
                     ppl_chunks=ppl["chunks"], zeroshot=(zs or {}).get("tasks"),
                     zeroshot_limit=(zs or {}).get("limit"), progress=True, ppl_validation=val, **kw).report
-    return {"label": label, "sparsity": sp, "method": kw.get("method"), "options": kw,
+    return {"label": label, "sparsity": sp, "seed": kw.get("seed"), "method": kw.get("method"), "options": kw,
             "ppl": rep["ppl"]["pruned"], "ppl_dense": rep["ppl"]["dense"],
             "ppl_val": (rep.get("ppl_validation") or {}).get("pruned"),
             "ppl_val_dense": (rep.get("ppl_validation") or {}).get("dense"), "validation": val,
@@ -103,6 +142,8 @@ def _run_cell(c: dict, out: Path, label: str, sp: str, kw: dict, ppl: dict, zs, 
             "zeroshot_mean": (rep.get("zeroshot") or {}).get("mean_acc"),
             "zeroshot": rep.get("zeroshot"), "cell_seconds": time.perf_counter() - t0,
             "owl": rep.get("owl"), "timings": rep.get("timings"), "code": rep.get("code"),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,   # Linux: KiB
+            "peak_rss_scope": "cell" if isolated else "process",
             # per layer: [relative error of this cell, of Wanda's mask on the same inputs]
             "layer_errors": {L["name"]: [L["error_final"], L["error_wanda"]] for L in rep["layers"]}}
 
@@ -124,26 +165,36 @@ def _write_outputs(c: dict, out: Path, results: dict, dense: dict) -> dict:
     return comp
 
 
-def run_compare(config_path: str, output: str | None = None, report_only: bool = False) -> dict:
+def run_compare(config_path: str, output: str | None = None, report_only: bool = False,
+                only: list[str] | None = None) -> dict:
     """Run (or resume) every cell of a comparison config and write the table, JSON and plot.
 
     Args: config_path: YAML file (see module docstring). output: overrides the config's folder.
         report_only: prune nothing (not even the dense zero-shot cell); write the table, JSON and
             plot from the cells finished so far (to look at a long run while workers continue).
+        only: cell ids to run (e.g. ``["sparsefw__0.6__s1"]``, to reproduce one cell); the others
+            are neither run nor shown.
     Returns: the comparison dict written to ``comparison.json``.
-    Raises: SparseFWError for a bad config or bad cell options (before any cell runs).
+    Raises: SparseFWError for a bad config, bad cell options or an unknown cell id (before any
+        cell runs).
     """
     c = load_config(config_path)
     out = Path(output or c.get("output") or "runs/compare")
-    (out / "cells").mkdir(parents=True, exist_ok=True)
     ppl = {"source": "boolq", "seqlen": int(c.get("seqlen", 512)), "chunks": 64, **(c.get("ppl") or {})}
     zs, val, save = c.get("zeroshot") or None, c.get("validation"), set(c.get("save") or [])
     cells = _cells(c)
+    if only:
+        unknown = sorted(set(only) - {cid for cid, *_ in cells})
+        if unknown:
+            raise SparseFWError(f"unknown cell id(s) {', '.join(unknown)}; this config's cells are: "
+                                + ", ".join(cid for cid, *_ in cells))
+        cells = [x for x in cells if x[0] in only]
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    run = _run_isolated if c.get("isolate") else _run_cell
     results = {}
     dense = _dense_cell(c["model"], out, None if report_only else zs)
     bar = tqdm(cells, desc="comparison", unit="cell")
-    for label, sp, kw in bar:
-        cid = _cell_id(label, sp)
+    for cid, label, sp, kw in bar:
         f = out / "cells" / f"{cid}.json"
         bar.set_postfix(cell=cid)
         done, lock = _finished(f, zs, val), None
@@ -156,14 +207,13 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
             results[cid] = done
         if done or lock is None:
             continue
-        results[cid] = _run_cell(c, out, label, sp, kw, ppl, zs, val, save)
+        results[cid] = run(c, out, cid, label, sp, kw, ppl, zs, val, save)
         _write_json(f, results[cid])
         lock.unlink(missing_ok=True)
-    for lab, sp, _ in cells:  # cells another process finished while this one ran
-        cid = _cell_id(lab, sp)
+    for cid, *_ in cells:  # cells another process finished while this one ran
         if cid not in results and (done := _finished(out / "cells" / f"{cid}.json", zs, val)):
             results[cid] = done
-    missing = [_cell_id(lab, sp) for lab, sp, _ in cells if _cell_id(lab, sp) not in results]
+    missing = [cid for cid, *_ in cells if cid not in results]
     if missing and report_only:
         print(f"{len(missing)} of {len(cells)} cell(s) not finished yet: {', '.join(missing)}")
     elif missing:
@@ -214,16 +264,35 @@ def _sp_label(sp: str) -> str:
     return sp if ":" in sp else f"{100 * float(sp):g}%"
 
 
+def _group(comp: dict, label: str, sp: str) -> list[dict]:
+    """The finished cells of ``label`` at sparsity ``sp``: one per seed of the label."""
+    seeds = ((comp["config"].get("methods") or {}).get(label) or {}).get("seeds") or [None]
+    return [g for x in seeds if (g := comp["cells"].get(_cell_id(label, sp, x)))]
+
+
+def _mean_std(vals: list, spec: str, scale: float = 1.0, sign: bool = False) -> str:
+    """``mean`` of the values (times ``scale``), ``mean ± sample std`` for two or more; "" for none."""
+    vals = [scale * v for v in vals if v is not None]
+    if not vals:
+        return ""
+    text = f"{statistics.fmean(vals) + 0.0:{'+' if sign else ''}{spec}}"      # + 0.0: no -0.0
+    return text + (f" ± {statistics.stdev(vals):{spec}}" if len(vals) > 1 else "")
+
+
 def format_table(comp: dict, sparsities: list[str], labels: list[str]) -> str:
     """Markdown table: rows = methods, columns = perplexity per sparsity (+ zero-shot mean accuracy
-    in %, layer error vs Wanda, mean pruning seconds); a cell not finished yet is left blank."""
+    in %, layer error vs Wanda, mean pruning seconds, and the largest per-cell peak RSS when the
+    cells ran isolated); a label with several seeds shows mean ± sample std; a cell not finished
+    yet is left blank."""
     cells = comp["cells"]
     has_zs = any(v.get("zeroshot_mean") is not None for v in cells.values())
+    has_rss = any(v.get("peak_rss_scope") == "cell" for v in cells.values())
     names = [_sp_label(s) for s in sparsities]
     head = "| method | " + " | ".join(f"ppl {s}" for s in names)
     if has_zs:
         head += " | " + " | ".join(f"0-shot {s}" for s in names)
     head += " | " + " | ".join(f"err vs Wanda {s}" for s in names) + " | prune s (mean) |"
+    head += " peak RSS GiB |" if has_rss else ""
     ncol = head.count("|") - 1
     lines = [head, "|" + "---|" * ncol]
     if comp.get("ppl_dense"):
@@ -231,16 +300,21 @@ def format_table(comp: dict, sparsities: list[str], labels: list[str]) -> str:
         lines.append("| dense | " + " | ".join(f"{comp['ppl_dense']:.2f}" for _ in sparsities)
                      + (" | " + " | ".join(f"{100 * zd:.2f}" if zd is not None else ""
                                            for _ in sparsities) if has_zs else "")
-                     + " | " + " | ".join("" for _ in sparsities) + " | |")
+                     + " | " + " | ".join("" for _ in sparsities) + " | |" + (" |" if has_rss else ""))
     for lab in labels:
-        row = [lab]
-        got = [cells.get(_cell_id(lab, s)) for s in sparsities]
-        row += [f"{g['ppl']:.2f}" if g else "" for g in got]
+        groups = [_group(comp, lab, s) for s in sparsities]
+        n = max(len(g) for g in groups) if groups else 0
+        row = [lab + (f" ({n} seeds)" if n > 1 else "")]
+        row += [_mean_std([g["ppl"] for g in gs], ".2f") for gs in groups]
         if has_zs:
-            row += [f"{100 * g['zeroshot_mean']:.2f}" if g and g.get("zeroshot_mean") is not None else "" for g in got]
-        row += [f"{-100 * g['error_reduction_vs_wanda'] + 0.0:+.1f}%" if g else "" for g in got]  # no -0.0
-        secs = [g["prune_seconds"] for g in got if g]
-        row.append(f"{sum(secs) / len(secs):.0f}" if secs else "")
+            row += [_mean_std([g.get("zeroshot_mean") for g in gs], ".2f", 100.0) for gs in groups]
+        row += [_mean_std([g["error_reduction_vs_wanda"] for g in gs], ".1f", -100.0, sign=True) + ("%" if gs else "")
+                for gs in groups]
+        every = [g for gs in groups for g in gs]
+        row.append(f"{statistics.fmean(g['prune_seconds'] for g in every):.0f}" if every else "")
+        if has_rss:
+            rss = [g["peak_rss_gib"] for g in every if g.get("peak_rss_scope") == "cell"]
+            row.append(f"{max(rss):.2f}" if rss else "")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -256,7 +330,8 @@ def plot(comp: dict, sparsities: list[str], labels: list[str], path: Path) -> No
     xs = list(range(len(sparsities)))
     colors = plt.get_cmap("tab20").colors  # 20 distinct colours; the default cycle repeats after 10
     for i, lab in enumerate(labels):
-        ys = [comp["cells"].get(_cell_id(lab, s), {}).get("ppl", math.nan) for s in sparsities]
+        ys = [statistics.fmean(g["ppl"] for g in gs) if (gs := _group(comp, lab, s)) else math.nan
+              for s in sparsities]
         ax.plot(xs, ys, marker="o", color=colors[i % len(colors)], label=lab,
                 ls="--" if lab.endswith("+rec") else "-")  # reconstructed variants dashed
     if comp.get("ppl_dense"):

@@ -114,15 +114,19 @@ def layers_last(report: dict) -> dict:
 
 
 def code_version(root: str | Path | None = None) -> str:
-    """The git commit of the package code that runs (``+dirty`` with uncommitted changes under
-    ``sparsefw/``), or ``unknown`` outside a git checkout; recorded in every result cell. ``root``:
-    the checkout to describe (default: the one this package was imported from)."""
+    """The commit that last changed the package code (``sparsefw/``), ``+dirty`` with uncommitted
+    changes there, or ``unknown`` outside a git checkout; recorded in every result cell. A commit
+    that changes only docs, scripts or results keeps the version, so the cells made before it are
+    still current (``scripts/check_results_current.py`` checks that). ``root``: the checkout to
+    describe (default: the one this package was imported from)."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        head = subprocess.run(["git", "log", "-1", "--format=%h", "--", "sparsefw"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "sparsefw"], cwd=root, capture_output=True,
                                text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    if not head:
         return "unknown"
     return head + ("+dirty" if dirty else "")

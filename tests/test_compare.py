@@ -142,3 +142,44 @@ def test_validation_text_is_scored_per_cell_and_required_for_resume(tmp_path, ti
         assert cell["validation"] == "boolq"
         assert cell["ppl_val"] == pytest.approx(cell["ppl"], rel=1e-9)
         assert cell["ppl_val_dense"] == pytest.approx(cell["ppl_dense"], rel=1e-9)
+
+
+def test_seeds_isolated_cells_and_one_cell_alone(tmp_path, tiny_dir):
+    """A label with seeds gets one cell per calibration seed and a mean ± std row; isolated cells
+    record their own peak RSS; --cell reruns one cell into a fresh folder with the same numbers."""
+    import statistics
+
+    from sparsefw.errors import SparseFWError
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"""model: {tiny_dir}
+output: {tmp_path / 'out'}
+calib: wiki
+nsamples: 2
+seqlen: 16
+ppl: {{source: boolq, seqlen: 16, chunks: 2}}
+isolate: true
+sparsities: ["0.5"]
+methods:
+  wanda: {{method: wanda, seeds: [0, 1]}}
+  magnitude: {{method: magnitude}}
+""")
+    comp = compare.run_compare(str(cfg))
+    assert set(comp["cells"]) == {"wanda__0.5__s0", "wanda__0.5__s1", "magnitude__0.5"}
+    a, b = comp["cells"]["wanda__0.5__s0"], comp["cells"]["wanda__0.5__s1"]
+    assert (a["seed"], b["seed"], b["options"]["seed"]) == (0, 1, 1)
+    assert a["ppl"] != b["ppl"]                     # other calibration windows, other Wanda mask
+    for cell in comp["cells"].values():
+        assert cell["peak_rss_scope"] == "cell" and 0.1 < cell["peak_rss_gib"] < 8 and cell["code"]
+    rows = (tmp_path / "out" / "comparison.md").read_text().splitlines()
+    assert rows[0].endswith("| prune s (mean) | peak RSS GiB |")
+    wanda = next(r for r in rows if r.startswith("| wanda"))
+    ppls = [a["ppl"], b["ppl"]]
+    assert wanda.startswith(f"| wanda (2 seeds) | {statistics.fmean(ppls):.2f} ± {statistics.stdev(ppls):.2f} |")
+    again = compare.run_compare(str(cfg), output=str(tmp_path / "again"), only=["wanda__0.5__s1"])
+    assert set(again["cells"]) == {"wanda__0.5__s1"} and again["cells"]["wanda__0.5__s1"]["ppl"] == b["ppl"]
+    with pytest.raises(SparseFWError, match="unknown cell id"):
+        compare.run_compare(str(cfg), only=["wanda__0.5__s7"])
+    cfg.write_text(cfg.read_text().replace("seeds: [0, 1]", "seeds: 3"))
+    with pytest.raises(SparseFWError, match="seeds must be a list of integers"):
+        compare.run_compare(str(cfg))
