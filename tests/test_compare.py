@@ -183,3 +183,14 @@ methods:
     cfg.write_text(cfg.read_text().replace("seeds: [0, 1]", "seeds: 3"))
     with pytest.raises(SparseFWError, match="seeds must be a list of integers"):
         compare.run_compare(str(cfg))
+
+
+def test_results_configs_parse_with_unique_cells():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("results_*.yaml"))
+    assert configs
+    for cfg in configs:
+        out, ids = compare.cell_ids(str(cfg))
+        assert ids and len(set(ids)) == len(ids) and str(out).startswith("results/")
+        assert "sparsefw+rec__0.6__s2" in ids and "sparsegpt+owl__0.7" in ids
