@@ -140,14 +140,15 @@ def by_row_blocks(fn, *tensors: torch.Tensor, rows: int = CACHE_ROWS):
     are those of ``fn(*tensors)``; a chain of full-width elementwise ops then runs in cache instead
     of one pass through memory per op: a float64 row sum of 1024 x 8000 float32 entries takes
     5 ms instead of 57 ms, the swap candidates of 1024 x 14336 entries 37 ms instead of 132 ms (one
-    core). Fewer than 2 * ``rows`` rows: one call.
+    core). Fewer than 2 * ``rows`` rows, or tensors off the CPU (a GPU wants one large kernel, not
+    many small ones): one call.
 
     Args: fn: returns a tensor or a tuple of tensors with the rows of the inputs in dim 0.
         tensors: (r, ...) tensors, the same r. rows: block height (> 0).
     Returns: as ``fn``, (r, ...) each.
     """
     r = tensors[0].shape[0]
-    if r < 2 * rows:
+    if r < 2 * rows or tensors[0].device.type != "cpu":
         return fn(*tensors)
     starts = list(range(0, r - rows + 1, rows))
     outs = [fn(*(t[a:b] for t in tensors)) for a, b in zip(starts, starts[1:] + [r])]
