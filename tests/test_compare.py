@@ -17,19 +17,22 @@ def tiny_dir(tmp_path, tokenizer, make_tiny):
     return d
 
 
-def _config(tmp_path, model_dir, zeroshot=""):
-    cfg = tmp_path / "c.yaml"
+DEFAULT_METHODS = """  magnitude: {method: magnitude}
+  wanda: {method: wanda, sparsities: ["2:4"]}"""
+
+
+def _config(tmp_path, model_dir, extra="", sparsities='["0.5", "2:4"]', methods=DEFAULT_METHODS, name="c.yaml"):
+    cfg = tmp_path / name
     cfg.write_text(f"""model: {model_dir}
 output: {tmp_path / 'out'}
 calib: wiki
 nsamples: 2
 seqlen: 16
 ppl: {{source: boolq, seqlen: 16, chunks: 2}}
-{zeroshot}
-sparsities: ["0.5", "2:4"]
+{extra}
+sparsities: {sparsities}
 methods:
-  magnitude: {{method: magnitude}}
-  wanda: {{method: wanda, sparsities: ["2:4"]}}
+{methods}
 """)
     return cfg
 
@@ -151,19 +154,8 @@ def test_seeds_isolated_cells_and_one_cell_alone(tmp_path, tiny_dir):
 
     from sparsefw.errors import SparseFWError
 
-    cfg = tmp_path / "s.yaml"
-    cfg.write_text(f"""model: {tiny_dir}
-output: {tmp_path / 'out'}
-calib: wiki
-nsamples: 2
-seqlen: 16
-ppl: {{source: boolq, seqlen: 16, chunks: 2}}
-isolate: true
-sparsities: ["0.5"]
-methods:
-  wanda: {{method: wanda, seeds: [0, 1]}}
-  magnitude: {{method: magnitude}}
-""")
+    cfg = _config(tmp_path, tiny_dir, "isolate: true", sparsities='["0.5"]', name="s.yaml",
+                  methods="  wanda: {method: wanda, seeds: [0, 1]}\n  magnitude: {method: magnitude}")
     comp = compare.run_compare(str(cfg))
     assert set(comp["cells"]) == {"wanda__0.5__s0", "wanda__0.5__s1", "magnitude__0.5"}
     a, b = comp["cells"]["wanda__0.5__s0"], comp["cells"]["wanda__0.5__s1"]

@@ -1,22 +1,11 @@
 """scripts/check_results_current.py: a cell made by other code, or missing, fails the check."""
-import importlib.util
 import json
-from pathlib import Path
 
 from sparsefw.report import code_version
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("check_results_current", ROOT / "scripts" / "check_results_current.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_current_stale_and_missing_cells(tmp_path, capsys):
-    mod = _load()
+def test_current_stale_and_missing_cells(tmp_path, capsys, script):
+    mod = script("check_results_current")
     cfg = tmp_path / "results_x.yaml"
     cfg.write_text(f"""model: smollm2-135m
 output: {tmp_path / 'out'}

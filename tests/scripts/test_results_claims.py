@@ -1,20 +1,9 @@
 """scripts/results_claims.py: hand-made cells give the hand-computed claims."""
-import importlib.util
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("results_claims", ROOT / "scripts" / "results_claims.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_claims_from_hand_made_cells(tmp_path):
-    mod = _load()
+def test_claims_from_hand_made_cells(tmp_path, script):
+    mod = script("results_claims")
     cfg = tmp_path / "results_x.yaml"
     cfg.write_text(f"""model: smollm2-135m
 output: {tmp_path / 'out'}
