@@ -11,7 +11,6 @@ one line per config and every stale or missing cell; exit status 1 if any, 0 oth
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,20 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def check(config: str, current: str) -> list[str]:
     """Problems of one config's cells: ``missing <id>`` or ``stale <id> (code X)``."""
-    from sparsefw.compare import cell_ids
+    from sparsefw.compare import finished_cells
 
-    out, ids = cell_ids(config)
-    out = out if out.is_absolute() else ROOT / out
-    problems = []
-    for cid in ids:
-        f = out / "cells" / f"{cid}.json"
-        if not f.exists():
-            problems.append(f"missing {cid}")
-            continue
-        code = json.loads(f.read_text()).get("code")
-        if code != current:
-            problems.append(f"stale {cid} (code {code})")
-    return problems
+    _, _, cells = finished_cells(config, base=ROOT)
+    return [f"missing {cid}" if cell is None else f"stale {cid} (code {cell.get('code')})"
+            for cid, cell in cells.items() if cell is None or cell.get("code") != current]
 
 
 def main(argv=None) -> int:

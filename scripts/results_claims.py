@@ -33,13 +33,10 @@ CLAIM_PATTERNS = ("0.5", "0.6", "2:4")
 
 def _cells(config: str) -> tuple[dict, dict]:
     """(config, {cell id: cell}) of the finished cells of a comparison config."""
-    from sparsefw.compare import cell_ids, load_config
+    from sparsefw.compare import finished_cells
 
-    out, ids = cell_ids(config)
-    out = out if out.is_absolute() else ROOT / out
-    cells = {cid: json.loads((out / "cells" / f"{cid}.json").read_text())
-             for cid in ids if (out / "cells" / f"{cid}.json").exists()}
-    return load_config(config), cells
+    c, _, cells = finished_cells(config, base=ROOT)
+    return c, {cid: cell for cid, cell in cells.items() if cell is not None}
 
 
 def _of(cells: dict, label: str, sp: str) -> list[dict]:

@@ -26,7 +26,8 @@ Config (YAML)::
       wanda: {method: wanda}
       sparsefw: {method: sparsefw, warmstart: wanda}
       sparsefw_fixrow: {method: sparsefw, fix: row, sparsities: ["2:4"]}   # only some columns
-    save: [sparsefw]        # labels whose pruned checkpoints are saved (optional)
+    save: [sparsefw, wanda__2of4]   # labels or cell ids whose pruned checkpoints are saved to
+                                    # <output>/models/<cell id> (optional; e.g. for zero-shot later)
     isolate: true           # optional: every cell in a fresh process, so its peak RSS is its own
 
 A label with ``seeds: [0, 1, 2]`` gets one cell per calibration seed (ids ``label__0.5__s1``);
@@ -105,12 +106,20 @@ def _cells(c: dict) -> list[tuple[str, str, str, dict]]:
     return cells
 
 
-def cell_ids(config_path: str) -> tuple[Path, list[str]]:
-    """The output folder and the cell ids of a comparison config (in table order).
+def finished_cells(config_path: str, base: Path | None = None) -> tuple[dict, Path, dict[str, dict | None]]:
+    """The finished cells of a comparison config, for scripts that read a grid without running it.
 
+    Args: config_path: YAML file (see module docstring). base: folder a relative ``output`` is
+        resolved against (default: the working directory).
+    Returns: (config, output folder, {cell id: cell dict, or None if not finished}) with the ids in
+        table order; a cell counts as finished as in :func:`run_compare` (it holds the zero-shot
+        result and validation perplexity the config asks for).
     Raises: SparseFWError for a bad config or bad cell options."""
     c = load_config(config_path)
-    return Path(c.get("output") or "runs/compare"), [cid for cid, *_ in _cells(c)]
+    out = Path(c.get("output") or "runs/compare")
+    out = out if out.is_absolute() or base is None else Path(base) / out
+    zs, val = c.get("zeroshot") or None, c.get("validation")
+    return c, out, {cid: _finished(out / "cells" / f"{cid}.json", zs, val) for cid, *_ in _cells(c)}
 
 
 def _run_isolated(*args) -> dict:
@@ -128,7 +137,7 @@ def _run_cell(c: dict, out: Path, cid: str, label: str, sp: str, kw: dict, ppl: 
     from . import api
 
     t0 = time.perf_counter()
-    rep = api.prune(c["model"], output=str(out / "models" / cid) if label in save else None,
+    rep = api.prune(c["model"], output=str(out / "models" / cid) if {label, cid} & save else None,
                     overwrite=True, eval_ppl=True, ppl_source=ppl["source"], ppl_seqlen=int(ppl["seqlen"]),
                     ppl_chunks=ppl["chunks"], zeroshot=(zs or {}).get("tasks"),
                     zeroshot_limit=(zs or {}).get("limit"), progress=True, ppl_validation=val, **kw).report
@@ -183,6 +192,9 @@ def run_compare(config_path: str, output: str | None = None, report_only: bool =
     ppl = {"source": "boolq", "seqlen": int(c.get("seqlen", 512)), "chunks": 64, **(c.get("ppl") or {})}
     zs, val, save = c.get("zeroshot") or None, c.get("validation"), set(c.get("save") or [])
     cells = _cells(c)
+    if unknown := sorted(map(str, save - {x for cid, label, *_ in cells for x in (cid, label)})):
+        raise SparseFWError(f"save: {', '.join(unknown)} is neither a method label nor a cell id of this "
+                            "config (cell ids look like wanda__0.5 or wanda__2of4__s1)")
     if only:
         unknown = sorted(set(only) - {cid for cid, *_ in cells})
         if unknown:

@@ -170,6 +170,8 @@ def test_seeds_isolated_cells_and_one_cell_alone(tmp_path, tiny_dir):
     assert wanda.startswith(f"| wanda (2 seeds) | {statistics.fmean(ppls):.2f} ± {statistics.stdev(ppls):.2f} |")
     again = compare.run_compare(str(cfg), output=str(tmp_path / "again"), only=["wanda__0.5__s1"])
     assert set(again["cells"]) == {"wanda__0.5__s1"} and again["cells"]["wanda__0.5__s1"]["ppl"] == b["ppl"]
+    _, out, got = compare.finished_cells(str(cfg), base=tmp_path / "elsewhere")   # absolute output kept
+    assert out == tmp_path / "out" and got == {cid: comp["cells"][cid] for cid in comp["cells"]}
     with pytest.raises(SparseFWError, match="unknown cell id"):
         compare.run_compare(str(cfg), only=["wanda__0.5__s7"])
     cfg.write_text(cfg.read_text().replace("seeds: [0, 1]", "seeds: 3"))
@@ -183,6 +185,26 @@ def test_results_configs_parse_with_unique_cells():
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("results_*.yaml"))
     assert configs
     for cfg in configs:
-        out, ids = compare.cell_ids(str(cfg))
+        c, out, cells = compare.finished_cells(str(cfg))
+        ids = list(cells)
+        assert compare.finished_cells(str(cfg), base=Path("/x"))[1] == Path("/x") / c["output"]
         assert ids and len(set(ids)) == len(ids) and str(out).startswith("results/")
         assert "sparsefw+rec__0.6__s2" in ids and "sparsegpt+owl__0.7" in ids
+
+
+def test_save_one_cell_checkpoint(tmp_path, tiny_dir):
+    """`save` takes cell ids as well as labels: only that cell's pruned model is written, and it
+    reloads with the cell's sparsity; an entry that is neither is refused before any cell runs."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsefw.errors import SparseFWError
+
+    cfg = _config(tmp_path, tiny_dir, "save: [wanda__2of4]")
+    compare.run_compare(str(cfg))
+    assert sorted(p.name for p in (tmp_path / "out" / "models").iterdir()) == ["wanda__2of4"]
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "models" / "wanda__2of4")
+    W = m.model.layers[0].mlp.up_proj.weight
+    assert (W.reshape(W.shape[0], -1, 4) == 0).sum(-1).eq(2).all()   # 2 of every 4 are zero
+    cfg = _config(tmp_path, tiny_dir, "save: [wanda__0.5]")          # wanda runs only at 2:4 here
+    with pytest.raises(SparseFWError, match="neither a method label nor a cell id"):
+        compare.run_compare(str(cfg))
