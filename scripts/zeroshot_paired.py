@@ -3,7 +3,7 @@ errors and paired per-document differences.
 
 Reads the per-document shards written by ``sparsefw eval-zeroshot --resume-dir`` (one folder per
 model, ``<task>/<first>-<end>.json`` with a 0/1 ``acc`` and, where the task has it, ``acc_norm`` per
-document) and writes ``zeroshot60.md`` / ``zeroshot60.json`` into the output folder.
+document).
 
 Statistics (documents are the units): a model's accuracy on a task is the mean of its n per-document
 0/1 scores, its standard error s/√n (s the sample standard deviation); the 7-task mean is the mean
@@ -12,14 +12,24 @@ is the mean of d_i = a_i − b_i over the same documents, with standard error sd
 7-task mean, combined as above; "pooled" treats all documents of the seven tasks as one sample);
 z = difference / SE (|z| > 2: unlikely to be noise).
 
-    python scripts/zeroshot_paired.py            # the folders of scripts/zeroshot60.sh
+Two modes:
+
+- ``--config configs/results_smollm2.yaml``: the dense model and every cell the config saves
+  (``save:``, checkpoints under ``<output>/models/<cell id>``, written by ``sparsefw compare``) are
+  scored (resumably, shards under ``<output>/zeroshot/<cell id>``; ``--report-only`` scores
+  nothing); per sparsity, the accuracy table and the paired differences of each of ours
+  (``sparsefw`` / ``swaps`` cells) minus the others and dense go to ``<output>/zeroshot.{md,json}``.
+- no ``--config``: the folders of scripts/zeroshot60.sh (60%, 2026-12-03) -> ``zeroshot60.{md,json}``
+  in the folder given (default ``results/zeroshot60_smollm2``).
+
+    OMP_NUM_THREADS=1 python scripts/zeroshot_paired.py --config configs/results_smollm2.yaml
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -27,6 +37,8 @@ MODELS = {"dense": "results/zeroshot_dense_smollm2", "Wanda": "results/zeroshot6
           "SparseGPT": "results/zeroshot60_smollm2/sparsegpt",
           "SparseFW + rec": "results/zeroshot60_smollm2/sparsefw_rec"}
 N_DOCS = 500
+ROOT = Path(__file__).resolve().parent.parent
+OURS = ("sparsefw", "swaps")    # methods whose cells are the bases of the paired differences
 
 
 def scores(folder: Path, task: str, metric: str, n: int = N_DOCS) -> list[float] | None:
@@ -51,7 +63,9 @@ def mean_se(x: list[float]) -> tuple[float, float]:
     return statistics.fmean(x), statistics.stdev(x) / math.sqrt(len(x))
 
 
-def build(models: dict[str, Path], base: str, others: list[str]) -> tuple[str, dict]:
+def build(models: dict[str, Path], bases: list[str], others: list[str]) -> tuple[str, dict]:
+    """Markdown (accuracy table, then paired differences of each base minus each other model) and
+    the same numbers as a dict. Raises FileNotFoundError if a model's shards are incomplete."""
     out: dict = {"n_docs_per_task": {}, "acc": {}, "paired": {}}
     lines = ["| model | " + " | ".join(TASKS) + " | mean of 7 |", "|---" * (len(TASKS) + 2) + "|"]
     for name, folder in models.items():
@@ -66,9 +80,18 @@ def build(models: dict[str, Path], base: str, others: list[str]) -> tuple[str, d
         mean, se = statistics.fmean(accs), math.sqrt(sum(s * s for s in ses)) / len(ses)
         out["acc"][name] = {"tasks": dict(zip(TASKS, accs)), "se": dict(zip(TASKS, ses)), "mean": mean, "mean_se": se}
         lines.append(f"| {name} | " + " | ".join(row) + f" | **{100 * mean:.2f} ± {100 * se:.2f}** |")
-    lines += ["", f"Paired per-document differences, {base} minus each other model (percentage points, ± SE; z):", "",
-              "| metric | vs | " + " | ".join(TASKS) + " | mean of 7 | pooled documents |",
-              "|---" * (len(TASKS) + 4) + "|"]
+    for base in bases:
+        lines += ["", f"Paired per-document differences, {base} minus each other model (percentage points, ± SE; z):",
+                  "", "| metric | vs | " + " | ".join(TASKS) + " | mean of 7 | pooled documents |",
+                  "|---" * (len(TASKS) + 4) + "|"]
+        lines += _paired_rows(models, base, [o for o in others if o != base], out)
+    return "\n".join(lines) + "\n", out
+
+
+def _paired_rows(models: dict[str, Path], base: str, others: list[str], out: dict) -> list[str]:
+    """Table rows of the paired differences ``base`` minus each of ``others`` (acc, then acc_norm);
+    the numbers also go to ``out["paired"]``."""
+    lines = []
     for metric in ("acc", "acc_norm"):
         for other in others:
             row, ds, ses, pooled = [], [], [], []
@@ -91,16 +114,53 @@ def build(models: dict[str, Path], base: str, others: list[str]) -> tuple[str, d
             lines.append(f"| {metric} | {other} | " + " | ".join(row)
                          + f" | **{100 * d:+.2f} ± {100 * se:.2f}** (z = {d / se:+.1f}) "
                          f"| {100 * pd:+.2f} ± {100 * pse:.2f} (z = {pd / pse:+.1f}, n = {len(pooled)}) |")
-    return "\n".join(lines) + "\n", out
+    return lines
 
 
-def main() -> None:
-    root = Path(__file__).resolve().parent.parent
-    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else root / "results/zeroshot60_smollm2"
-    models = {k: root / v for k, v in MODELS.items()}
-    md, out = build(models, "SparseFW + rec", ["Wanda", "SparseGPT", "dense"])
-    (out_dir / "zeroshot60.md").write_text(md)
-    (out_dir / "zeroshot60.json").write_text(json.dumps(out, indent=1))
+def _config_models(config: str, limit: int, batch_size: int, report_only: bool) -> tuple[Path, dict, set]:
+    """Score (resumably) the dense model and the finished cells a results config saves. Returns the
+    config's output folder, {sparsity: {name: shard folder}} (dense in every group) and the names
+    of our cells (method sparsefw or swaps)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from sparsefw.api import eval_zeroshot
+    from sparsefw.compare import finished_cells
+
+    c, out, cells = finished_cells(config, base=ROOT)
+    saved = [cid for cid, cell in cells.items() if cid in set(c.get("save") or []) and cell is not None]
+    groups: dict[str, dict] = {}
+    for cid in ["dense"] + saved:
+        folder = out / "zeroshot" / cid
+        if not report_only:
+            model = c["model"] if cid == "dense" else str(out / "models" / cid)
+            eval_zeroshot(model, list(TASKS), limit=limit, batch_size=batch_size, resume_dir=str(folder),
+                          shard_size=limit)
+        if cid != "dense":
+            groups.setdefault(cells[cid]["sparsity"], {"dense": out / "zeroshot" / "dense"})[cid] = folder
+    return out, groups, {cid for cid in saved if cells[cid]["method"] in OURS}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", nargs="?", default=str(ROOT / "results/zeroshot60_smollm2"),
+                    help="without --config: where zeroshot60.{md,json} go")
+    ap.add_argument("--config", help="a results config whose saved cells are scored and compared")
+    ap.add_argument("--limit", type=int, default=N_DOCS, help="documents per task (default 500)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--report-only", action="store_true", help="score nothing; tables from the shards")
+    a = ap.parse_args(argv)
+    if not a.config:
+        md, out = build({k: ROOT / v for k, v in MODELS.items()}, ["SparseFW + rec"], ["Wanda", "SparseGPT", "dense"])
+        name, out_dir = "zeroshot60", Path(a.folder)
+    else:
+        out_dir, groups, ours = _config_models(a.config, a.limit, a.batch_size, a.report_only)
+        md, out, name = "", {}, "zeroshot"
+        for sp, models in groups.items():
+            part, out[sp] = build(models, [m for m in models if m in ours], [m for m in models if m not in ours])
+            md += f"### {sp}\n\n{part}\n"
+    (out_dir / f"{name}.md").write_text(md)
+    (out_dir / f"{name}.json").write_text(json.dumps(out, indent=1))
     print(md)
 
 

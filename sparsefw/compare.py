@@ -31,7 +31,9 @@ Config (YAML)::
     isolate: true           # optional: every cell in a fresh process, so its peak RSS is its own
 
 A label with ``seeds: [0, 1, 2]`` gets one cell per calibration seed (ids ``label__0.5__s1``);
-the table shows their mean ± sample standard deviation. Every cell records its wall time, the
+the table shows their mean ± sample standard deviation. ``seed_sparsities: ["0.6"]`` (optional)
+runs the extra seeds only at those sparsities (elsewhere only the first seed), to spend the
+seeds where the spread is reported. Every cell records its wall time, the
 peak RSS of the process that ran it (``peak_rss_scope``: ``cell`` when isolated, else
 ``process``, the worker's high-water mark so far) and the code version (:func:`sparsefw.report.code_version`).
 One cell alone: ``sparsefw compare --config C --cell ID [--output DIR]``.
@@ -90,6 +92,7 @@ def _cells(c: dict) -> list[tuple[str, str, str, dict]]:
     from .config import PruneConfig
 
     shared = {k: c[k] for k in ("calib", "nsamples", "seqlen", "seed", "bos", "device", "dtype") if k in c}
+    seeded = [str(x) for x in c.get("seed_sparsities", c["sparsities"])]
     cells = []
     for label, opts in c["methods"].items():
         opts = dict(opts or {})
@@ -99,7 +102,7 @@ def _cells(c: dict) -> list[tuple[str, str, str, dict]]:
         for sp in c["sparsities"]:
             if str(sp) not in only:
                 continue
-            for seed in seeds:
+            for seed in seeds if str(sp) in seeded else seeds[:1]:
                 kw = {**shared, **opts, **_sp_args(sp), **({} if seed is None else {"seed": seed})}
                 PruneConfig(**kw).validate()  # fail early on a typo
                 cells.append((_cell_id(label, str(sp), seed), label, str(sp), kw))

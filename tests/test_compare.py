@@ -174,6 +174,9 @@ def test_seeds_isolated_cells_and_one_cell_alone(tmp_path, tiny_dir):
     assert out == tmp_path / "out" and got == {cid: comp["cells"][cid] for cid in comp["cells"]}
     with pytest.raises(SparseFWError, match="unknown cell id"):
         compare.run_compare(str(cfg), only=["wanda__0.5__s7"])
+    cfg2 = _config(tmp_path, tiny_dir, 'seed_sparsities: ["2:4"]', sparsities='["0.5", "2:4"]', name="s2.yaml",
+                   methods="  wanda: {method: wanda, seeds: [0, 1]}")
+    assert list(compare.finished_cells(str(cfg2))[2]) == ["wanda__0.5__s0", "wanda__2of4__s0", "wanda__2of4__s1"]
     cfg.write_text(cfg.read_text().replace("seeds: [0, 1]", "seeds: 3"))
     with pytest.raises(SparseFWError, match="seeds must be a list of integers"):
         compare.run_compare(str(cfg))

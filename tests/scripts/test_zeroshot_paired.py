@@ -1,0 +1,42 @@
+"""scripts/zeroshot_paired.py --config: the saved cells of a results config against each other and
+dense, from per-document shards (hand-computed accuracies and paired differences)."""
+import json
+import math
+
+
+def _shards(folder, acc):
+    """One 4-document shard per task with the same per-document 0/1 scores."""
+    for task in ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"):
+        (folder / task).mkdir(parents=True)
+        (folder / task / "000000-000004.json").write_text(json.dumps(
+            {"task": task, "first": 0, "end": 4, "n_docs": 4, "metrics": {"acc": acc}}))
+
+
+def test_config_mode_pairs_ours_against_the_others(tmp_path, script):
+    out = tmp_path / "out"
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"""model: smollm2-135m
+output: {out}
+sparsities: ["0.6"]
+save: [wanda__0.6, sparsefw+rec__0.6]
+methods:
+  wanda: {{method: wanda}}
+  sparsefw+rec: {{method: sparsefw, reconstruct: true}}
+  ria: {{method: ria}}
+""")
+    (out / "cells").mkdir(parents=True)
+    for cid, label, method in (("wanda__0.6", "wanda", "wanda"), ("sparsefw+rec__0.6", "sparsefw+rec", "sparsefw")):
+        (out / "cells" / f"{cid}.json").write_text(json.dumps({"label": label, "sparsity": "0.6", "method": method}))
+    _shards(out / "zeroshot" / "dense", [1.0, 1.0, 0.0, 0.0])
+    _shards(out / "zeroshot" / "wanda__0.6", [1.0, 0.0, 0.0, 0.0])
+    _shards(out / "zeroshot" / "sparsefw+rec__0.6", [1.0, 1.0, 1.0, 0.0])
+    script("zeroshot_paired").main(["--config", str(cfg), "--report-only"])
+    got = json.loads((out / "zeroshot.json").read_text())["0.6"]
+    assert {k: v["mean"] for k, v in got["acc"].items()} == {"dense": 0.5, "wanda__0.6": 0.25, "sparsefw+rec__0.6": 0.75}
+    d = got["paired"]["acc: sparsefw+rec__0.6 - wanda__0.6"]     # per document 0, 1, 1, 0
+    se = math.sqrt(1 / 3) / 2          # sample sd sqrt(1/3), n = 4
+    assert d["mean"] == 0.5 and math.isclose(d["se"]["rte"], se)
+    assert math.isclose(d["mean_se"], math.sqrt(7 * se ** 2) / 7) and d["pooled_n"] == 28
+    assert set(got["paired"]) == {f"{m}: sparsefw+rec__0.6 - {o}" for m in ("acc", "acc_norm")
+                                  for o in ("dense", "wanda__0.6")}
+    assert "### 0.6" in (out / "zeroshot.md").read_text()
