@@ -192,7 +192,11 @@ def test_results_configs_parse_with_unique_cells():
         ids = list(cells)
         assert compare.finished_cells(str(cfg), base=Path("/x"))[1] == Path("/x") / c["output"]
         assert ids and len(set(ids)) == len(ids) and str(out).startswith("results/")
-        assert "sparsefw+rec__0.6__s2" in ids and "sparsegpt+owl__0.7" in ids
+        # the cells of the paper's claims (scripts/results_claims.py) at 60% and 2:4
+        for sp in ("0.6", "2of4"):
+            for label in ("wanda", "ria", "sparsegpt", "sparsefw_swaps0", "sparsefw+rec"):
+                assert any(i.startswith(f"{label}__{sp}") for i in ids), (cfg.name, label, sp)
+        assert set(c.get("save") or []) <= set(ids)
 
 
 def test_save_one_cell_checkpoint(tmp_path, tiny_dir):
