@@ -17,11 +17,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def check(config: str, current: str) -> list[str]:
-    """Problems of one config's cells: ``missing <id>`` or ``stale <id> (code X)``."""
+def check(config: str, current: str, root: Path = ROOT) -> list[str]:
+    """Problems of one config's cells (its relative output folder taken under ``root``):
+    ``missing <id>`` or ``stale <id> (code X)``."""
     from sparsefw.compare import finished_cells
 
-    _, _, cells = finished_cells(config, base=ROOT)
+    _, _, cells = finished_cells(config, base=root)
     return [f"missing {cid}" if cell is None else f"stale {cid} (code {cell.get('code')})"
             for cid, cell in cells.items() if cell is None or cell.get("code") != current]
 

@@ -31,8 +31,11 @@ def _sp(s: str) -> str:
 def _key(cell: dict) -> str:
     """The setting of a cell: ``swaps`` (no FW iteration; cells from when ``sparsefw`` ran
     ``iterations 0`` count as that), or ``sparsefw α A, N iterations``."""
-    o = cell["options"]
-    if o.get("method") == "swaps" or not int(o.get("iterations", 0)):
+    from sparsefw.methods import DEFAULT_ITERATIONS
+
+    # cells without a code version predate the 10-iteration default: then sparsefw alone ran no FW iteration
+    o = {"iterations": DEFAULT_ITERATIONS if cell.get("code") else 0, **cell["options"]}
+    if o.get("method") == "swaps" or not int(o["iterations"]):
         return "swaps (no FW iteration)"
     return f"sparsefw α {o.get('alpha', 0.9):g}, {int(o['iterations'])} iterations" + \
         (", no swaps" if int(o.get("swaps", 50)) == 0 else "")

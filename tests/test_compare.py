@@ -193,7 +193,7 @@ def test_results_configs_parse_with_unique_cells():
         assert compare.finished_cells(str(cfg), base=Path("/x"))[1] == Path("/x") / c["output"]
         assert ids and len(set(ids)) == len(ids) and str(out).startswith("results/")
         # the cells of the paper's claims (scripts/results_claims.py) at 60% and 2:4
-        for sp in ("0.6", "2of4"):
+        for sp in ("0.6", "2of4") if "wanda" in c["methods"] else ():   # not the alpha study
             for label in ("wanda", "ria", "sparsegpt", "sparsefw_swaps0", "sparsefw+rec"):
                 assert any(i.startswith(f"{label}__{sp}") for i in ids), (cfg.name, label, sp)
         assert set(c.get("save") or []) <= set(ids)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Regenerate every results number of README.md and docs/results.md on the current code: the cells of
+# configs/results_smollm2.yaml, results_alpha_smollm2.yaml and results_gemma3.yaml (two single-thread
+# workers each, one per core; resumable: finished cells are kept, a rerun continues), the zero-shot
+# tables of the saved cells, the alpha ranking, the claims and the plots, then the generated parts of
+# the pages and the check that every shown cell is the current code's. About 15 CPU-hours on this
+# 2-core host (a 64 x 512 cell: 14-25 CPU-minutes), so about 8 hours of wall time.
+#   bash scripts/results.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
+PY=.venv/bin/python
+for cfg in results_smollm2 results_alpha_smollm2 results_gemma3; do
+  .venv/bin/sparsefw compare --config configs/$cfg.yaml & .venv/bin/sparsefw compare --config configs/$cfg.yaml
+  wait
+  .venv/bin/sparsefw compare --config configs/$cfg.yaml --report-only   # the complete table and plot
+done
+$PY scripts/zeroshot_paired.py --config configs/results_smollm2.yaml & $PY scripts/zeroshot_paired.py --config configs/results_gemma3.yaml
+wait
+$PY scripts/validation_table.py results/final_alpha_smollm2
+$PY scripts/results_claims.py configs/results_smollm2.yaml configs/results_gemma3.yaml
+$PY scripts/plot_layer_errors.py results/final_smollm2 --labels sparsefw_swaps0,sparsefw+rec --sparsities 0.5,0.6,2:4
+$PY scripts/results_docs.py
+$PY scripts/results_docs.py --check

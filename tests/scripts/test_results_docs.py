@@ -1,0 +1,47 @@
+"""scripts/results_docs.py: the generated parts of the pages come from the cells (hand-computed
+means and sample std), hand-written text is kept, and --check fails on a page that is not current."""
+import json
+
+PAGE = "intro\n<!-- generated: headline -->\nold numbers\n<!-- /generated: headline -->\nhand-written end\n"
+
+
+def _grid(root, stem, model, sparsities, methods, cells):
+    (root / "configs").mkdir(exist_ok=True)
+    (root / "configs" / f"{stem}.yaml").write_text(
+        f"model: {model}\noutput: out_{stem}\nsparsities: {json.dumps(sparsities)}\nmethods:\n"
+        + "".join(f"  {k}: {v}\n" for k, v in methods.items()))
+    (root / f"out_{stem}" / "cells").mkdir(parents=True)
+    for cid, (label, sp, ppl) in cells.items():
+        (root / f"out_{stem}" / "cells" / f"{cid}.json").write_text(json.dumps(
+            {"label": label, "sparsity": sp, "ppl": ppl, "ppl_dense": 5.0 if stem == "results_a" else 6.0,
+             "code": "abc1234"}))
+
+
+def test_headline_from_cells_and_check(tmp_path, script, monkeypatch):
+    docs = script("results_docs")
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    monkeypatch.setattr(docs, "HEADLINE_CONFIGS", ("results_a", "results_b"))
+    monkeypatch.setattr(docs, "PAGES", ("page.md",))
+    _grid(tmp_path, "results_a", "smollm2-135m", ["0.6"],
+          {"wanda": "{method: wanda, seeds: [0, 1]}", "sparsefw+rec": "{method: sparsefw, reconstruct: true}"},
+          {"wanda__0.6__s0": ("wanda", "0.6", 10.0), "wanda__0.6__s1": ("wanda", "0.6", 12.0),
+           "sparsefw+rec__0.6": ("sparsefw+rec", "0.6", 8.0)})
+    _grid(tmp_path, "results_b", "gemma3-270m", ["2:4"], {"wanda": "{method: wanda}"},
+          {"wanda__2of4": ("wanda", "2:4", 20.0)})
+    text = docs.regenerate(PAGE)
+    assert text.startswith("intro\n<!-- generated: headline -->\n| method | smollm2-135m 60% | gemma3-270m 2:4 |")
+    assert text.endswith("<!-- /generated: headline -->\nhand-written end\n") and "old numbers" not in text
+    assert "| dense | 5.00 | 6.00 |" in text
+    assert "| Wanda | 11.00 ± 1.41 | 20.00 |" in text                  # mean, sample std of 10 and 12
+    assert "| `sparsefw --reconstruct` | 8.00 |  |" in text and "| RIA |  |  |" in text
+    (tmp_path / "page.md").write_text(PAGE)
+    assert docs.main(["--check"]) == 1 and "old numbers" in (tmp_path / "page.md").read_text()   # --check writes nothing
+    assert docs.main([]) == 0 and (tmp_path / "page.md").read_text() == text
+    assert docs.main(["--check"]) == 1       # the page is current now, but the cells are not this code's
+    from sparsefw.report import code_version
+
+    for f in tmp_path.glob("out_*/cells/*.json"):
+        f.write_text(f.read_text().replace("abc1234", code_version()))
+    assert docs.main(["--check"]) == 0
+    (tmp_path / "out_results_b" / "cells" / "wanda__2of4.json").unlink()
+    assert docs.main(["--check"]) == 1       # a missing cell (and the table changes)
