@@ -138,7 +138,8 @@ def report(c: dict, out: Path) -> str:
              if (out / "cells" / f"{n}.json").exists()}
     lines = [f"# Recovery study ({c['model']})", "",
              f"Perplexity: {c['ppl']['source']}, {c['ppl']['chunks']} x {c['ppl']['seqlen']} tokens. Budget per run: "
-             f"{c['recover'].get('minutes', 0):g} minutes of training (evaluations excluded), 1 thread.", "",
+             + (f"{c['recover']['minutes']:g} minutes of training (evaluations excluded), 1 thread."
+                if c["recover"].get("minutes") else f"{c['recover'].get('steps', 100)} steps."), "",
              "| run | mask | train | lr | tokens | minutes | ppl before | ppl after | dense | log-gap closed | code |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in cells.items():
@@ -154,7 +155,7 @@ def report(c: dict, out: Path) -> str:
 
         for r in done:
             md, _ = build({"after": out / "zeroshot" / f"{r}_after", "before": out / "zeroshot" / f"{r}_before"},
-                          "after", ["before"])
+                          ["after"], ["before"])
             lines += ["", f"## Zero-shot, {r}: after vs before recovery", "", md]
     text = "\n".join(lines) + "\n"
     (out / "recover_study.md").write_text(text)

@@ -2,9 +2,10 @@
 # Regenerate every results number of README.md and docs/results.md on the current code: the cells of
 # configs/results_smollm2.yaml, results_alpha_smollm2.yaml and results_gemma3.yaml (two single-thread
 # workers each, one per core; resumable: finished cells are kept, a rerun continues), the zero-shot
-# tables of the saved cells, the alpha ranking, the claims and the plots, then the generated parts of
-# the pages and the check that every shown cell is the current code's. About 15 CPU-hours on this
-# 2-core host (a 64 x 512 cell: 14-25 CPU-minutes), so about 8 hours of wall time.
+# tables of the saved cells, the recovery rows (configs/recover_results_smollm2.yaml), the alpha
+# ranking, the claims and the plots, then the generated parts of
+# the pages and the check that every shown cell is the current code's. About 17 CPU-hours on this
+# 2-core host (a 64 x 512 cell: 14-25 CPU-minutes), so about 9 hours of wall time.
 #   bash scripts/results.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,6 +19,9 @@ for cfg in results_smollm2 results_alpha_smollm2 results_gemma3; do
 done
 $PY scripts/zeroshot_paired.py --config configs/results_smollm2.yaml & $PY scripts/zeroshot_paired.py --config configs/results_gemma3.yaml
 wait
+$PY scripts/recover_study.py --config configs/recover_results_smollm2.yaml & $PY scripts/recover_study.py --config configs/recover_results_smollm2.yaml
+wait
+$PY scripts/recover_study.py --config configs/recover_results_smollm2.yaml --report-only
 $PY scripts/validation_table.py results/final_alpha_smollm2
 $PY scripts/results_claims.py configs/results_smollm2.yaml configs/results_gemma3.yaml
 $PY scripts/plot_layer_errors.py results/final_smollm2 --labels sparsefw_swaps0,sparsefw+rec --sparsities 0.5,0.6,2:4

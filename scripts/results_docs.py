@@ -10,7 +10,8 @@ The generated parts of those pages sit between ``<!-- generated: NAME -->`` and
 - ``claims``: the paper's claims (scripts/results_claims.py) over the results configs;
 - ``zeroshot:STEM``: the zero-shot tables of scripts/zeroshot_paired.py --config (``zeroshot.md``
   in the config's output folder);
-- ``alpha:STEM``: the validation-text ranking of scripts/validation_table.py for that config's folder.
+- ``alpha:STEM``: the validation-text ranking of scripts/validation_table.py for that config's folder;
+- ``recovery:STEM``: the recovery table of scripts/recover_study.py (``recover_study.md``).
 
 ``--check`` writes nothing and exits 1 if a generated part differs from what the cells give now,
 or if a cell of a shown config is missing or was made by other code than the current
@@ -94,6 +95,29 @@ def table(stem: str) -> str:
     return head + format_table(comp, [str(s) for s in c["sparsities"]], list(c["methods"]))
 
 
+def _recovery_output(stem: str) -> Path:
+    """The output folder of a recovery config (scripts/recover_study.py's format)."""
+    import yaml
+
+    out = Path(yaml.safe_load((ROOT / "configs" / f"{stem}.yaml").read_text())["output"])
+    return out if out.is_absolute() else ROOT / out
+
+
+def _recovery_problems(stem: str, current: str) -> list[str]:
+    """``missing RUN`` / ``stale RUN (code X)`` for the runs of a recovery config."""
+    import json
+
+    import yaml
+
+    out = _recovery_output(stem)
+    bad = []
+    for run in yaml.safe_load((ROOT / "configs" / f"{stem}.yaml").read_text())["runs"]:
+        f = out / "cells" / f"{run}.json"
+        code = json.loads(f.read_text()).get("code") if f.exists() else None
+        bad += [] if code == current else [f"missing {run}" if code is None else f"stale {run} (code {code})"]
+    return bad
+
+
 def section(name: str) -> str:
     """The Markdown of one generated part. Raises ValueError for an unknown name."""
     kind, _, stem = name.partition(":")
@@ -108,6 +132,9 @@ def section(name: str) -> str:
     if kind == "zeroshot":
         f = _finished(stem)[1] / "zeroshot.md"
         return f.read_text() if f.exists() else "(not measured yet)\n"
+    if kind == "recovery":    # scripts/recover_study.py's table, without its page title
+        f = _recovery_output(stem) / "recover_study.md"
+        return f.read_text().split("\n", 2)[2] if f.exists() else "(not measured yet)\n"
     if kind == "alpha":
         out = _finished(stem)[1]
         return _script("validation_table").build(out)[0] if list((out / "cells").glob("*.json")) \
@@ -126,11 +153,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     bad = []
-    stems = set()
+    stems, recovery = set(), set()
     for page in PAGES:
         p = ROOT / page
         old = p.read_text()
-        stems |= {m.group(2).partition(":")[2] for m in MARK.finditer(old)} - {""}
+        for m in MARK.finditer(old):
+            kind, _, stem = m.group(2).partition(":")
+            if stem:
+                (recovery if kind == "recovery" else stems).add(stem)
         new = regenerate(old)
         if new != old:
             bad.append(f"{page}: generated parts differ from the cells")
@@ -143,6 +173,8 @@ def main(argv=None) -> int:
         current = code_version()
         for stem in sorted(stems | set(HEADLINE_CONFIGS)):
             bad += [f"{stem}: {x}" for x in _script("check_results_current").check(_config(stem), current, ROOT)]
+        for stem in sorted(recovery):
+            bad += [f"{stem}: {x}" for x in _recovery_problems(stem, current)]
         print("\n".join(bad) or "all generated parts and their cells are current")
         return 1 if bad else 0
     return 0

@@ -30,3 +30,16 @@ def test_recover_study_tiny(tmp_path, script, save_tiny):
     mtime = (out / "cells" / "w50_all.json").stat().st_mtime
     study.main(["--config", str(cfg)])                    # finished: skipped, the same cell
     assert (out / "cells" / "w50_all.json").stat().st_mtime == mtime
+    assert "Budget per run: 4 steps." in md
+    # the zero-shot section, from per-document shards of before and after (hand-computed: +0.5 on every task)
+    conf["zeroshot"] = {"limit": 4, "runs": ["w50_all"]}
+    for side, acc in (("before", [0.0, 0.0, 1.0, 0.0]), ("after", [1.0, 1.0, 1.0, 0.0])):
+        folder = out / "zeroshot" / f"w50_all_{side}"
+        for task in ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"):
+            (folder / task).mkdir(parents=True)
+            (folder / task / "000000-000004.json").write_text(json.dumps(
+                {"first": 0, "end": 4, "n_docs": 4, "metrics": {"acc": acc}}))
+        (folder / "report.json").write_text("{}")
+    md = study.report(conf, out)
+    assert "## Zero-shot, w50_all: after vs before recovery" in md
+    assert "| acc | before | +50.0 ± 28.9 |" in md      # differences 1, 1, 0, 0: sd sqrt(1/3), SE sd/2

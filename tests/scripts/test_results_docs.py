@@ -45,3 +45,26 @@ def test_headline_from_cells_and_check(tmp_path, script, monkeypatch):
     assert docs.main(["--check"]) == 0
     (tmp_path / "out_results_b" / "cells" / "wanda__2of4.json").unlink()
     assert docs.main(["--check"]) == 1       # a missing cell (and the table changes)
+
+
+def test_recovery_part_and_its_check(tmp_path, script, monkeypatch):
+    """A recovery part shows recover_study.md without its title; --check wants every run's cell of
+    the current code."""
+    from sparsefw.report import code_version
+
+    docs = script("results_docs")
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    monkeypatch.setattr(docs, "HEADLINE_CONFIGS", ())
+    monkeypatch.setattr(docs, "PAGES", ("page.md",))
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "rec.yaml").write_text("output: rout\nruns: {a: {mask: m}, b: {mask: m}}\n")
+    (tmp_path / "rout" / "cells").mkdir(parents=True)
+    (tmp_path / "rout" / "recover_study.md").write_text("# Recovery study (x)\n\n| run |\n|---|\n| a |\n")
+    (tmp_path / "rout" / "cells" / "a.json").write_text(json.dumps({"code": code_version()}))
+    (tmp_path / "page.md").write_text("<!-- generated: recovery:rec -->\n<!-- /generated: recovery:rec -->\n")
+    assert docs.main([]) == 0
+    assert (tmp_path / "page.md").read_text() == \
+        "<!-- generated: recovery:rec -->\n| run |\n|---|\n| a |\n<!-- /generated: recovery:rec -->\n"
+    assert docs.main(["--check"]) == 1
+    (tmp_path / "rout" / "cells" / "b.json").write_text(json.dumps({"code": code_version()}))
+    assert docs.main(["--check"]) == 0
