@@ -23,6 +23,11 @@ from .models import get_weight, prunable_layers
 from .onload import module_device
 
 
+# Bytes of layer inputs the first (bound) pass of accumulate_grams may keep for the second, which then
+# needs no block forward (one forward fewer per block); above it the block runs again.
+GRAM_INPUT_CACHE_BYTES = 2 ** 30
+
+
 class StopForward(Exception):
     """Raised inside a forward (by a hook or a pass-through block) once what was needed has run;
     the caller catches it and skips the rest of the model or block."""
@@ -197,7 +202,9 @@ def accumulate_grams(block: nn.Module, inps: list, extra, groups: list[list[str]
     of the float32 window products on a grid fixed beforehand from a bound on |G| over all
     windows of all processes (a first, early-stopped pass finds max |x| per input;
     :func:`sparsefw.gram.fixed_point_scale`). So the result is bit for bit the same for any
-    order and any split of the windows across processes.
+    order and any split of the windows across processes. The first pass keeps the layer inputs
+    when they fit :data:`GRAM_INPUT_CACHE_BYTES` (and no ``outputs`` are asked for): the sums are
+    then made from them without running the block a second time (the same bits either way).
 
     Args:
         block: a decoder block (on the compute device). inps: this rank's list of (1, seqlen,
@@ -218,10 +225,18 @@ def accumulate_grams(block: nn.Module, inps: list, extra, groups: list[list[str]
     layers = prunable_layers(block)
     todo = {n: layers[n] for g in groups for n in g}
     peak = {g[0]: [0.0, 0.0] for g in groups}          # rep -> [max |x|, tokens]
+    kept, room = ([], GRAM_INPUT_CACHE_BYTES) if outputs is None else (None, 0)   # (rep, x) for the second pass
 
     def bound(rep, x):
+        nonlocal kept, room
         peak[rep][0] = max(peak[rep][0], float(x.abs().max()) if x.numel() else 0.0)
         peak[rep][1] += x.shape[0]
+        if kept is not None:
+            room -= x.numel() * x.element_size()
+            if room < 0:
+                kept = None       # too large to keep: the second pass runs the block again
+            else:
+                kept.append((rep, x.clone()))   # a copy: the forward may reuse the activation's memory
 
     error = None
     try:
@@ -243,6 +258,10 @@ def accumulate_grams(block: nn.Module, inps: list, extra, groups: list[list[str]
         if timer is not None:
             timer["gram"] = timer.get("gram", 0.0) + time.perf_counter() - t
 
+    if kept is not None:       # every input of the first pass is at hand: no second forward
+        for rep, x in kept:
+            add(rep, x)
+        return sums
     _InputHooks(todo, groups, names, add, stop_early=outputs is None).run(block, inps, extra, outputs)
     return sums
 

@@ -6,6 +6,7 @@ import torch
 
 from sparsefw.capture import block_forward, capture_block_inputs, evaluate_grams
 from sparsefw.cli import main as cli_main
+from sparsefw.distributed import Ranks
 from sparsefw.models import decoder_blocks, prunable_layers
 
 
@@ -94,3 +95,28 @@ def test_nan_activations_are_reported(tmp_path, tokenizer, save_tiny, capsys):
     assert cli_main(["prune", "--model", str(bad), "--nsamples", "2", "--seqlen", "16", "--output", str(out)]) == 2
     assert "NaN/Inf" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_kept_inputs_give_the_bits_of_a_second_forward(tokenizer, make_tiny, arch, monkeypatch):
+    """The first pass keeps the layer inputs when they fit GRAM_INPUT_CACHE_BYTES: the block runs
+    once per window instead of twice, and every Gram sum has the same bits as with a second forward
+    (budget 0)."""
+    from sparsefw import capture
+
+    torch.manual_seed(0)
+    m = make_tiny(arch, len(tokenizer), hidden=64).eval()
+    blocks = decoder_blocks(m)
+    inps, extra = capture_block_inputs(m, blocks, torch.randint(0, len(tokenizer), (3, 24)))
+    calls = []
+    blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    groups = capture.layer_groups(blocks[0], inps, extra[0], Ranks())
+    calls.clear()
+    kept = capture.accumulate_grams(blocks[0], inps, extra[0], groups)
+    n_kept = len(calls)
+    monkeypatch.setattr(capture, "GRAM_INPUT_CACHE_BYTES", 0)
+    calls.clear()
+    again = capture.accumulate_grams(blocks[0], inps, extra[0], groups)
+    assert (n_kept, len(calls)) == (len(inps), 2 * len(inps))
+    for rep in kept:
+        assert all(torch.equal(a, b) for a, b in zip(kept[rep].tensors(), again[rep].tensors())), rep
+        assert kept[rep].tokens == again[rep].tokens
