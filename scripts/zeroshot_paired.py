@@ -46,7 +46,10 @@ def scores(folder: Path, task: str, metric: str, n: int = N_DOCS) -> list[float]
     shards in ``folder/task``; None if the metric is absent. Raises FileNotFoundError if a shard is
     missing."""
     got: dict[int, float] = {}
-    for f in sorted((folder / task).glob("*.json")):
+    shards = sorted((folder / task).glob("*.json"))
+    if not shards:
+        raise FileNotFoundError(f"{folder / task}: no scored shard")
+    for f in shards:
         sh = json.loads(f.read_text())
         if metric not in sh["metrics"]:
             return None
@@ -118,6 +121,14 @@ def _paired_rows(models: dict[str, Path], base: str, others: list[str], out: dic
     return lines
 
 
+def _complete(folder: Path, n: int) -> bool:
+    """True if ``folder`` holds the scores of the first ``n`` documents of every task."""
+    try:
+        return all(scores(folder, t, "acc", n) is not None for t in TASKS)
+    except FileNotFoundError:
+        return False
+
+
 def _config_models(config: str, limit: int, batch_size: int, report_only: bool) -> tuple[Path, dict, set]:
     """Score (resumably) the dense model and the finished cells a results config saves. Returns the
     config's output folder, {sparsity: {name: shard folder}} (dense in every group) and the names
@@ -137,6 +148,9 @@ def _config_models(config: str, limit: int, batch_size: int, report_only: bool) 
             model = c["model"] if cid == "dense" else str(out / "models" / cid)
             eval_zeroshot(model, list(TASKS), limit=limit, batch_size=batch_size, resume_dir=str(folder),
                           shard_size=limit)
+        elif cid != "dense" and not _complete(folder, limit):
+            print(f"{cid}: not scored yet, left out")
+            continue
         if cid != "dense":
             groups.setdefault(cells[cid]["sparsity"], {"dense": out / "zeroshot" / "dense"})[cid] = folder
     return out, groups, {cid for cid in saved if cells[cid]["method"] in OURS}

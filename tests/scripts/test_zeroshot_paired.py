@@ -30,6 +30,8 @@ methods:
     _shards(out / "zeroshot" / "dense", [1.0, 1.0, 0.0, 0.0])
     _shards(out / "zeroshot" / "wanda__0.6", [1.0, 0.0, 0.0, 0.0])
     _shards(out / "zeroshot" / "sparsefw+rec__0.6", [1.0, 1.0, 1.0, 0.0])
+    (out / "cells" / "ria__0.6.json").write_text(json.dumps({"label": "ria", "sparsity": "0.6", "method": "ria"}))
+    cfg.write_text(cfg.read_text().replace("save: [wanda__0.6,", "save: [ria__0.6, wanda__0.6,"))   # saved, not scored
     script("zeroshot_paired").main(["--config", str(cfg), "--report-only"])
     got = json.loads((out / "zeroshot.json").read_text())["0.6"]
     assert {k: v["mean"] for k, v in got["acc"].items()} == {"dense": 0.5, "wanda__0.6": 0.25, "sparsefw+rec__0.6": 0.75}
