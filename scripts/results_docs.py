@@ -46,6 +46,11 @@ def _script(name: str):
     return mod
 
 
+def _sp(sp: str) -> str:
+    """Column name of a sparsity: '0.6' -> '60%', N:M unchanged."""
+    return sp if ":" in sp else f"{100 * float(sp):g}%"
+
+
 def _config(stem: str) -> str:
     return str(ROOT / "configs" / f"{stem}.yaml")
 
@@ -58,9 +63,11 @@ def _finished(stem: str) -> tuple[dict, Path, dict]:
     return c, out, {k: v for k, v in cells.items() if v is not None}
 
 
-def _ppl(cells: dict, label: str, sp: str) -> str:
-    """Mean test perplexity of a label at a sparsity over its seeds, ``± std`` for several; "" if none."""
-    got = [c["ppl"] for c in cells.values() if c["label"] == label and str(c["sparsity"]) == sp]
+def _ppl(cells: dict, label: str, sp: str, key: str = "ppl") -> str:
+    """Mean perplexity (``key``: ``ppl`` test, ``ppl_val`` validation) of a label at a sparsity over
+    its seeds, ``± std`` for several; "" if none."""
+    got = [c[key] for c in cells.values() if c["label"] == label and str(c["sparsity"]) == sp
+           and c.get(key) is not None]
     if not got:
         return ""
     return f"{statistics.fmean(got):.2f}" + (f" ± {statistics.stdev(got):.2f}" if len(got) > 1 else "")
@@ -74,7 +81,7 @@ def headline() -> str:
         cols += [(c["model"], str(sp), cells) for sp in c["sparsities"]]
         d = next((x["ppl_dense"] for x in cells.values()), None)
         dense += [d] * len(c["sparsities"])
-    lines = ["| method | " + " | ".join(f"{m} {sp if ':' in sp else f'{100 * float(sp):g}%'}" for m, sp, _ in cols) + " |",
+    lines = ["| method | " + " | ".join(f"{m} {_sp(sp)}" for m, sp, _ in cols) + " |",
              "|---" * (len(cols) + 1) + "|",
              "| dense | " + " | ".join("" if d is None else f"{d:.2f}" for d in dense) + " |"]
     for label, name in HEADLINE.items():
@@ -92,7 +99,16 @@ def table(stem: str) -> str:
     comp = {"config": c, "cells": cells, "ppl_dense": next((v["ppl_dense"] for v in cells.values()), None)}
     head = (f"`configs/{stem}.yaml`: {len(cells)} of {len(all_cells)} cells, code "
             f"{', '.join(codes) or '-'}.\n\n")
-    return head + format_table(comp, [str(s) for s in c["sparsities"]], list(c["methods"]))
+    sps = [str(s) for s in c["sparsities"]]
+    text = head + format_table(comp, sps, list(c["methods"]))
+    if c.get("validation"):
+        dense = next((v["ppl_val_dense"] for v in cells.values() if v.get("ppl_val_dense")), None)
+        text += (f"\nValidation perplexity ({c['validation']}, the same chunks for every cell):\n\n| method | "
+                 + " | ".join(_sp(sp) for sp in sps) + " |\n" + "|---" * (len(sps) + 1) + "|\n"
+                 + ("" if dense is None else "| dense | " + " | ".join(f"{dense:.2f}" for _ in sps) + " |\n")
+                 + "".join(f"| {lab} | " + " | ".join(_ppl(cells, lab, sp, "ppl_val") for sp in sps) + " |\n"
+                           for lab in c["methods"]))
+    return text
 
 
 def _recovery_output(stem: str) -> Path:

@@ -68,3 +68,21 @@ def test_recovery_part_and_its_check(tmp_path, script, monkeypatch):
     assert docs.main(["--check"]) == 1
     (tmp_path / "rout" / "cells" / "b.json").write_text(json.dumps({"code": code_version()}))
     assert docs.main(["--check"]) == 0
+
+
+def test_table_has_validation_perplexity(tmp_path, script, monkeypatch):
+    """A config with a validation text gets a validation-perplexity table below its main table."""
+    docs = script("results_docs")
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    _grid(tmp_path, "results_a", "smollm2-135m", ["0.6"], {"wanda": "{method: wanda, seeds: [0, 1]}"},
+          {"wanda__0.6__s0": ("wanda", "0.6", 10.0), "wanda__0.6__s1": ("wanda", "0.6", 12.0)})
+    cfg = tmp_path / "configs" / "results_a.yaml"
+    cfg.write_text(cfg.read_text() + "validation: austen\n")
+    for i, f in enumerate(sorted((tmp_path / "out_results_a" / "cells").glob("*.json"))):
+        cell = json.loads(f.read_text())
+        f.write_text(json.dumps({**cell, "ppl_val": 30.0 + 4 * i, "ppl_val_dense": 25.0, "validation": "austen",
+                                 "error_reduction_vs_wanda": 0.0, "prune_seconds": 1.0}))
+    text = docs.table("results_a")
+    assert text.startswith("`configs/results_a.yaml`: 2 of 2 cells, code abc1234.")
+    assert "Validation perplexity (austen" in text and "| dense | 25.00 |" in text
+    assert "| wanda | 32.00 ± 2.83 |" in text                     # mean and sample std of 30 and 34
