@@ -63,15 +63,16 @@ def mean_se(x: list[float]) -> tuple[float, float]:
     return statistics.fmean(x), statistics.stdev(x) / math.sqrt(len(x))
 
 
-def build(models: dict[str, Path], bases: list[str], others: list[str]) -> tuple[str, dict]:
-    """Markdown (accuracy table, then paired differences of each base minus each other model) and
-    the same numbers as a dict. Raises FileNotFoundError if a model's shards are incomplete."""
+def build(models: dict[str, Path], bases: list[str], others: list[str], n: int = N_DOCS) -> tuple[str, dict]:
+    """Markdown (accuracy table, then paired differences of each base minus each other model) over
+    the first ``n`` documents of each task, and the same numbers as a dict. Raises
+    FileNotFoundError if a model's shards are incomplete."""
     out: dict = {"n_docs_per_task": {}, "acc": {}, "paired": {}}
     lines = ["| model | " + " | ".join(TASKS) + " | mean of 7 |", "|---" * (len(TASKS) + 2) + "|"]
     for name, folder in models.items():
         row, accs, ses = [], [], []
         for t in TASKS:
-            x = scores(folder, t, "acc")
+            x = scores(folder, t, "acc", n)
             out["n_docs_per_task"][t] = len(x)
             m, se = mean_se(x)
             accs.append(m)
@@ -84,11 +85,11 @@ def build(models: dict[str, Path], bases: list[str], others: list[str]) -> tuple
         lines += ["", f"Paired per-document differences, {base} minus each other model (percentage points, ± SE; z):",
                   "", "| metric | vs | " + " | ".join(TASKS) + " | mean of 7 | pooled documents |",
                   "|---" * (len(TASKS) + 4) + "|"]
-        lines += _paired_rows(models, base, [o for o in others if o != base], out)
+        lines += _paired_rows(models, base, [o for o in others if o != base], out, n)
     return "\n".join(lines) + "\n", out
 
 
-def _paired_rows(models: dict[str, Path], base: str, others: list[str], out: dict) -> list[str]:
+def _paired_rows(models: dict[str, Path], base: str, others: list[str], out: dict, n: int) -> list[str]:
     """Table rows of the paired differences ``base`` minus each of ``others`` (acc, then acc_norm);
     the numbers also go to ``out["paired"]``."""
     lines = []
@@ -96,9 +97,9 @@ def _paired_rows(models: dict[str, Path], base: str, others: list[str], out: dic
         for other in others:
             row, ds, ses, pooled = [], [], [], []
             for t in TASKS:
-                a, b = scores(models[base], t, metric), scores(models[other], t, metric)
+                a, b = scores(models[base], t, metric, n), scores(models[other], t, metric, n)
                 if a is None or b is None:   # no acc_norm: the task's acc
-                    a, b = scores(models[base], t, "acc"), scores(models[other], t, "acc")
+                    a, b = scores(models[base], t, "acc", n), scores(models[other], t, "acc", n)
                 diff = [x - y for x, y in zip(a, b)]
                 pooled += diff
                 d, se = mean_se(diff)
@@ -157,7 +158,8 @@ def main(argv=None) -> None:
         out_dir, groups, ours = _config_models(a.config, a.limit, a.batch_size, a.report_only)
         md, out, name = "", {}, "zeroshot"
         for sp, models in groups.items():
-            part, out[sp] = build(models, [m for m in models if m in ours], [m for m in models if m not in ours])
+            part, out[sp] = build(models, [m for m in models if m in ours], [m for m in models if m not in ours],
+                                  a.limit)
             md += f"### {sp}\n\n{part}\n"
     (out_dir / f"{name}.md").write_text(md)
     (out_dir / f"{name}.json").write_text(json.dumps(out, indent=1))
