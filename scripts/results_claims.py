@@ -32,12 +32,14 @@ CLAIM_PATTERNS = ("0.5", "0.6", "2:4")
 DEFAULT_OURS = "sparsefw_swaps0,sparsefw,swaps,sparsefw+rec,swaps+rec"   # our labels in the results configs
 
 
-def _cells(config: str) -> tuple[dict, dict]:
-    """(config, {cell id: cell}) of the finished cells of a comparison config."""
+def finished(config: str, base: Path = ROOT) -> tuple[dict, Path, dict, int]:
+    """(config, output folder, {cell id: finished cell}, number of cells the config asks for) of a
+    comparison config (:func:`sparsefw.compare.finished_cells` without the unfinished ones); a
+    relative ``output`` is taken from ``base``."""
     from sparsefw.compare import finished_cells
 
-    c, _, cells = finished_cells(config, base=ROOT)
-    return c, {cid: cell for cid, cell in cells.items() if cell is not None}
+    c, out, cells = finished_cells(config, base=base)
+    return c, out, {cid: cell for cid, cell in cells.items() if cell is not None}, len(cells)
 
 
 def _of(cells: dict, label: str, sp: str) -> list[dict]:
@@ -71,7 +73,7 @@ def build(configs: list[str], ours: list[str]) -> tuple[str, dict]:
     """The claims Markdown and JSON for every config."""
     lines, data = [], {}
     for cfg in configs:
-        c, cells = _cells(cfg)
+        c, _, cells, _ = finished(cfg)
         model, src = c["model"], (c.get("ppl") or {}).get("source", "boolq")
         lines += [f"### {model}", "", f"Claim 1 (per-layer error vs Wanda's mask; 1 - error / Wanda's, over "
                   f"layers): max / median. Claim 2 (perplexity on {src} below both Wanda's and RIA's).", "",
@@ -100,7 +102,7 @@ def frontier(configs: list[str], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4.5), squeeze=False)
     for ax, cfg in zip(axes[0], configs):
-        c, cells = _cells(cfg)
+        c, _, cells, _ = finished(cfg)
         for sp in [str(s) for s in c["sparsities"]]:
             for label in c["methods"]:
                 got = _of(cells, label, sp)

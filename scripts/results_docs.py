@@ -46,21 +46,17 @@ def _script(name: str):
     return mod
 
 
-def _sp(sp: str) -> str:
-    """Column name of a sparsity: '0.6' -> '60%', N:M unchanged."""
-    return sp if ":" in sp else f"{100 * float(sp):g}%"
-
-
 def _config(stem: str) -> str:
     return str(ROOT / "configs" / f"{stem}.yaml")
 
 
-def _finished(stem: str) -> tuple[dict, Path, dict]:
-    """(config, output folder, {cell id: finished cell}) of configs/<stem>.yaml."""
-    from sparsefw.compare import finished_cells
+def _sp(sp: str) -> str:
+    return _script("validation_table").sp_label(sp)
 
-    c, out, cells = finished_cells(_config(stem), base=ROOT)
-    return c, out, {k: v for k, v in cells.items() if v is not None}
+
+def _finished(stem: str) -> tuple[dict, Path, dict, int]:
+    """(config, output folder, {cell id: finished cell}, number of cells asked for) of configs/<stem>.yaml."""
+    return _script("results_claims").finished(_config(stem), base=ROOT)
 
 
 def _ppl(cells: dict, label: str, sp: str, key: str = "ppl") -> str:
@@ -75,9 +71,10 @@ def _ppl(cells: dict, label: str, sp: str, key: str = "ppl") -> str:
 
 def headline() -> str:
     """README's table: rows = headline methods, columns = model × sparsity (test perplexity)."""
-    cols, dense = [], []
+    cols, dense, done, total = [], [], 0, 0
     for stem in HEADLINE_CONFIGS:
-        c, _, cells = _finished(stem)
+        c, _, cells, n = _finished(stem)
+        done, total = done + len(cells), total + n
         cols += [(c["model"], str(sp), cells) for sp in c["sparsities"]]
         d = next((x["ppl_dense"] for x in cells.values()), None)
         dense += [d] * len(c["sparsities"])
@@ -86,18 +83,18 @@ def headline() -> str:
              "| dense | " + " | ".join("" if d is None else f"{d:.2f}" for d in dense) + " |"]
     for label, name in HEADLINE.items():
         lines.append(f"| {name} | " + " | ".join(_ppl(cells, label, sp) for _, sp, cells in cols) + " |")
-    return "\n".join(lines) + "\n"
+    more = "" if done == total else f"\n{done} of {total} cells finished; the empty ones are still running.\n"
+    return "\n".join(lines) + "\n" + more
 
 
 def table(stem: str) -> str:
     """The full comparison table of one config, with its code version and progress."""
-    from sparsefw.compare import finished_cells, format_table
+    from sparsefw.compare import format_table
 
-    c, _, all_cells = finished_cells(_config(stem), base=ROOT)
-    cells = {k: v for k, v in all_cells.items() if v is not None}
+    c, _, cells, total = _finished(stem)
     codes = sorted({str(v.get("code")) for v in cells.values()})
     comp = {"config": c, "cells": cells, "ppl_dense": next((v["ppl_dense"] for v in cells.values()), None)}
-    head = (f"`configs/{stem}.yaml`: {len(cells)} of {len(all_cells)} cells, code "
+    head = (f"`configs/{stem}.yaml`: {len(cells)} of {total} cells, code "
             f"{', '.join(codes) or '-'}.\n\n")
     sps = [str(s) for s in c["sparsities"]]
     text = head + format_table(comp, sps, list(c["methods"]))
@@ -111,23 +108,22 @@ def table(stem: str) -> str:
     return text
 
 
-def _recovery_output(stem: str) -> Path:
-    """The output folder of a recovery config (scripts/recover_study.py's format)."""
+def _recovery(stem: str) -> tuple[Path, list[str]]:
+    """(output folder, run names) of a recovery config (scripts/recover_study.py's format)."""
     import yaml
 
-    out = Path(yaml.safe_load((ROOT / "configs" / f"{stem}.yaml").read_text())["output"])
-    return out if out.is_absolute() else ROOT / out
+    c = yaml.safe_load((ROOT / "configs" / f"{stem}.yaml").read_text())
+    out = Path(c["output"])
+    return (out if out.is_absolute() else ROOT / out), list(c["runs"])
 
 
 def _recovery_problems(stem: str, current: str) -> list[str]:
     """``missing RUN`` / ``stale RUN (code X)`` for the runs of a recovery config."""
     import json
 
-    import yaml
-
-    out = _recovery_output(stem)
+    out, runs = _recovery(stem)
     bad = []
-    for run in yaml.safe_load((ROOT / "configs" / f"{stem}.yaml").read_text())["runs"]:
+    for run in runs:
         f = out / "cells" / f"{run}.json"
         code = json.loads(f.read_text()).get("code") if f.exists() else None
         bad += [] if code == current else [f"missing {run}" if code is None else f"stale {run} (code {code})"]
@@ -149,7 +145,7 @@ def section(name: str) -> str:
         f = _finished(stem)[1] / "zeroshot.md"
         return f.read_text() if f.exists() else "(not measured yet)\n"
     if kind == "recovery":    # scripts/recover_study.py's table, without its page title
-        f = _recovery_output(stem) / "recover_study.md"
+        f = _recovery(stem)[0] / "recover_study.md"
         return f.read_text().split("\n", 2)[2] if f.exists() else "(not measured yet)\n"
     if kind == "alpha":
         out = _finished(stem)[1]

@@ -24,7 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def _sp(s: str) -> str:
+def sp_label(s: str) -> str:
+    """Column name of a sparsity: '0.6' -> '60%', N:M unchanged."""
     return s if ":" in s else f"{100 * float(s):g}%"
 
 
@@ -57,9 +58,9 @@ def build(folder: Path) -> tuple[str, dict]:
     order = sorted(rank, key=rank.get)
     dense = cells[0]
     lines = [f"Dense: validation (Austen) {dense['ppl_val_dense']:.2f}, test (BoolQ) {dense['ppl_dense']:.2f}.", "",
-             "| setting | " + " | ".join(f"val {_sp(s)}" for s in sps) + " | val geo-mean | "
-             + " | ".join(f"test {_sp(s)}" for s in sps) + " | "
-             + " | ".join(f"err vs Wanda {_sp(s)}" for s in sps) + " | prune s (mean) |",
+             "| setting | " + " | ".join(f"val {sp_label(s)}" for s in sps) + " | val geo-mean | "
+             + " | ".join(f"test {sp_label(s)}" for s in sps) + " | "
+             + " | ".join(f"err vs Wanda {sp_label(s)}" for s in sps) + " | prune s (mean) |",
              "|---" * (1 + 3 * len(sps) + 2) + "|"]
     for k in order:
         v = seed0[k]
@@ -73,7 +74,7 @@ def build(folder: Path) -> tuple[str, dict]:
             continue
         t = [c["ppl"] for c in cs]
         va = [c["ppl_val"] for c in cs]
-        spread[f"{k} @ {_sp(s)}"] = {"seeds": sorted(int(c["options"].get("seed", 0)) for c in cs),
+        spread[f"{k} @ {sp_label(s)}"] = {"seeds": sorted(int(c["options"].get("seed", 0)) for c in cs),
                                     "test_mean": statistics.fmean(t), "test_std": statistics.stdev(t),
                                     "val_mean": statistics.fmean(va), "val_std": statistics.stdev(va)}
     if spread:

@@ -34,6 +34,7 @@ def test_headline_from_cells_and_check(tmp_path, script, monkeypatch):
     assert "| dense | 5.00 | 6.00 |" in text
     assert "| Wanda | 11.00 ± 1.41 | 20.00 |" in text                  # mean, sample std of 10 and 12
     assert "| `sparsefw --reconstruct` | 8.00 |  |" in text and "| RIA |  |  |" in text
+    assert "cells finished" not in text                                # all 4 cells are there
     (tmp_path / "page.md").write_text(PAGE)
     assert docs.main(["--check"]) == 1 and "old numbers" in (tmp_path / "page.md").read_text()   # --check writes nothing
     assert docs.main([]) == 0 and (tmp_path / "page.md").read_text() == text
@@ -45,6 +46,7 @@ def test_headline_from_cells_and_check(tmp_path, script, monkeypatch):
     assert docs.main(["--check"]) == 0
     (tmp_path / "out_results_b" / "cells" / "wanda__2of4.json").unlink()
     assert docs.main(["--check"]) == 1       # a missing cell (and the table changes)
+    assert "| Wanda | 11.00 ± 1.41 |  |" in docs.headline() and "3 of 4 cells finished" in docs.headline()
 
 
 def test_recovery_part_and_its_check(tmp_path, script, monkeypatch):
