@@ -25,5 +25,6 @@ $PY scripts/recover_study.py --config configs/recover_results_smollm2.yaml --rep
 $PY scripts/validation_table.py results/final_alpha_smollm2
 $PY scripts/results_claims.py configs/results_smollm2.yaml configs/results_gemma3.yaml
 $PY scripts/plot_layer_errors.py results/final_smollm2 --labels sparsefw_swaps0,sparsefw+rec --sparsities 0.5,0.6,2:4
+$PY scripts/plot_layer_errors.py results/final_gemma3 --labels sparsefw_swaps0,sparsefw+rec --sparsities 0.6,2:4
 $PY scripts/results_docs.py
 $PY scripts/results_docs.py --check

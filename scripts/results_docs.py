@@ -14,7 +14,7 @@ The generated parts of those pages sit between ``<!-- generated: NAME -->`` and
 - ``recovery:STEM``: the recovery table of scripts/recover_study.py (``recover_study.md``).
 
 ``--check`` writes nothing and exits 1 if a generated part differs from what the cells give now,
-or if a cell of a shown config is missing or was made by other code than the current
+if an image the pages show is missing, or if a cell of a shown config is missing or was made by other code than the current
 (scripts/check_results_current.py): the pages then do not describe the code a user installs.
 
     .venv/bin/python scripts/results_docs.py            # rewrite the generated parts
@@ -35,6 +35,7 @@ HEADLINE_CONFIGS = ("results_smollm2", "results_gemma3")
 HEADLINE = {"wanda": "Wanda", "ria": "RIA", "sparsegpt": "SparseGPT",
             "sparsefw_swaps0": "`sparsefw --swaps 0` (the paper's algorithm)",
             "sparsefw": "`sparsefw` (default: + exact swaps)", "sparsefw+rec": "`sparsefw --reconstruct`"}
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 MARK = re.compile(r"(<!-- generated: (\S+) -->\n)(.*?)(<!-- /generated: \2 -->)", re.S)
 
 
@@ -173,6 +174,8 @@ def main(argv=None) -> int:
             kind, _, stem = m.group(2).partition(":")
             if stem:
                 (recovery if kind == "recovery" else stems).add(stem)
+        bad += [f"{page}: image {src} is missing (scripts/results.sh draws it)" for src in IMAGE.findall(old)
+                if not (p.parent / src).exists()]
         new = regenerate(old)
         if new != old:
             bad.append(f"{page}: generated parts differ from the cells")

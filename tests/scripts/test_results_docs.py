@@ -49,6 +49,19 @@ def test_headline_from_cells_and_check(tmp_path, script, monkeypatch):
     assert "| Wanda | 11.00 ± 1.41 |  |" in docs.headline() and "3 of 4 cells finished" in docs.headline()
 
 
+def test_check_wants_the_images_the_page_shows(tmp_path, script, monkeypatch, capsys):
+    docs = script("results_docs")
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    monkeypatch.setattr(docs, "HEADLINE_CONFIGS", ())
+    monkeypatch.setattr(docs, "PAGES", ("docs/page.md",))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "page.md").write_text("text\n![a plot](../res/plot.png)\n")
+    assert docs.main(["--check"]) == 1 and "image ../res/plot.png is missing" in capsys.readouterr().out
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "plot.png").write_bytes(b"png")
+    assert docs.main(["--check"]) == 0
+
+
 def test_recovery_part_and_its_check(tmp_path, script, monkeypatch):
     """A recovery part shows recover_study.md without its title; --check wants every run's cell of
     the current code."""
