@@ -12,9 +12,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 PY=.venv/bin/python
-for cfg in results_smollm2 results_alpha_smollm2 results_gemma3; do
-  .venv/bin/sparsefw compare --config configs/$cfg.yaml & .venv/bin/sparsefw compare --config configs/$cfg.yaml
-  wait
+CONFIGS="results_smollm2 results_alpha_smollm2 results_gemma3"
+worker() {   # every cell of every config; a cell another worker holds is skipped, so no core waits
+  for cfg in $CONFIGS; do .venv/bin/sparsefw compare --config configs/$cfg.yaml; done
+}
+worker & worker
+wait
+for cfg in $CONFIGS; do
   .venv/bin/sparsefw compare --config configs/$cfg.yaml --report-only   # the complete table and plot
 done
 $PY scripts/zeroshot_paired.py --config configs/results_smollm2.yaml & $PY scripts/zeroshot_paired.py --config configs/results_gemma3.yaml
