@@ -21,7 +21,10 @@ wait
 for cfg in $CONFIGS; do
   .venv/bin/sparsefw compare --config configs/$cfg.yaml --report-only   # the complete table and plot
 done
-$PY scripts/zeroshot_paired.py --config configs/results_smollm2.yaml & $PY scripts/zeroshot_paired.py --config configs/results_gemma3.yaml
+zeroshot_worker() {   # both workers score both configs' saved cells, 100-document shards claimed one at a time
+  for cfg in results_smollm2 results_gemma3; do $PY scripts/zeroshot_paired.py --config configs/$cfg.yaml; done
+}
+zeroshot_worker & zeroshot_worker
 wait
 $PY scripts/recover_study.py --config configs/recover_results_smollm2.yaml & $PY scripts/recover_study.py --config configs/recover_results_smollm2.yaml
 wait

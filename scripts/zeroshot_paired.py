@@ -16,8 +16,9 @@ Two modes:
 
 - ``--config configs/results_smollm2.yaml``: the dense model and every cell the config saves
   (``save:``, checkpoints under ``<output>/models/<cell id>``, written by ``sparsefw compare``) are
-  scored (resumably, shards under ``<output>/zeroshot/<cell id>``; ``--report-only`` scores
-  nothing); per sparsity, the accuracy table and the paired differences of each of ours
+  scored (resumably, shards of ``--shard-size`` documents under ``<output>/zeroshot/<cell id>``,
+  claimed one at a time, so two processes on the same config share the work; ``--report-only``
+  scores nothing); per sparsity, the accuracy table and the paired differences of each of ours
   (``sparsefw`` / ``swaps`` cells) minus the others and dense go to ``<output>/zeroshot.{md,json}``.
 - no ``--config``: the folders of scripts/zeroshot60.sh (60%, 2026-12-03) -> ``zeroshot60.{md,json}``
   in the folder given (default ``results/zeroshot60_smollm2``).
@@ -129,8 +130,10 @@ def _complete(folder: Path, n: int) -> bool:
         return False
 
 
-def _config_models(config: str, limit: int, batch_size: int, report_only: bool) -> tuple[Path, dict, set]:
-    """Score (resumably) the dense model and the finished cells a results config saves. Returns the
+def _config_models(config: str, limit: int, batch_size: int, report_only: bool,
+                   shard_size: int = 100) -> tuple[Path, dict, set]:
+    """Score (resumably) the dense model and the finished cells a results config saves, in shards of
+    ``shard_size`` documents that several processes share (each claims a shard). Returns the
     config's output folder, {sparsity: {name: shard folder}} (dense in every group) and the names
     of our cells (method sparsefw or swaps)."""
     import sys
@@ -147,7 +150,7 @@ def _config_models(config: str, limit: int, batch_size: int, report_only: bool) 
         if not report_only:
             model = c["model"] if cid == "dense" else str(out / "models" / cid)
             eval_zeroshot(model, list(TASKS), limit=limit, batch_size=batch_size, resume_dir=str(folder),
-                          shard_size=limit)
+                          shard_size=shard_size)
         elif cid != "dense" and not _complete(folder, limit):
             print(f"{cid}: not scored yet, left out")
             continue
@@ -163,13 +166,16 @@ def main(argv=None) -> None:
     ap.add_argument("--config", help="a results config whose saved cells are scored and compared")
     ap.add_argument("--limit", type=int, default=N_DOCS, help="documents per task (default 500)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--shard-size", type=int, default=100,
+                    help="documents per shard (--config); processes running the same config share the shards")
     ap.add_argument("--report-only", action="store_true", help="score nothing; tables from the shards")
     a = ap.parse_args(argv)
     if not a.config:
         md, out = build({k: ROOT / v for k, v in MODELS.items()}, ["SparseFW + rec"], ["Wanda", "SparseGPT", "dense"])
         name, out_dir = "zeroshot60", Path(a.folder)
     else:
-        out_dir, groups, ours = _config_models(a.config, a.limit, a.batch_size, a.report_only)
+        out_dir, groups, ours = _config_models(a.config, a.limit, a.batch_size, a.report_only,
+                                                    a.shard_size)
         md, out, name = "", {}, "zeroshot"
         for sp, models in groups.items():
             part, out[sp] = build(models, [m for m in models if m in ours], [m for m in models if m not in ours],

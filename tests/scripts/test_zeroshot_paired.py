@@ -42,3 +42,28 @@ methods:
     assert set(got["paired"]) == {f"{m}: sparsefw+rec__0.6 - {o}" for m in ("acc", "acc_norm")
                                   for o in ("dense", "wanda__0.6")}
     assert "### 0.6" in (out / "zeroshot.md").read_text()
+
+
+def test_config_mode_scores_dense_and_saved_cells_in_shared_shards(tmp_path, script, monkeypatch):
+    """Without --report-only every saved cell and dense are scored from their checkpoints, in
+    --shard-size shards (what lets two processes share a config), then tabled."""
+    import sparsefw.api
+
+    out = tmp_path / "out"
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"model: smollm2-135m\noutput: {out}\nsparsities: ['0.6']\nsave: [wanda__0.6]\n"
+                   "methods:\n  wanda: {method: wanda}\n  sparsefw: {method: sparsefw}\n")
+    (out / "cells").mkdir(parents=True)
+    for cid, label in (("wanda__0.6", "wanda"), ("sparsefw__0.6", "sparsefw")):
+        (out / "cells" / f"{cid}.json").write_text(json.dumps({"label": label, "sparsity": "0.6", "method": label}))
+    calls = []
+
+    def fake_eval(model, tasks, limit, batch_size, resume_dir, shard_size):
+        calls.append((model, shard_size))
+        _shards(tmp_path / resume_dir, [1.0, 0.0, 1.0, 1.0])
+
+    monkeypatch.setattr(sparsefw.api, "eval_zeroshot", fake_eval)
+    script("zeroshot_paired").main(["--config", str(cfg), "--limit", "4", "--shard-size", "2"])
+    assert calls == [("smollm2-135m", 2), (str(out / "models" / "wanda__0.6"), 2)]   # sparsefw__0.6 is not saved
+    got = json.loads((out / "zeroshot.json").read_text())["0.6"]
+    assert {k: v["mean"] for k, v in got["acc"].items()} == {"dense": 0.75, "wanda__0.6": 0.75}
