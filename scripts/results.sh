@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Regenerate every results number of README.md and docs/results.md on the current code: the cells of
 # configs/results_smollm2.yaml, results_alpha_smollm2.yaml and results_gemma3.yaml (two single-thread
-# workers each, one per core; resumable: finished cells are kept, a rerun continues), the zero-shot
-# tables of the saved cells, the recovery rows (configs/recover_results_smollm2.yaml), the alpha
-# ranking, the claims and the plots, then the generated parts of
-# the pages and the check that every shown cell is the current code's. About 17 CPU-hours on this
-# 2-core host (a 64 x 512 cell: 14-25 CPU-minutes), so about 9 hours of wall time.
+# workers, one per core, sharing the cells; resumable: finished cells are kept, a rerun continues), the
+# zero-shot tables of the saved cells, the recovery rows (configs/recover_results_smollm2.yaml), the
+# alpha ranking, the claims and the plots, then the generated parts of the pages and the check that every
+# shown cell is the current code's. Measured: SmolLM2's 30 cells took 7.3 worker-hours (11-20 minutes a
+# cell, two at a time); the whole run is estimated at ~21 CPU-hours, about 11 hours of wall time here.
 #   bash scripts/results.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
