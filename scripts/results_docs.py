@@ -149,9 +149,11 @@ def section(name: str) -> str:
         f = _recovery(stem)[0] / "recover_study.md"
         return f.read_text().split("\n", 2)[2] if f.exists() else "(not measured yet)\n"
     if kind == "alpha":
-        out = _finished(stem)[1]
-        return _script("validation_table").build(out)[0] if list((out / "cells").glob("*.json")) \
-            else "(not measured yet)\n"
+        _, out, cells, total = _finished(stem)
+        if not cells:
+            return "(not measured yet)\n"
+        more = "" if len(cells) == total else f"{len(cells)} of {total} cells finished; the others are still running.\n\n"
+        return more + _script("validation_table").build(out)[0]
     raise ValueError(f"unknown generated part '{name}'")
 
 

@@ -101,3 +101,18 @@ def test_table_has_validation_perplexity(tmp_path, script, monkeypatch):
     assert text.startswith("`configs/results_a.yaml`: 2 of 2 cells, code abc1234.")
     assert "Validation perplexity (austen" in text and "| dense | 25.00 |" in text
     assert "| wanda | 32.00 ± 2.83 |" in text                     # mean and sample std of 30 and 34
+
+
+def test_alpha_part_says_how_many_cells_are_missing(tmp_path, script, monkeypatch):
+    docs = script("results_docs")
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    _grid(tmp_path, "results_al", "smollm2-135m", ["0.6"],
+          {"a0.5": "{method: sparsefw, alpha: 0.5}", "a0.9": "{method: sparsefw, alpha: 0.9}"}, {})
+    assert docs.section("alpha:results_al") == "(not measured yet)\n"
+    (tmp_path / "out_results_al" / "cells" / "a0.5__0.6.json").write_text(json.dumps(
+        {"label": "a0.5", "sparsity": "0.6", "ppl": 50.0, "ppl_dense": 5.0, "ppl_val": 60.0, "ppl_val_dense": 6.0,
+         "code": "abc1234", "error_reduction_vs_wanda": 0.25, "prune_seconds": 10.0,
+         "options": {"method": "sparsefw", "alpha": 0.5, "iterations": 10}}))
+    text = docs.section("alpha:results_al")
+    assert text.startswith("1 of 2 cells finished; the others are still running.\n\n")
+    assert "| sparsefw α 0.5, 10 iterations | 60.00 | 60.00 | 50.00 | -25.0% | 10 |" in text
