@@ -23,6 +23,7 @@ if an image the pages show is missing, or if a cell of a shown config is missing
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import re
 import statistics
@@ -39,6 +40,7 @@ IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 MARK = re.compile(r"(<!-- generated: (\S+) -->\n)(.*?)(<!-- /generated: \2 -->)", re.S)
 
 
+@functools.cache
 def _script(name: str):
     """scripts/<name>.py as a module (the scripts are plain files, not a package)."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
@@ -53,6 +55,11 @@ def _config(stem: str) -> str:
 
 def _sp(sp: str) -> str:
     return _script("validation_table").sp_label(sp)
+
+
+def _progress(done: int, total: int) -> str:
+    """"" when all ``total`` cells are finished, else a line saying how many are."""
+    return "" if done == total else f"{done} of {total} cells finished; the others are still running.\n"
 
 
 def _finished(stem: str) -> tuple[dict, Path, dict, int]:
@@ -84,8 +91,8 @@ def headline() -> str:
              "| dense | " + " | ".join("" if d is None else f"{d:.2f}" for d in dense) + " |"]
     for label, name in HEADLINE.items():
         lines.append(f"| {name} | " + " | ".join(_ppl(cells, label, sp) for _, sp, cells in cols) + " |")
-    more = "" if done == total else f"\n{done} of {total} cells finished; the empty ones are still running.\n"
-    return "\n".join(lines) + "\n" + more
+    more = _progress(done, total)
+    return "\n".join(lines) + "\n" + (f"\n{more}" if more else "")
 
 
 def table(stem: str) -> str:
@@ -152,8 +159,8 @@ def section(name: str) -> str:
         _, out, cells, total = _finished(stem)
         if not cells:
             return "(not measured yet)\n"
-        more = "" if len(cells) == total else f"{len(cells)} of {total} cells finished; the others are still running.\n\n"
-        return more + _script("validation_table").build(out)[0]
+        more = _progress(len(cells), total)
+        return (f"{more}\n" if more else "") + _script("validation_table").build(out)[0]
     raise ValueError(f"unknown generated part '{name}'")
 
 

@@ -17,11 +17,17 @@ def _grid(root, stem, model, sparsities, methods, cells):
              "code": "abc1234"}))
 
 
-def test_headline_from_cells_and_check(tmp_path, script, monkeypatch):
+def _docs(script, monkeypatch, root, headline=(), pages=("page.md",)):
+    """scripts/results_docs.py working on ``root`` with these headline configs and pages."""
     docs = script("results_docs")
-    monkeypatch.setattr(docs, "ROOT", tmp_path)
-    monkeypatch.setattr(docs, "HEADLINE_CONFIGS", ("results_a", "results_b"))
-    monkeypatch.setattr(docs, "PAGES", ("page.md",))
+    monkeypatch.setattr(docs, "ROOT", root)
+    monkeypatch.setattr(docs, "HEADLINE_CONFIGS", headline)
+    monkeypatch.setattr(docs, "PAGES", pages)
+    return docs
+
+
+def test_headline_from_cells_and_check(tmp_path, script, monkeypatch):
+    docs = _docs(script, monkeypatch, tmp_path, headline=("results_a", "results_b"))
     _grid(tmp_path, "results_a", "smollm2-135m", ["0.6"],
           {"wanda": "{method: wanda, seeds: [0, 1]}", "sparsefw+rec": "{method: sparsefw, reconstruct: true}"},
           {"wanda__0.6__s0": ("wanda", "0.6", 10.0), "wanda__0.6__s1": ("wanda", "0.6", 12.0),
@@ -50,10 +56,7 @@ def test_headline_from_cells_and_check(tmp_path, script, monkeypatch):
 
 
 def test_check_wants_the_images_the_page_shows(tmp_path, script, monkeypatch, capsys):
-    docs = script("results_docs")
-    monkeypatch.setattr(docs, "ROOT", tmp_path)
-    monkeypatch.setattr(docs, "HEADLINE_CONFIGS", ())
-    monkeypatch.setattr(docs, "PAGES", ("docs/page.md",))
+    docs = _docs(script, monkeypatch, tmp_path, pages=("docs/page.md",))
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "page.md").write_text("text\n![a plot](../res/plot.png)\n")
     assert docs.main(["--check"]) == 1 and "image ../res/plot.png is missing" in capsys.readouterr().out
@@ -67,10 +70,7 @@ def test_recovery_part_and_its_check(tmp_path, script, monkeypatch):
     the current code."""
     from sparsefw.report import code_version
 
-    docs = script("results_docs")
-    monkeypatch.setattr(docs, "ROOT", tmp_path)
-    monkeypatch.setattr(docs, "HEADLINE_CONFIGS", ())
-    monkeypatch.setattr(docs, "PAGES", ("page.md",))
+    docs = _docs(script, monkeypatch, tmp_path)
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "rec.yaml").write_text("output: rout\nruns: {a: {mask: m}, b: {mask: m}}\n")
     (tmp_path / "rout" / "cells").mkdir(parents=True)
@@ -87,8 +87,7 @@ def test_recovery_part_and_its_check(tmp_path, script, monkeypatch):
 
 def test_table_has_validation_perplexity(tmp_path, script, monkeypatch):
     """A config with a validation text gets a validation-perplexity table below its main table."""
-    docs = script("results_docs")
-    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    docs = _docs(script, monkeypatch, tmp_path)
     _grid(tmp_path, "results_a", "smollm2-135m", ["0.6"], {"wanda": "{method: wanda, seeds: [0, 1]}"},
           {"wanda__0.6__s0": ("wanda", "0.6", 10.0), "wanda__0.6__s1": ("wanda", "0.6", 12.0)})
     cfg = tmp_path / "configs" / "results_a.yaml"
@@ -104,8 +103,7 @@ def test_table_has_validation_perplexity(tmp_path, script, monkeypatch):
 
 
 def test_alpha_part_says_how_many_cells_are_missing(tmp_path, script, monkeypatch):
-    docs = script("results_docs")
-    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    docs = _docs(script, monkeypatch, tmp_path)
     _grid(tmp_path, "results_al", "smollm2-135m", ["0.6"],
           {"a0.5": "{method: sparsefw, alpha: 0.5}", "a0.9": "{method: sparsefw, alpha: 0.9}"}, {})
     assert docs.section("alpha:results_al") == "(not measured yet)\n"
