@@ -15,7 +15,8 @@ z = difference / SE (|z| > 2: unlikely to be noise).
 Two modes:
 
 - ``--config configs/results_smollm2.yaml``: the dense model and every cell the config saves
-  (``save:``, checkpoints under ``<output>/models/<cell id>``, written by ``sparsefw compare``) are
+  (``save:``, checkpoints under ``<output>/models/<cell id>``, written by ``sparsefw compare``; one
+  that is missing, as in a fresh clone, is pruned again and checked against its cell) are
   scored (resumably, shards of ``--shard-size`` documents under ``<output>/zeroshot/<cell id>``,
   claimed one at a time, so two processes on the same config share the work; ``--report-only``
   scores nothing); per sparsity, the accuracy table and the paired differences of each of ours
@@ -130,6 +131,62 @@ def _complete(folder: Path, n: int) -> bool:
         return False
 
 
+def checkpoint(config: str, out: Path, cid: str, cell: dict) -> Path:
+    """The pruned checkpoint of the finished, saved cell ``cid``: ``<out>/models/<cid>``.
+
+    Checkpoints are not kept in git, so a fresh clone has the cell files only: a missing checkpoint
+    is pruned again from the config (``sparsefw compare --cell``, into a scratch folder beside it),
+    its test perplexity compared with the one the cell records (the same mask gives the same
+    number: calibration, seeds and kernels are deterministic on one thread) and only then moved into
+    place; both numbers go to ``<out>/zeroshot/<cid>/checkpoint.json``. A process that finds another
+    one re-pruning the same cell waits for it.
+
+    Raises: RuntimeError if the re-pruned perplexity differs from the recorded one by more than
+    1e-6 relative (the checkpoint would not be the cell's: run with OMP_NUM_THREADS=1 as the cells
+    were, or rerun the cell with ``sparsefw compare``).
+    """
+    import os
+    import shutil
+    import sys
+    import time
+
+    sys.path.insert(0, str(ROOT))
+    from sparsefw.compare import run_compare
+    from sparsefw.paths import claim, write_atomic
+
+    dest = out / "models" / cid
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    while not (dest / "config.json").is_file():
+        lock = claim(dest.with_name(f"{cid}.regen"))     # lock file <cid>.lock
+        if lock is None:                                 # another process re-prunes it
+            time.sleep(10)
+            continue
+        try:
+            if (dest / "config.json").is_file():
+                break
+            scratch = dest.with_name(f".regen-{cid}")
+            shutil.rmtree(scratch, ignore_errors=True)
+            print(f"{cid}: checkpoint missing, pruning the cell again into {scratch}", flush=True)
+            t0 = time.perf_counter()
+            again = run_compare(config, output=str(scratch), only=[cid])["cells"][cid]
+            same = math.isclose(again["ppl"], cell["ppl"], rel_tol=1e-6)
+            write_atomic(out / "zeroshot" / cid / "checkpoint.json", json.dumps(
+                {"cell": cid, "ppl_recorded": cell["ppl"], "ppl_reproduced": again["ppl"], "same": same,
+                 "code_recorded": cell.get("code"), "code_reproduced": again.get("code"),
+                 "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
+            if not same:
+                raise RuntimeError(f"{cid}: pruned again, test perplexity {again['ppl']!r} but the cell records "
+                                   f"{cell['ppl']!r}; this is not the cell's checkpoint. Rerun the cell: "
+                                   f"sparsefw compare --config {config} --cell {cid}")
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(scratch / "models" / cid, dest)
+            shutil.rmtree(scratch, ignore_errors=True)
+        finally:
+            lock.unlink(missing_ok=True)
+    return dest
+
+
 def _config_models(config: str, limit: int, batch_size: int, report_only: bool,
                    shard_size: int = 100) -> tuple[Path, dict, set]:
     """Score (resumably) the dense model and the finished cells a results config saves, in shards of
@@ -147,8 +204,8 @@ def _config_models(config: str, limit: int, batch_size: int, report_only: bool,
     groups: dict[str, dict] = {}
     for cid in ["dense"] + saved:
         folder = out / "zeroshot" / cid
-        if not report_only:
-            model = c["model"] if cid == "dense" else str(out / "models" / cid)
+        if not report_only and not _complete(folder, limit):
+            model = c["model"] if cid == "dense" else str(checkpoint(config, out, cid, cells[cid]))
             eval_zeroshot(model, list(TASKS), limit=limit, batch_size=batch_size, resume_dir=str(folder),
                           shard_size=shard_size)
         elif cid != "dense" and not _complete(folder, limit):

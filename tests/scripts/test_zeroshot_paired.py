@@ -2,6 +2,9 @@
 dense, from per-document shards (hand-computed accuracies and paired differences)."""
 import json
 import math
+from pathlib import Path
+
+import pytest
 
 
 def _shards(folder, acc):
@@ -63,7 +66,58 @@ def test_config_mode_scores_dense_and_saved_cells_in_shared_shards(tmp_path, scr
         _shards(tmp_path / resume_dir, [1.0, 0.0, 1.0, 1.0])
 
     monkeypatch.setattr(sparsefw.api, "eval_zeroshot", fake_eval)
+    (out / "models" / "wanda__0.6").mkdir(parents=True)
+    (out / "models" / "wanda__0.6" / "config.json").write_text("{}")
     script("zeroshot_paired").main(["--config", str(cfg), "--limit", "4", "--shard-size", "2"])
     assert calls == [("smollm2-135m", 2), (str(out / "models" / "wanda__0.6"), 2)]   # sparsefw__0.6 is not saved
     got = json.loads((out / "zeroshot.json").read_text())["0.6"]
     assert {k: v["mean"] for k, v in got["acc"].items()} == {"dense": 0.75, "wanda__0.6": 0.75}
+    script("zeroshot_paired").main(["--config", str(cfg), "--limit", "4", "--shard-size", "2"])
+    assert len(calls) == 2          # scored already: neither model is loaded again
+
+
+def _saved_cell(tmp_path, ppl):
+    out = tmp_path / "out"
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"model: smollm2-135m\noutput: {out}\nsparsities: ['0.6']\nsave: [wanda__0.6]\n"
+                   "methods:\n  wanda: {method: wanda}\n")
+    (out / "cells").mkdir(parents=True)
+    cell = {"label": "wanda", "sparsity": "0.6", "method": "wanda", "ppl": ppl}
+    (out / "cells" / "wanda__0.6.json").write_text(json.dumps(cell))
+    return cfg, out, cell
+
+
+def _fake_compare(monkeypatch, ppl, runs):
+    """sparsefw.compare.run_compare writing a checkpoint with this test perplexity."""
+    import sparsefw.compare
+
+    def fake(config, output, only):
+        runs.append(only)
+        (Path(output) / "models" / only[0]).mkdir(parents=True)
+        (Path(output) / "models" / only[0] / "config.json").write_text('{"pruned": true}')
+        return {"cells": {only[0]: {"ppl": ppl}}}
+
+    monkeypatch.setattr(sparsefw.compare, "run_compare", fake)
+
+
+def test_a_missing_checkpoint_is_pruned_again_and_checked_against_its_cell(tmp_path, script, monkeypatch):
+    cfg, out, cell = _saved_cell(tmp_path, 71.25)
+    runs = []
+    _fake_compare(monkeypatch, 71.25, runs)
+    got = script("zeroshot_paired").checkpoint(str(cfg), out, "wanda__0.6", cell)
+    assert got == out / "models" / "wanda__0.6" and runs == [["wanda__0.6"]]
+    assert json.loads((got / "config.json").read_text()) == {"pruned": True}
+    assert not (out / "models" / ".regen-wanda__0.6").exists() and not (out / "models" / "wanda__0.6.lock").exists()
+    rec = json.loads((out / "zeroshot" / "wanda__0.6" / "checkpoint.json").read_text())
+    assert rec["same"] and rec["ppl_recorded"] == rec["ppl_reproduced"] == 71.25
+    script("zeroshot_paired").checkpoint(str(cfg), out, "wanda__0.6", cell)
+    assert runs == [["wanda__0.6"]]       # present now: not pruned again
+
+
+def test_a_re_pruned_checkpoint_with_another_perplexity_is_refused(tmp_path, script, monkeypatch):
+    cfg, out, cell = _saved_cell(tmp_path, 71.25)
+    _fake_compare(monkeypatch, 71.5, [])
+    with pytest.raises(RuntimeError, match="71.5.*records 71.25.*--cell wanda__0.6"):
+        script("zeroshot_paired").checkpoint(str(cfg), out, "wanda__0.6", cell)
+    assert not (out / "models" / "wanda__0.6").exists() and not (out / "models" / "wanda__0.6.lock").exists()
+    assert json.loads((out / "zeroshot" / "wanda__0.6" / "checkpoint.json").read_text())["same"] is False
