@@ -187,10 +187,12 @@ def checkpoint(config: str, out: Path, cid: str, cell: dict) -> Path:
     return dest
 
 
-def _config_models(config: str, limit: int, batch_size: int, report_only: bool,
+def _config_models(config: str, limit: int, batch_size: int | None, report_only: bool,
                    shard_size: int = 100) -> tuple[Path, dict, set]:
     """Score (resumably) the dense model and the finished cells a results config saves, in shards of
-    ``shard_size`` documents that several processes share (each claims a shard). Returns the
+    ``shard_size`` documents that several processes share (each claims a shard), ``batch_size``
+    documents' requests at a time (None: the config's ``zeroshot_batch_size``, else 16; a large
+    vocabulary needs fewer, the logits being batch × tokens × vocabulary floats). Returns the
     config's output folder, {sparsity: {name: shard folder}} (dense in every group) and the names
     of our cells (method sparsefw or swaps)."""
     import sys
@@ -200,6 +202,7 @@ def _config_models(config: str, limit: int, batch_size: int, report_only: bool,
     from sparsefw.compare import finished_cells
 
     c, out, cells = finished_cells(config, base=ROOT)
+    batch_size = batch_size or int(c.get("zeroshot_batch_size", 16))
     saved = [cid for cid, cell in cells.items() if cid in set(c.get("save") or []) and cell is not None]
     groups: dict[str, dict] = {}
     for cid in ["dense"] + saved:
@@ -222,7 +225,8 @@ def main(argv=None) -> None:
                     help="without --config: where zeroshot60.{md,json} go")
     ap.add_argument("--config", help="a results config whose saved cells are scored and compared")
     ap.add_argument("--limit", type=int, default=N_DOCS, help="documents per task (default 500)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="lm-eval batch size (default: the config's zeroshot_batch_size, else 16)")
     ap.add_argument("--shard-size", type=int, default=100,
                     help="documents per shard (--config); processes running the same config share the shards")
     ap.add_argument("--report-only", action="store_true", help="score nothing; tables from the shards")
@@ -232,7 +236,7 @@ def main(argv=None) -> None:
         name, out_dir = "zeroshot60", Path(a.folder)
     else:
         out_dir, groups, ours = _config_models(a.config, a.limit, a.batch_size, a.report_only,
-                                                    a.shard_size)
+                                               a.shard_size)
         md, out, name = "", {}, "zeroshot"
         for sp, models in groups.items():
             part, out[sp] = build(models, [m for m in models if m in ours], [m for m in models if m not in ours],

@@ -10,7 +10,7 @@ import pytest
 def _shards(folder, acc):
     """One 4-document shard per task with the same per-document 0/1 scores."""
     for task in ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"):
-        (folder / task).mkdir(parents=True)
+        (folder / task).mkdir(parents=True, exist_ok=True)
         (folder / task / "000000-000004.json").write_text(json.dumps(
             {"task": task, "first": 0, "end": 4, "n_docs": 4, "metrics": {"acc": acc}}))
 
@@ -55,25 +55,29 @@ def test_config_mode_scores_dense_and_saved_cells_in_shared_shards(tmp_path, scr
     out = tmp_path / "out"
     cfg = tmp_path / "r.yaml"
     cfg.write_text(f"model: smollm2-135m\noutput: {out}\nsparsities: ['0.6']\nsave: [wanda__0.6]\n"
-                   "methods:\n  wanda: {method: wanda}\n  sparsefw: {method: sparsefw}\n")
+                   "zeroshot_batch_size: 3\nmethods:\n  wanda: {method: wanda}\n  sparsefw: {method: sparsefw}\n")
     (out / "cells").mkdir(parents=True)
     for cid, label in (("wanda__0.6", "wanda"), ("sparsefw__0.6", "sparsefw")):
         (out / "cells" / f"{cid}.json").write_text(json.dumps({"label": label, "sparsity": "0.6", "method": label}))
     calls = []
 
     def fake_eval(model, tasks, limit, batch_size, resume_dir, shard_size):
-        calls.append((model, shard_size))
+        calls.append((model, shard_size, batch_size))
         _shards(tmp_path / resume_dir, [1.0, 0.0, 1.0, 1.0])
 
     monkeypatch.setattr(sparsefw.api, "eval_zeroshot", fake_eval)
     (out / "models" / "wanda__0.6").mkdir(parents=True)
     (out / "models" / "wanda__0.6" / "config.json").write_text("{}")
     script("zeroshot_paired").main(["--config", str(cfg), "--limit", "4", "--shard-size", "2"])
-    assert calls == [("smollm2-135m", 2), (str(out / "models" / "wanda__0.6"), 2)]   # sparsefw__0.6 is not saved
+    assert calls == [("smollm2-135m", 2, 3), (str(out / "models" / "wanda__0.6"), 2, 3)]   # sparsefw__0.6 is not saved
     got = json.loads((out / "zeroshot.json").read_text())["0.6"]
     assert {k: v["mean"] for k, v in got["acc"].items()} == {"dense": 0.75, "wanda__0.6": 0.75}
-    script("zeroshot_paired").main(["--config", str(cfg), "--limit", "4", "--shard-size", "2"])
+    script("zeroshot_paired").main(["--config", str(cfg), "--limit", "4", "--shard-size", "2", "--batch-size", "5"])
     assert len(calls) == 2          # scored already: neither model is loaded again
+    for f in (out / "zeroshot" / "wanda__0.6").glob("*/*.json"):
+        f.unlink()
+    script("zeroshot_paired").main(["--config", str(cfg), "--limit", "4", "--shard-size", "2", "--batch-size", "5"])
+    assert calls[2:] == [(str(out / "models" / "wanda__0.6"), 2, 5)]    # the flag beats the config
 
 
 def _saved_cell(tmp_path, ppl):
