@@ -22,7 +22,7 @@ for cfg in $CONFIGS; do
   .venv/bin/sparsefw compare --config configs/$cfg.yaml --report-only   # the complete table and plot
 done
 zeroshot_worker() {   # both workers score both configs' saved cells, 100-document shards claimed one at a time
-  for cfg in results_smollm2 results_gemma3; do $PY scripts/zeroshot_paired.py --config configs/$cfg.yaml; done
+  for cfg in results_gemma3 results_smollm2; do $PY scripts/zeroshot_paired.py --config configs/$cfg.yaml; done
 }
 zeroshot_worker & zeroshot_worker
 wait
