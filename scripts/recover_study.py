@@ -12,6 +12,11 @@ skipped and an interrupted one continues from its checkpoint. Writes OUT/masks/<
 checkpoints), OUT/runs/<run>/ (recovered checkpoints), OUT/cells/<run>.json (one result per run,
 with the code version), OUT/zeroshot/<model>/ (per-document scores), and OUT/recover_study.{md,json,png}.
 
+A mask is either prune options (``{method: sparsefw, sparsity: 0.6}``, with the shared ``prune:``
+calibration options) or a saved cell of a results grid (``{cell: sparsefw+rec__0.6__s0}`` with
+``grid: configs/results_smollm2.yaml``): then the grid's checkpoint is recovered (pruned again and
+checked against its cell if missing) and its zero-shot scores before recovery are the grid's own.
+
 The log-perplexity gap to dense is log(ppl / ppl_dense); "gap closed" is 1 - gap_after / gap_before.
 """
 from __future__ import annotations
@@ -41,17 +46,44 @@ def _wait_or_claim(done: Path, lock_for: Path):
     return None
 
 
+def grid_cell(c: dict, name: str) -> tuple[str, Path, str, dict] | None:
+    """For a mask given as ``{cell: ID}``, a saved cell of the results grid ``c["grid"]`` (a
+    ``sparsefw compare`` config): (grid config path, grid output folder, cell id, the cell's record);
+    None for a mask given by prune options. Raises ValueError if there is no grid, or the cell is not
+    finished or not saved by it."""
+    spec = c["masks"][name]
+    if "cell" not in spec:
+        return None
+    from sparsefw.compare import finished_cells
+
+    if not c.get("grid"):
+        raise ValueError(f"mask {name}: 'cell' needs 'grid:' (the results config the cell belongs to)")
+    grid = str(ROOT / c["grid"]) if not Path(c["grid"]).is_absolute() else c["grid"]
+    g, gout, cells = finished_cells(grid, base=ROOT)
+    cid = spec["cell"]
+    if cells.get(cid) is None or cid not in set(g.get("save") or []):
+        raise ValueError(f"mask {name}: {cid} is not a finished, saved cell of {c['grid']}; run it first "
+                         f"(sparsefw compare --config {c['grid']}) or list it under 'save:'")
+    return grid, gout, cid, cells[cid]
+
+
 def ensure_mask(c: dict, out: Path, name: str) -> Path:
-    """The pruned checkpoint of mask ``name`` (pruned here unless another worker did it)."""
+    """The pruned checkpoint of mask ``name``: a grid cell's saved checkpoint (pruned again and
+    checked against the cell if missing, see zeroshot_paired.checkpoint), or pruned here with the
+    mask's options unless another worker did it."""
     from sparsefw import api
 
+    if (gc := grid_cell(c, name)) is not None:
+        from zeroshot_paired import checkpoint
+
+        return checkpoint(gc[0], gc[1], gc[2], gc[3])
     folder = out / "masks" / name
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock = _wait_or_claim(folder / "report.json", out / "masks" / f"{name}.json")
     if lock is not None:
         try:
             if not (folder / "report.json").exists():
-                api.prune(c["model"], output=str(folder), overwrite=True, eval_ppl=False, **c["prune"],
+                api.prune(c["model"], output=str(folder), overwrite=True, eval_ppl=False, **c.get("prune", {}),
                           **c["masks"][name])
         finally:
             lock.unlink(missing_ok=True)
@@ -94,7 +126,10 @@ def run_cell(c: dict, out: Path, name: str) -> dict | None:
                           ppl_every=p.get("every", 0), **{**c["recover"], **spec}).report
         r, dense = rep["recovery"], dense_ppl(c, out)
         gap0, gap1 = math.log(r["ppl_before"] / dense), math.log(r["ppl_after"] / dense)
-        res = {"run": name, "mask": c["runs"][name]["mask"], "prune": {**c["prune"], **c["masks"][c["runs"][name]["mask"]]},
+        gc = grid_cell(c, c["runs"][name]["mask"])
+        prune = ({"grid": c["grid"], "cell": gc[2], **gc[3]["options"]} if gc else
+                 {**c.get("prune", {}), **c["masks"][c["runs"][name]["mask"]]})
+        res = {"run": name, "mask": c["runs"][name]["mask"], "prune": prune,
                "train": r["train"], "lr": r["lr"], "steps": r["steps"], "tokens": r["tokens"],
                "seconds": r["seconds"], "stopped_early": r["stopped_early"], "ppl_dense": dense,
                "ppl_before": r["ppl_before"], "ppl_after": r["ppl_after"], "log_gap_before": gap0,
@@ -107,29 +142,29 @@ def run_cell(c: dict, out: Path, name: str) -> dict | None:
         lock.unlink(missing_ok=True)
 
 
+def before_scores(c: dict, out: Path, run: str) -> Path:
+    """The folder of the per-document zero-shot shards of ``run``'s pruned model before recovery:
+    a grid cell's own (``<grid output>/zeroshot/<cell>``, scored by zeroshot_paired.py, shared with
+    the grid's table) or ``OUT/zeroshot/<run>_before``."""
+    gc = grid_cell(c, c["runs"][run]["mask"])
+    return gc[1] / "zeroshot" / gc[2] if gc else out / "zeroshot" / f"{run}_before"
+
+
 def zeroshot(c: dict, out: Path) -> None:
-    """7 tasks x the first ``limit`` documents for each listed run, before (its mask) and after."""
+    """7 tasks x the first ``limit`` documents for each listed run, before (its mask) and after,
+    in shards of 100 documents (the grid's, so a grid cell's scores are shared)."""
     from sparsefw import api
-    from sparsefw.paths import claim
+    from zeroshot_paired import scored
 
     z = c.get("zeroshot") or {}
+    limit = z.get("limit", 500)
     for run in z.get("runs", []):
         if not (out / "cells" / f"{run}.json").exists():
             continue
-        for label, model in ((f"{run}_before", out / "masks" / c["runs"][run]["mask"]), (f"{run}_after", out / "runs" / run)):
-            res = out / "zeroshot" / label / "report.json"
-            if res.exists():
-                continue
-            res.parent.mkdir(parents=True, exist_ok=True)
-            lock = claim(res)
-            if lock is None:
-                continue
-            try:
-                r = api.eval_zeroshot(str(model), limit=z.get("limit", 500), batch_size=16, shard_size=500,
-                                      resume_dir=str(res.parent))
-                res.write_text(json.dumps(r, indent=1, default=str))
-            finally:
-                lock.unlink(missing_ok=True)
+        for folder, model in ((before_scores(c, out, run), lambda: ensure_mask(c, out, c["runs"][run]["mask"])),
+                              (out / "zeroshot" / f"{run}_after", lambda: out / "runs" / run)):
+            if not scored(folder, limit):    # shards are claimed one at a time: workers share a model
+                api.eval_zeroshot(str(model()), limit=limit, batch_size=16, shard_size=100, resume_dir=str(folder))
 
 
 def report(c: dict, out: Path) -> str:
@@ -148,14 +183,13 @@ def report(c: dict, out: Path) -> str:
                      f"| {r['ppl_before']:.2f} | {r['ppl_after']:.2f} | {r['ppl_dense']:.2f} "
                      f"| {closed} | {r['code']} |")
     z = c.get("zeroshot") or {}
-    done = [r for r in z.get("runs", []) if all((out / "zeroshot" / f"{r}_{s}" / "report.json").exists()
-                                                 for s in ("before", "after"))]
-    if done:
-        from zeroshot_paired import build
+    from zeroshot_paired import build, scored
 
-        for r in done:
-            md, _ = build({"after": out / "zeroshot" / f"{r}_after", "before": out / "zeroshot" / f"{r}_before"},
-                          ["after"], ["before"])
+    limit = z.get("limit", 500)
+    for r in z.get("runs", []):
+        before, after = before_scores(c, out, r), out / "zeroshot" / f"{r}_after"
+        if r in cells and scored(before, limit) and scored(after, limit):
+            md, _ = build({"after": after, "before": before}, ["after"], ["before"], limit)
             lines += ["", f"## Zero-shot, {r}: after vs before recovery", "", md]
     text = "\n".join(lines) + "\n"
     (out / "recover_study.md").write_text(text)

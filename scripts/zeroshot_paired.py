@@ -123,7 +123,7 @@ def _paired_rows(models: dict[str, Path], base: str, others: list[str], out: dic
     return lines
 
 
-def _complete(folder: Path, n: int) -> bool:
+def scored(folder: Path, n: int) -> bool:
     """True if ``folder`` holds the scores of the first ``n`` documents of every task."""
     try:
         return all(scores(folder, t, "acc", n) is not None for t in TASKS)
@@ -207,11 +207,11 @@ def _config_models(config: str, limit: int, batch_size: int | None, report_only:
     groups: dict[str, dict] = {}
     for cid in ["dense"] + saved:
         folder = out / "zeroshot" / cid
-        if not report_only and not _complete(folder, limit):
+        if not report_only and not scored(folder, limit):
             model = c["model"] if cid == "dense" else str(checkpoint(config, out, cid, cells[cid]))
             eval_zeroshot(model, list(TASKS), limit=limit, batch_size=batch_size, resume_dir=str(folder),
                           shard_size=shard_size)
-        elif cid != "dense" and not _complete(folder, limit):
+        elif cid != "dense" and not scored(folder, limit):
             print(f"{cid}: not scored yet, left out")
             continue
         if cid != "dense":
