@@ -34,16 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def _wait_or_claim(done: Path, lock_for: Path):
-    """A lock on ``lock_for`` (None when ``done`` exists); waits while another process holds it."""
-    from sparsefw.paths import claim
-
-    while not done.exists():
-        lock = claim(lock_for)
-        if lock is not None:
-            return lock
-        time.sleep(20)
-    return None
+_GRIDS: dict[str, tuple] = {}
 
 
 def grid_cell(c: dict, name: str) -> tuple[str, Path, str, dict] | None:
@@ -59,7 +50,9 @@ def grid_cell(c: dict, name: str) -> tuple[str, Path, str, dict] | None:
     if not c.get("grid"):
         raise ValueError(f"mask {name}: 'cell' needs 'grid:' (the results config the cell belongs to)")
     grid = str(ROOT / c["grid"]) if not Path(c["grid"]).is_absolute() else c["grid"]
-    g, gout, cells = finished_cells(grid, base=ROOT)
+    if grid not in _GRIDS:                 # read the grid's cell files once per process
+        _GRIDS[grid] = finished_cells(grid, base=ROOT)
+    g, gout, cells = _GRIDS[grid]
     cid = spec["cell"]
     if cells.get(cid) is None or cid not in set(g.get("save") or []):
         raise ValueError(f"mask {name}: {cid} is not a finished, saved cell of {c['grid']}; run it first "
@@ -73,13 +66,13 @@ def ensure_mask(c: dict, out: Path, name: str) -> Path:
     mask's options unless another worker did it."""
     from sparsefw import api
 
-    if (gc := grid_cell(c, name)) is not None:
-        from zeroshot_paired import checkpoint
+    from zeroshot_paired import checkpoint, wait_or_claim
 
-        return checkpoint(gc[0], gc[1], gc[2], gc[3])
+    if (gc := grid_cell(c, name)) is not None:
+        return checkpoint(*gc)
     folder = out / "masks" / name
     folder.parent.mkdir(parents=True, exist_ok=True)
-    lock = _wait_or_claim(folder / "report.json", out / "masks" / f"{name}.json")
+    lock = wait_or_claim(folder / "report.json", out / "masks" / f"{name}.json", poll=20)
     if lock is not None:
         try:
             if not (folder / "report.json").exists():
@@ -152,7 +145,9 @@ def before_scores(c: dict, out: Path, run: str) -> Path:
 
 def zeroshot(c: dict, out: Path) -> None:
     """7 tasks x the first ``limit`` documents for each listed run, before (its mask) and after,
-    in shards of 100 documents (the grid's, so a grid cell's scores are shared)."""
+    in shards of 100 documents (the grid's, so a grid cell's scores are shared), ``batch_size``
+    documents' requests at a time (config ``zeroshot: {batch_size: ...}``, default 16; a model with
+    a large vocabulary such as gemma-3's needs 4 to fit in 24 GiB)."""
     from sparsefw import api
     from zeroshot_paired import scored
 
@@ -164,7 +159,8 @@ def zeroshot(c: dict, out: Path) -> None:
         for folder, model in ((before_scores(c, out, run), lambda: ensure_mask(c, out, c["runs"][run]["mask"])),
                               (out / "zeroshot" / f"{run}_after", lambda: out / "runs" / run)):
             if not scored(folder, limit):    # shards are claimed one at a time: workers share a model
-                api.eval_zeroshot(str(model()), limit=limit, batch_size=16, shard_size=100, resume_dir=str(folder))
+                api.eval_zeroshot(str(model()), limit=limit, batch_size=z.get("batch_size", 16), shard_size=100,
+                                  resume_dir=str(folder))
 
 
 def report(c: dict, out: Path) -> str:

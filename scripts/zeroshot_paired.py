@@ -131,6 +131,26 @@ def scored(folder: Path, n: int) -> bool:
         return False
 
 
+def wait_or_claim(done: Path, lock_for: Path, poll: float = 10.0) -> Path | None:
+    """Claim the job that makes ``done`` (a file): the lock (``sparsefw.paths.claim`` on
+    ``lock_for``, i.e. ``<lock_for stem>.lock``; delete it when finished), or None once ``done``
+    exists. While another live process holds the lock, polls every ``poll`` seconds. Lets workers
+    share one-off jobs (re-pruning a checkpoint, pruning a mask) without doing them twice."""
+    import time
+
+    from sparsefw.paths import claim
+
+    while not done.exists():
+        lock = claim(lock_for)
+        if lock is not None:
+            if not done.exists():          # not finished by the holder just before we claimed
+                return lock
+            lock.unlink(missing_ok=True)
+            break
+        time.sleep(poll)
+    return None
+
+
 def checkpoint(config: str, out: Path, cid: str, cell: dict) -> Path:
     """The pruned checkpoint of the finished, saved cell ``cid``: ``<out>/models/<cid>``.
 
@@ -152,18 +172,13 @@ def checkpoint(config: str, out: Path, cid: str, cell: dict) -> Path:
 
     sys.path.insert(0, str(ROOT))
     from sparsefw.compare import run_compare
-    from sparsefw.paths import claim, write_atomic
+    from sparsefw.paths import write_atomic
 
     dest = out / "models" / cid
     dest.parent.mkdir(parents=True, exist_ok=True)
-    while not (dest / "config.json").is_file():
-        lock = claim(dest.with_name(f"{cid}.regen"))     # lock file <cid>.lock
-        if lock is None:                                 # another process re-prunes it
-            time.sleep(10)
-            continue
+    lock = wait_or_claim(dest / "config.json", dest.with_name(f"{cid}.regen"))   # lock file <cid>.lock
+    if lock is not None:
         try:
-            if (dest / "config.json").is_file():
-                break
             scratch = dest.with_name(f".regen-{cid}")
             shutil.rmtree(scratch, ignore_errors=True)
             print(f"{cid}: checkpoint missing, pruning the cell again into {scratch}", flush=True)

@@ -125,3 +125,28 @@ def test_a_re_pruned_checkpoint_with_another_perplexity_is_refused(tmp_path, scr
         script("zeroshot_paired").checkpoint(str(cfg), out, "wanda__0.6", cell)
     assert not (out / "models" / "wanda__0.6").exists() and not (out / "models" / "wanda__0.6.lock").exists()
     assert json.loads((out / "zeroshot" / "wanda__0.6" / "checkpoint.json").read_text())["same"] is False
+
+
+def test_wait_or_claim_claims_waits_for_a_live_holder_and_takes_over_a_dead_one(tmp_path, script):
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    w = script("zeroshot_paired").wait_or_claim
+    done, job = tmp_path / "model" / "config.json", tmp_path / "model.json"
+    done.parent.mkdir()
+    lock = w(done, job, poll=0.01)                     # free: claimed, the lock holds our PID
+    assert lock == tmp_path / "model.lock" and lock.read_text() == str(os.getpid())
+    # held by a live process (us): waits until the holder's result appears, then returns None
+    threading.Timer(0.2, done.write_text, args=("{}",)).start()
+    assert w(done, job, poll=0.01) is None and lock.exists()
+    lock.unlink()
+    assert w(done, job, poll=0.01) is None             # finished: nothing to claim, no lock made
+    assert not lock.exists()
+    # a lock left by a dead process (a crash) is taken over
+    done.unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(str(dead.pid))
+    assert w(done, job, poll=0.01) == lock and lock.read_text() == str(os.getpid())
