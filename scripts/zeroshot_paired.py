@@ -131,11 +131,12 @@ def scored(folder: Path, n: int) -> bool:
         return False
 
 
-def wait_or_claim(done: Path, lock_for: Path, poll: float = 10.0) -> Path | None:
+def wait_or_claim(done: Path, lock_for: Path, poll: float | None = 10.0) -> Path | None:
     """Claim the job that makes ``done`` (a file): the lock (``sparsefw.paths.claim`` on
     ``lock_for``, i.e. ``<lock_for stem>.lock``; delete it when finished), or None once ``done``
-    exists. While another live process holds the lock, polls every ``poll`` seconds. Lets workers
-    share one-off jobs (re-pruning a checkpoint, pruning a mask) without doing them twice."""
+    exists. While another live process holds the lock, polls every ``poll`` seconds (``poll=None``:
+    returns None at once). Lets workers share one-off jobs (re-pruning a checkpoint, pruning a mask)
+    without doing them twice."""
     import time
 
     from sparsefw.paths import claim
@@ -147,11 +148,13 @@ def wait_or_claim(done: Path, lock_for: Path, poll: float = 10.0) -> Path | None
                 return lock
             lock.unlink(missing_ok=True)
             break
+        if poll is None:
+            break
         time.sleep(poll)
     return None
 
 
-def checkpoint(config: str, out: Path, cid: str, cell: dict) -> Path:
+def checkpoint(config: str, out: Path, cid: str, cell: dict, wait: bool = True) -> Path | None:
     """The pruned checkpoint of the finished, saved cell ``cid``: ``<out>/models/<cid>``.
 
     Checkpoints are not kept in git, so a fresh clone has the cell files only: a missing checkpoint
@@ -159,7 +162,7 @@ def checkpoint(config: str, out: Path, cid: str, cell: dict) -> Path:
     its test perplexity compared with the one the cell records (the same mask gives the same
     number: calibration, seeds and kernels are deterministic on one thread) and only then moved into
     place; both numbers go to ``<out>/zeroshot/<cid>/checkpoint.json``. A process that finds another
-    one re-pruning the same cell waits for it.
+    one re-pruning the same cell waits for it (``wait=False``: returns None at once instead).
 
     Raises: RuntimeError if the re-pruned perplexity differs from the recorded one by more than
     1e-6 relative (the checkpoint would not be the cell's: run with OMP_NUM_THREADS=1 as the cells
@@ -176,7 +179,8 @@ def checkpoint(config: str, out: Path, cid: str, cell: dict) -> Path:
 
     dest = out / "models" / cid
     dest.parent.mkdir(parents=True, exist_ok=True)
-    lock = wait_or_claim(dest / "config.json", dest.with_name(f"{cid}.regen"))   # lock file <cid>.lock
+    lock = wait_or_claim(dest / "config.json", dest.with_name(f"{cid}.regen"),    # lock file <cid>.lock
+                         poll=10.0 if wait else None)
     if lock is not None:
         try:
             scratch = dest.with_name(f".regen-{cid}")
@@ -199,7 +203,7 @@ def checkpoint(config: str, out: Path, cid: str, cell: dict) -> Path:
             shutil.rmtree(scratch, ignore_errors=True)
         finally:
             lock.unlink(missing_ok=True)
-    return dest
+    return dest if (dest / "config.json").is_file() else None
 
 
 def _config_models(config: str, limit: int, batch_size: int | None, report_only: bool,
@@ -211,6 +215,7 @@ def _config_models(config: str, limit: int, batch_size: int | None, report_only:
     config's output folder, {sparsity: {name: shard folder}} (dense in every group) and the names
     of our cells (method sparsefw or swaps)."""
     import sys
+    import time
 
     sys.path.insert(0, str(ROOT))
     from sparsefw.api import eval_zeroshot
@@ -219,18 +224,26 @@ def _config_models(config: str, limit: int, batch_size: int | None, report_only:
     c, out, cells = finished_cells(config, base=ROOT)
     batch_size = batch_size or int(c.get("zeroshot_batch_size", 16))
     saved = [cid for cid, cell in cells.items() if cid in set(c.get("save") or []) and cell is not None]
+    pending = [] if report_only else [cid for cid in ["dense"] + saved if not scored(out / "zeroshot" / cid, limit)]
+    # checkpoints on disk first (a new session's disk may lack them: re-pruning one takes minutes), and
+    # a checkpoint another worker is re-pruning is left until later, so no worker waits for another
+    pending.sort(key=lambda cid: cid != "dense" and not (out / "models" / cid / "config.json").is_file())
+    while pending:
+        for cid in list(pending):
+            model = c["model"] if cid == "dense" else checkpoint(config, out, cid, cells[cid], wait=False)
+            if model is not None:
+                eval_zeroshot(str(model), list(TASKS), limit=limit, batch_size=batch_size, shard_size=shard_size,
+                              resume_dir=str(out / "zeroshot" / cid))
+                pending.remove(cid)
+        if pending:
+            time.sleep(10)
     groups: dict[str, dict] = {}
-    for cid in ["dense"] + saved:
+    for cid in saved:
         folder = out / "zeroshot" / cid
-        if not report_only and not scored(folder, limit):
-            model = c["model"] if cid == "dense" else str(checkpoint(config, out, cid, cells[cid]))
-            eval_zeroshot(model, list(TASKS), limit=limit, batch_size=batch_size, resume_dir=str(folder),
-                          shard_size=shard_size)
-        elif cid != "dense" and not scored(folder, limit):
+        if not scored(folder, limit):
             print(f"{cid}: not scored yet, left out")
             continue
-        if cid != "dense":
-            groups.setdefault(cells[cid]["sparsity"], {"dense": out / "zeroshot" / "dense"})[cid] = folder
+        groups.setdefault(cells[cid]["sparsity"], {"dense": out / "zeroshot" / "dense"})[cid] = folder
     return out, groups, {cid for cid in saved if cells[cid]["method"] in OURS}
 
 

@@ -150,3 +150,42 @@ def test_wait_or_claim_claims_waits_for_a_live_holder_and_takes_over_a_dead_one(
     dead.wait()
     lock.write_text(str(dead.pid))
     assert w(done, job, poll=0.01) == lock and lock.read_text() == str(os.getpid())
+
+
+def test_checkpoints_on_disk_are_scored_first_and_no_worker_waits_for_a_re_prune(tmp_path, script, monkeypatch):
+    """Order of a new session: dense, then the checkpoints present, then the missing ones; a checkpoint
+    another worker is re-pruning (its lock held by a live process) is passed over until it appears."""
+    import os
+    import time
+
+    import sparsefw.api
+
+    out = tmp_path / "out"
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"model: smollm2-135m\noutput: {out}\nsparsities: ['0.6']\nsave: [wanda__0.6, ria__0.6]\n"
+                   "methods:\n  wanda: {method: wanda}\n  ria: {method: ria}\n")
+    (out / "cells").mkdir(parents=True)
+    for cid, label in (("wanda__0.6", "wanda"), ("ria__0.6", "ria")):
+        (out / "cells" / f"{cid}.json").write_text(json.dumps({"label": label, "sparsity": "0.6", "method": label}))
+    models = out / "models"
+    (models / "ria__0.6").mkdir(parents=True)
+    (models / "ria__0.6" / "config.json").write_text("{}")
+    (models / "wanda__0.6.lock").write_text(str(os.getpid()))      # "another worker" re-prunes wanda
+    calls, sleeps = [], []
+
+    def fake_eval(model, tasks, limit, batch_size, resume_dir, shard_size):
+        calls.append(model)
+        _shards(tmp_path / resume_dir, [1.0, 0.0, 1.0, 1.0])
+
+    def other_worker_finishes(seconds):
+        sleeps.append(seconds)
+        (models / "wanda__0.6").mkdir()
+        (models / "wanda__0.6" / "config.json").write_text("{}")
+        (models / "wanda__0.6.lock").unlink()
+
+    monkeypatch.setattr(sparsefw.api, "eval_zeroshot", fake_eval)
+    monkeypatch.setattr(time, "sleep", other_worker_finishes)
+    _fake_compare(monkeypatch, 1.0, runs := [])
+    script("zeroshot_paired").main(["--config", str(cfg), "--limit", "4"])
+    assert calls == ["smollm2-135m", str(models / "ria__0.6"), str(models / "wanda__0.6")]
+    assert len(sleeps) == 1 and runs == []                          # waited once, pruned nothing itself
