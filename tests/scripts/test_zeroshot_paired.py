@@ -80,10 +80,10 @@ def test_config_mode_scores_dense_and_saved_cells_in_shared_shards(tmp_path, scr
     assert calls[2:] == [(str(out / "models" / "wanda__0.6"), 2, 5)]    # the flag beats the config
 
 
-def _saved_cell(tmp_path, ppl):
+def _saved_cell(tmp_path, ppl, extra=""):
     out = tmp_path / "out"
     cfg = tmp_path / "r.yaml"
-    cfg.write_text(f"model: smollm2-135m\noutput: {out}\nsparsities: ['0.6']\nsave: [wanda__0.6]\n"
+    cfg.write_text(f"model: smollm2-135m\noutput: {out}\nsparsities: ['0.6']\nsave: [wanda__0.6]\n{extra}"
                    "methods:\n  wanda: {method: wanda}\n")
     (out / "cells").mkdir(parents=True)
     cell = {"label": "wanda", "sparsity": "0.6", "method": "wanda", "ppl": ppl}
@@ -121,10 +121,29 @@ def test_a_missing_checkpoint_is_pruned_again_and_checked_against_its_cell(tmp_p
 def test_a_re_pruned_checkpoint_with_another_perplexity_is_refused(tmp_path, script, monkeypatch):
     cfg, out, cell = _saved_cell(tmp_path, 71.25)
     _fake_compare(monkeypatch, 71.5, [])
-    with pytest.raises(RuntimeError, match="71.5.*records 71.25.*--cell wanda__0.6"):
+    with pytest.raises(RuntimeError, match="71.5.*records 71.25.*0.35% apart.*--cell wanda__0.6"):
         script("zeroshot_paired").checkpoint(str(cfg), out, "wanda__0.6", cell)
     assert not (out / "models" / "wanda__0.6").exists() and not (out / "models" / "wanda__0.6.lock").exists()
     assert json.loads((out / "zeroshot" / "wanda__0.6" / "checkpoint.json").read_text())["same"] is False
+
+
+def test_another_cpus_re_prune_within_reprune_rtol_is_scored_and_listed(tmp_path, script, monkeypatch):
+    """reprune_rtol 0.03: 73.0 against the recorded 71.25 (2.5% apart) is accepted and listed in the
+    report; 74.0 (3.9%) is not."""
+    import sparsefw.api
+
+    zp = script("zeroshot_paired")
+    cfg, out, cell = _saved_cell(tmp_path, 71.25, extra="reprune_rtol: 0.03\n")
+    _fake_compare(monkeypatch, 74.0, [])
+    with pytest.raises(RuntimeError, match="3.9% apart, more than reprune_rtol 0.03"):
+        zp.checkpoint(str(cfg), out, "wanda__0.6", cell)
+    _fake_compare(monkeypatch, 73.0, [])
+    monkeypatch.setattr(sparsefw.api, "eval_zeroshot", lambda model, tasks, limit, batch_size, resume_dir, shard_size:
+                        _shards(Path(resume_dir), [1.0, 0.0, 1.0, 1.0]))
+    zp.main(["--config", str(cfg), "--limit", "4"])
+    rec = json.loads((out / "zeroshot" / "wanda__0.6" / "checkpoint.json").read_text())
+    assert rec["accepted"] and not rec["same"] and rec["rel_diff"] == pytest.approx(1.75 / 71.25)
+    assert "| wanda__0.6 | 71.25 | 73.00 | 2.5% apart |" in (out / "zeroshot.md").read_text()
 
 
 def test_wait_or_claim_claims_waits_for_a_live_holder_and_takes_over_a_dead_one(tmp_path, script):
