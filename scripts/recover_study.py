@@ -148,8 +148,7 @@ def zeroshot(c: dict, out: Path) -> None:
     in shards of 100 documents (the grid's, so a grid cell's scores are shared), ``batch_size``
     documents' requests at a time (config ``zeroshot: {batch_size: ...}``, default 16; a model with
     a large vocabulary such as gemma-3's needs 4 to fit in 24 GiB)."""
-    from sparsefw import api
-    from zeroshot_paired import scored
+    from zeroshot_paired import score, scored
 
     z = c.get("zeroshot") or {}
     limit = z.get("limit", 500)
@@ -159,8 +158,7 @@ def zeroshot(c: dict, out: Path) -> None:
         for folder, model in ((before_scores(c, out, run), lambda: ensure_mask(c, out, c["runs"][run]["mask"])),
                               (out / "zeroshot" / f"{run}_after", lambda: out / "runs" / run)):
             if not scored(folder, limit):    # shards are claimed one at a time: workers share a model
-                api.eval_zeroshot(str(model()), limit=limit, batch_size=z.get("batch_size", 16), shard_size=100,
-                                  resume_dir=str(folder))
+                score(model(), folder, limit, z.get("batch_size", 16))
 
 
 def report(c: dict, out: Path) -> str:

@@ -133,6 +133,28 @@ def scored(folder: Path, n: int) -> bool:
         return False
 
 
+def score(model: str, folder: Path, limit: int, batch_size: int, shard_size: int = 100) -> None:
+    """Score ``model`` (a packaged name or checkpoint folder) on the first ``limit`` documents of
+    each of TASKS into ``folder`` (``sparsefw.api.eval_zeroshot`` with ``resume_dir``: shards of
+    ``shard_size`` documents, each claimed with a lock, finished ones read back).
+
+    The first process on a model takes the tasks in order, the next one (finding the first's
+    ``folder/forward.lock``) in reverse: two workers then share the shards of one task only, where
+    they meet, instead of one waiting for the other's last shard of every task. Raises what
+    eval_zeroshot raises (SparseFWError for an unloadable model)."""
+    from sparsefw.api import eval_zeroshot
+    from sparsefw.paths import claim
+
+    folder.mkdir(parents=True, exist_ok=True)
+    first = claim(folder / "forward.json")
+    try:
+        eval_zeroshot(str(model), list(TASKS) if first else list(reversed(TASKS)), limit=limit,
+                      batch_size=batch_size, resume_dir=str(folder), shard_size=shard_size)
+    finally:
+        if first is not None:
+            first.unlink(missing_ok=True)
+
+
 def wait_or_claim(done: Path, lock_for: Path, poll: float | None = 10.0) -> Path | None:
     """Claim the job that makes ``done`` (a file): the lock (``sparsefw.paths.claim`` on
     ``lock_for``, i.e. ``<lock_for stem>.lock``; delete it when finished), or None once ``done``
@@ -226,7 +248,6 @@ def _config_models(config: str, limit: int, batch_size: int | None, report_only:
     import time
 
     sys.path.insert(0, str(ROOT))
-    from sparsefw.api import eval_zeroshot
     from sparsefw.compare import finished_cells
 
     c, out, cells = finished_cells(config, base=ROOT)
@@ -240,8 +261,7 @@ def _config_models(config: str, limit: int, batch_size: int | None, report_only:
         for cid in list(pending):
             model = c["model"] if cid == "dense" else checkpoint(config, out, cid, cells[cid], wait=False)
             if model is not None:
-                eval_zeroshot(str(model), list(TASKS), limit=limit, batch_size=batch_size, shard_size=shard_size,
-                              resume_dir=str(out / "zeroshot" / cid))
+                score(model, out / "zeroshot" / cid, limit, batch_size, shard_size)
                 pending.remove(cid)
         if pending:
             time.sleep(10)

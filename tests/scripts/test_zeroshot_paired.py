@@ -208,3 +208,21 @@ def test_checkpoints_on_disk_are_scored_first_and_no_worker_waits_for_a_re_prune
     script("zeroshot_paired").main(["--config", str(cfg), "--limit", "4"])
     assert calls == ["smollm2-135m", str(models / "ria__0.6"), str(models / "wanda__0.6")]
     assert len(sleeps) == 1 and runs == []                          # waited once, pruned nothing itself
+
+
+def test_a_second_worker_on_a_model_takes_the_tasks_in_reverse(tmp_path, script, monkeypatch):
+    import os
+
+    import sparsefw.api
+
+    zp, seen = script("zeroshot_paired"), []
+
+    def fake_eval(model, tasks, limit, batch_size, resume_dir, shard_size):
+        seen.append((tasks, (Path(resume_dir) / "forward.lock").is_file()))
+
+    monkeypatch.setattr(sparsefw.api, "eval_zeroshot", fake_eval)
+    zp.score("m", tmp_path / "m", 4, 2)                     # alone: in order, holding forward.lock
+    assert seen == [(list(zp.TASKS), True)] and not (tmp_path / "m" / "forward.lock").exists()
+    (tmp_path / "m" / "forward.lock").write_text(str(os.getpid()))    # a live first worker
+    zp.score("m", tmp_path / "m", 4, 2)
+    assert seen[1] == (list(reversed(zp.TASKS)), True) and (tmp_path / "m" / "forward.lock").exists()
