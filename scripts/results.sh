@@ -4,8 +4,9 @@
 # workers, one per core, sharing the cells; resumable: finished cells are kept, a rerun continues), the
 # zero-shot tables of the saved cells, the recovery rows (configs/recover_results_smollm2.yaml), the
 # alpha ranking, the claims and the plots, then the generated parts of the pages and the check that every
-# shown cell is the current code's. Measured: SmolLM2's 30 cells took 7.3 worker-hours (11-20 minutes a
-# cell, two at a time); the whole run is estimated at ~21 CPU-hours, about 11 hours of wall time here.
+# shown cell is the current code's. Measured: the 45 cells took 12.3 worker-hours (11-25 minutes a cell,
+# two at a time), a zero-shot run 25 (SmolLM2) to 60 (gemma) worker-minutes; the whole run is about
+# 25 CPU-hours, some 13 hours of wall time here.
 #   bash scripts/results.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
