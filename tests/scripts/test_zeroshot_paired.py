@@ -47,18 +47,29 @@ methods:
     assert "### 0.6" in (out / "zeroshot.md").read_text()
 
 
+def _results_config(tmp_path, cells, save, extra=""):
+    """A results config at 60% with finished cells ``{cid: extra record fields}`` (label and method:
+    the cid's prefix); returns (config path, output folder, {cid: cell record})."""
+    out = tmp_path / "out"
+    cfg = tmp_path / "r.yaml"
+    labels = [cid.split("__")[0] for cid in cells]
+    cfg.write_text(f"model: smollm2-135m\noutput: {out}\nsparsities: ['0.6']\nsave: [{', '.join(save)}]\n{extra}"
+                   "methods:\n" + "".join(f"  {m}: {{method: {m}}}\n" for m in labels))
+    (out / "cells").mkdir(parents=True)
+    records = {}
+    for (cid, fields), label in zip(cells.items(), labels):
+        records[cid] = {"label": label, "sparsity": "0.6", "method": label, **fields}
+        (out / "cells" / f"{cid}.json").write_text(json.dumps(records[cid]))
+    return cfg, out, records
+
+
 def test_config_mode_scores_dense_and_saved_cells_in_shared_shards(tmp_path, script, monkeypatch):
     """Without --report-only every saved cell and dense are scored from their checkpoints, in
     --shard-size shards (what lets two processes share a config), then tabled."""
     import sparsefw.api
 
-    out = tmp_path / "out"
-    cfg = tmp_path / "r.yaml"
-    cfg.write_text(f"model: smollm2-135m\noutput: {out}\nsparsities: ['0.6']\nsave: [wanda__0.6]\n"
-                   "zeroshot_batch_size: 3\nmethods:\n  wanda: {method: wanda}\n  sparsefw: {method: sparsefw}\n")
-    (out / "cells").mkdir(parents=True)
-    for cid, label in (("wanda__0.6", "wanda"), ("sparsefw__0.6", "sparsefw")):
-        (out / "cells" / f"{cid}.json").write_text(json.dumps({"label": label, "sparsity": "0.6", "method": label}))
+    cfg, out, _ = _results_config(tmp_path, {"wanda__0.6": {}, "sparsefw__0.6": {}}, ["wanda__0.6"],
+                                  extra="zeroshot_batch_size: 3\n")
     calls = []
 
     def fake_eval(model, tasks, limit, batch_size, resume_dir, shard_size):
@@ -81,14 +92,8 @@ def test_config_mode_scores_dense_and_saved_cells_in_shared_shards(tmp_path, scr
 
 
 def _saved_cell(tmp_path, ppl, extra=""):
-    out = tmp_path / "out"
-    cfg = tmp_path / "r.yaml"
-    cfg.write_text(f"model: smollm2-135m\noutput: {out}\nsparsities: ['0.6']\nsave: [wanda__0.6]\n{extra}"
-                   "methods:\n  wanda: {method: wanda}\n")
-    (out / "cells").mkdir(parents=True)
-    cell = {"label": "wanda", "sparsity": "0.6", "method": "wanda", "ppl": ppl}
-    (out / "cells" / "wanda__0.6.json").write_text(json.dumps(cell))
-    return cfg, out, cell
+    cfg, out, cells = _results_config(tmp_path, {"wanda__0.6": {"ppl": ppl}}, ["wanda__0.6"], extra)
+    return cfg, out, cells["wanda__0.6"]
 
 
 def _fake_compare(monkeypatch, ppl, runs):
@@ -179,13 +184,7 @@ def test_checkpoints_on_disk_are_scored_first_and_no_worker_waits_for_a_re_prune
 
     import sparsefw.api
 
-    out = tmp_path / "out"
-    cfg = tmp_path / "r.yaml"
-    cfg.write_text(f"model: smollm2-135m\noutput: {out}\nsparsities: ['0.6']\nsave: [wanda__0.6, ria__0.6]\n"
-                   "methods:\n  wanda: {method: wanda}\n  ria: {method: ria}\n")
-    (out / "cells").mkdir(parents=True)
-    for cid, label in (("wanda__0.6", "wanda"), ("ria__0.6", "ria")):
-        (out / "cells" / f"{cid}.json").write_text(json.dumps({"label": label, "sparsity": "0.6", "method": label}))
+    cfg, out, _ = _results_config(tmp_path, {"wanda__0.6": {}, "ria__0.6": {}}, ["wanda__0.6", "ria__0.6"])
     models = out / "models"
     (models / "ria__0.6").mkdir(parents=True)
     (models / "ria__0.6" / "config.json").write_text("{}")
