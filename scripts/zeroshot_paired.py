@@ -7,7 +7,10 @@ document).
 
 Statistics (documents are the units): a model's accuracy on a task is the mean of its n per-document
 0/1 scores, its standard error s/√n (s the sample standard deviation); the 7-task mean is the mean
-of the task accuracies with standard error √(Σ SE_t²)/7. A paired difference between models A and B
+of the task accuracies with standard error √(Σ SE_t²)/7; the mean of 4 is the same over the four
+4-choice tasks (HellaSwag, ARC-Easy, ARC-Challenge, OpenBookQA; chance 25%), since models of this size
+score the binary BoolQ, RTE and Winogrande near chance or BoolQ's share of "yes" answers (62%), where
+a pruned model can gain by answering one way more often. A paired difference between models A and B
 is the mean of d_i = a_i − b_i over the same documents, with standard error sd(d)/√n (for the
 7-task mean, combined as above; "pooled" treats all documents of the seven tasks as one sample);
 z = difference / SE (|z| > 2: unlikely to be noise).
@@ -43,6 +46,7 @@ MODELS = {"dense": "results/zeroshot_dense_smollm2", "Wanda": "results/zeroshot6
 N_DOCS = 500
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ("sparsefw", "swaps")    # methods whose cells are the bases of the paired differences
+FOUR_CHOICE = ("hellaswag", "arc_easy", "arc_challenge", "openbookqa")   # the "mean of 4" tasks (chance 25%)
 
 
 def scores(folder: Path, task: str, metric: str, n: int = N_DOCS) -> list[float] | None:
@@ -70,12 +74,19 @@ def mean_se(x: list[float]) -> tuple[float, float]:
     return statistics.fmean(x), statistics.stdev(x) / math.sqrt(len(x))
 
 
+def task_mean(values: list[float], ses: list[float], tasks=TASKS) -> tuple[float, float]:
+    """Mean over ``tasks`` of per-task numbers given in TASKS order, and its standard error
+    √(Σ SE_t²)/T (the tasks' documents are independent samples)."""
+    pick = [(v, s) for t, v, s in zip(TASKS, values, ses) if t in tasks]
+    return statistics.fmean(v for v, _ in pick), math.sqrt(sum(s * s for _, s in pick)) / len(pick)
+
+
 def build(models: dict[str, Path], bases: list[str], others: list[str], n: int = N_DOCS) -> tuple[str, dict]:
     """Markdown (accuracy table, then paired differences of each base minus each other model) over
     the first ``n`` documents of each task, and the same numbers as a dict. Raises
     FileNotFoundError if a model's shards are incomplete."""
     out: dict = {"n_docs_per_task": {}, "acc": {}, "paired": {}}
-    lines = ["| model | " + " | ".join(TASKS) + " | mean of 7 |", "|---" * (len(TASKS) + 2) + "|"]
+    lines = ["| model | " + " | ".join(TASKS) + " | mean of 7 | mean of 4 |", "|---" * (len(TASKS) + 3) + "|"]
     for name, folder in models.items():
         row, accs, ses = [], [], []
         for t in TASKS:
@@ -85,15 +96,22 @@ def build(models: dict[str, Path], bases: list[str], others: list[str], n: int =
             accs.append(m)
             ses.append(se)
             row.append(f"{100 * m:.1f} ± {100 * se:.1f}")
-        mean, se = statistics.fmean(accs), math.sqrt(sum(s * s for s in ses)) / len(ses)
-        out["acc"][name] = {"tasks": dict(zip(TASKS, accs)), "se": dict(zip(TASKS, ses)), "mean": mean, "mean_se": se}
-        lines.append(f"| {name} | " + " | ".join(row) + f" | **{100 * mean:.2f} ± {100 * se:.2f}** |")
+        (mean, se), (m4, se4) = task_mean(accs, ses), task_mean(accs, ses, FOUR_CHOICE)
+        out["acc"][name] = {"tasks": dict(zip(TASKS, accs)), "se": dict(zip(TASKS, ses)), "mean": mean, "mean_se": se,
+                            "mean4": m4, "mean4_se": se4}
+        lines.append(f"| {name} | " + " | ".join(row) + f" | **{100 * mean:.2f} ± {100 * se:.2f}** "
+                     f"| {100 * m4:.2f} ± {100 * se4:.2f} |")
     for base in bases:
         lines += ["", f"Paired per-document differences, {base} minus each other model (percentage points, ± SE; z):",
-                  "", "| metric | vs | " + " | ".join(TASKS) + " | mean of 7 | pooled documents |",
-                  "|---" * (len(TASKS) + 4) + "|"]
+                  "", "| metric | vs | " + " | ".join(TASKS) + " | mean of 7 | mean of 4 | pooled documents |",
+                  "|---" * (len(TASKS) + 5) + "|"]
         lines += _paired_rows(models, base, [o for o in others if o != base], out, n)
     return "\n".join(lines) + "\n", out
+
+
+def _z(d: float, se: float) -> str:
+    """``z = d / se`` for the tables; "identical" where every paired difference is 0 (se 0)."""
+    return f"z = {d / se:+.1f}" if se else "identical"
 
 
 def _paired_rows(models: dict[str, Path], base: str, others: list[str], out: dict, n: int) -> list[str]:
@@ -113,15 +131,17 @@ def _paired_rows(models: dict[str, Path], base: str, others: list[str], out: dic
                 ds.append(d)
                 ses.append(se)
                 row.append(f"{100 * d:+.1f} ± {100 * se:.1f}")
-            d, se = statistics.fmean(ds), math.sqrt(sum(s * s for s in ses)) / len(ses)
+            (d, se), (d4, se4) = task_mean(ds, ses), task_mean(ds, ses, FOUR_CHOICE)
             pd, pse = mean_se(pooled)
             out["paired"][f"{metric}: {base} - {other}"] = {
                 "tasks": dict(zip(TASKS, ds)), "se": dict(zip(TASKS, ses)), "mean": d, "mean_se": se,
-                "z": d / se if se else None, "pooled": pd, "pooled_se": pse, "pooled_n": len(pooled),
+                "z": d / se if se else None, "mean4": d4, "mean4_se": se4, "z4": d4 / se4 if se4 else None,
+                "pooled": pd, "pooled_se": pse, "pooled_n": len(pooled),
                 "pooled_z": pd / pse if pse else None}
             lines.append(f"| {metric} | {other} | " + " | ".join(row)
-                         + f" | **{100 * d:+.2f} ± {100 * se:.2f}** (z = {d / se:+.1f}) "
-                         f"| {100 * pd:+.2f} ± {100 * pse:.2f} (z = {pd / pse:+.1f}, n = {len(pooled)}) |")
+                         + f" | **{100 * d:+.2f} ± {100 * se:.2f}** ({_z(d, se)}) "
+                         f"| {100 * d4:+.2f} ± {100 * se4:.2f} ({_z(d4, se4)}) "
+                         f"| {100 * pd:+.2f} ± {100 * pse:.2f} ({_z(pd, pse)}, n = {len(pooled)}) |")
     return lines
 
 

@@ -225,3 +225,21 @@ def test_a_second_worker_on_a_model_takes_the_tasks_in_reverse(tmp_path, script,
     (tmp_path / "m" / "forward.lock").write_text(str(os.getpid()))    # a live first worker
     zp.score("m", tmp_path / "m", 4, 2)
     assert seen[1] == (list(reversed(zp.TASKS)), True) and (tmp_path / "m" / "forward.lock").exists()
+
+
+def test_mean_of_4_is_over_the_four_choice_tasks(tmp_path, script):
+    """A model that gains only on the binary tasks: its 7-task mean rises, its 4-choice mean does not."""
+    zp = script("zeroshot_paired")
+    for name, binary in (("a", [0.0, 0.0, 0.0, 0.0]), ("b", [1.0, 1.0, 1.0, 1.0])):
+        for task in zp.TASKS:
+            acc = binary if task in ("boolq", "rte", "winogrande") else [1.0, 0.0, 0.0, 0.0]
+            (tmp_path / name / task).mkdir(parents=True)
+            (tmp_path / name / task / "000000-000004.json").write_text(json.dumps(
+                {"task": task, "first": 0, "end": 4, "n_docs": 4, "metrics": {"acc": acc}}))
+    md, got = zp.build({"a": tmp_path / "a", "b": tmp_path / "b"}, ["b"], ["a"], n=4)
+    assert got["acc"]["a"]["mean4"] == got["acc"]["b"]["mean4"] == 0.25
+    assert got["acc"]["a"]["mean"] == 1 / 7 and math.isclose(got["acc"]["b"]["mean"], 4 / 7)
+    assert math.isclose(got["acc"]["b"]["mean4_se"], math.sqrt(4 * (0.5 / 2) ** 2) / 4)  # sd 0.5, n 4
+    d = got["paired"]["acc: b - a"]
+    assert d["mean4"] == 0 and d["mean4_se"] == 0 and math.isclose(d["mean"], 3 / 7)
+    assert "| +0.00 ± 0.00 (identical) |" in md and "mean of 4" in md
